@@ -1,0 +1,16 @@
+"""lightning-pdasgd: Partial Decoupled Asynchronous SGD as a PyTorch Lightning strategy.
+
+``import lightning_pdasgd`` registers ``Trainer(strategy="pdasgd")``.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_pdasgd.callbacks import EngineDrain
+from lightning_pdasgd.engine import EngineTimeoutError
+from lightning_pdasgd.strategy import PDASGDStrategy
+
+__all__ = ["EngineDrain", "EngineTimeoutError", "PDASGDStrategy"]
+__version__ = "0.1.0"
+
+if PDASGDStrategy.strategy_name not in StrategyRegistry:
+    PDASGDStrategy.register_strategies(StrategyRegistry)

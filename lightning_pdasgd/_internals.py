@@ -1,0 +1,73 @@
+"""Every private Lightning or torch internal this package touches, in one place.
+
+Read from torch 2.14.1 and lightning 2.6.6. When either moves, this is the only module to re-check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+TORCH_VERSION_READ = "2.14.1"
+LIGHTNING_VERSION_READ = "2.6.6"
+
+
+@contextmanager
+def reparametrized(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Run code on ``module`` with some parameters swapped for other tensors (tied weights stay tied).
+
+    ``torch.func.functional_call`` only calls ``forward``; we need to run ``training_step``, so we use the
+    context manager behind it: ``torch.nn.utils.stateless._reparametrize_module``.
+    """
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with _reparametrize_module(module, tensors, tie_weights=True, strict=False):
+        yield
+
+
+def mark_optimizer_stepped(optimizer: Optimizer) -> None:
+    """Tell torch's LR schedulers that this optimizer stepped, although its ``step()`` was never called.
+
+    ``torch.optim.lr_scheduler.LRScheduler`` wraps ``optimizer.step`` to set ``optimizer._opt_called`` and warns
+    ("Detected call of `lr_scheduler.step()` before `optimizer.step()`") when it is missing. PD-ASGD applies the
+    updates through per-parameter optimizers instead, so we set the flag the wrapper would have set.
+    """
+    optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
+def subprocess_script_launcher(cluster_environment: object, num_processes: int, num_nodes: int) -> object:
+    """Lightning's launcher that re-runs the user's script once per local device (what ``strategy="ddp"`` uses)."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    return _SubprocessScriptLauncher(cluster_environment, num_processes, num_nodes)  # type: ignore[arg-type]
+
+
+def init_process_group(cluster_environment: object, backend: str, timeout: object, device: object) -> None:
+    """Lightning's own process-group initialisation (what ``DDPStrategy.setup_distributed`` calls)."""
+    from lightning.fabric.utilities.distributed import _init_dist_connection
+
+    _init_dist_connection(cluster_environment, backend, timeout=timeout, device_id=device)  # type: ignore[arg-type]
+
+
+def sync_ddp_if_available(tensor: torch.Tensor, group: object, reduce_op: object) -> torch.Tensor:
+    """Lightning's all-reduce for ``self.log(..., sync_dist=True)`` (what ``DDPStrategy.reduce`` calls)."""
+    from lightning.fabric.utilities.distributed import _sync_ddp_if_available
+
+    return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)  # type: ignore[arg-type]
+
+
+def default_process_group_backend(device: torch.device) -> str:
+    from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
+
+    return _get_default_process_group_backend_for_device(device)
+
+
+def optimizers_to_device(optimizers: list[Optimizer], device: torch.device) -> None:
+    """Move optimizer state to the device, as every Lightning strategy's ``setup`` does."""
+    from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+    _optimizers_to_device(optimizers, device)

@@ -1,0 +1,90 @@
+"""Setup-time checks: settings that cannot work with per-parameter asynchronous updates fail here, by name.
+
+Each error says which setting is the problem and what to use instead, before any thread starts.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim import LBFGS, Optimizer
+
+# Hooks that in a synchronous step see the whole model's gradient in `.grad`; under PD-ASGD no such moment exists.
+GRADIENT_HOOKS = ("on_after_backward", "on_before_optimizer_step")
+MODULE_GRADIENT_HOOKS = (*GRADIENT_HOOKS, "backward", "configure_gradient_clipping")
+
+
+def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"PDASGDStrategy: `{name}` must be an integer >= 1, got {value!r}.")
+
+
+def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, optimizers: list[Optimizer]) -> None:
+    """Raise for every setting whose meaning needs a synchronous whole-model step."""
+    if not module.automatic_optimization:
+        raise MisconfigurationException(
+            "PD-ASGD replaces the optimizer step of automatic optimization, but this LightningModule sets"
+            " `self.automatic_optimization = False` (manual optimization). Use automatic optimization, or train"
+            " this module with `strategy='auto'` or `'ddp'`."
+        )
+    if len(optimizers) != 1 or not any(group["params"] for group in optimizers[0].param_groups):
+        raise MisconfigurationException(
+            f"PD-ASGD needs exactly one optimizer from `configure_optimizers`, got {len(optimizers)}"
+            " (or one without parameters). Return a single torch.optim optimizer; put parameters that need other"
+            " hyperparameters into its param groups."
+        )
+    optimizer = optimizers[0]
+    if type(optimizer).__name__ == "_MockOptimizer":
+        raise MisconfigurationException(
+            "PD-ASGD needs an optimizer: `configure_optimizers` returned None. Return a torch.optim optimizer."
+        )
+    if isinstance(optimizer, LBFGS):
+        raise MisconfigurationException(
+            "PD-ASGD applies each parameter's update without a closure; `torch.optim.LBFGS` re-evaluates the loss"
+            " through one. Use an element-wise optimizer (SGD, Adam, AdamW, RMSprop, ...)."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise MisconfigurationException(
+            f"PD-ASGD applies every backward's gradient as soon as it is ready, so"
+            f" `Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches})` cannot accumulate."
+            " Use accumulate_grad_batches=1 and a larger batch size instead."
+        )
+    if trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value":
+        raise MisconfigurationException(
+            f"`Trainer(gradient_clip_val={trainer.gradient_clip_val},"
+            f" gradient_clip_algorithm={trainer.gradient_clip_algorithm!r})` clips by the global norm of all"
+            " gradients, which never exist together under PD-ASGD (each parameter is updated on its own). Use"
+            " `gradient_clip_algorithm='value'`, which PD-ASGD applies to every parameter's gradient."
+        )
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None:
+        raise MisconfigurationException(
+            f"`Trainer(precision={trainer.precision!r})` uses a GradScaler, whose unscale and inf check need every"
+            " gradient of a step at once. Use `precision='bf16-mixed'` (no scaler) or `'32-true'` with PD-ASGD."
+        )
+
+
+def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -> None:
+    """Warn once for each overridden hook that expects a whole-model gradient in `.grad`."""
+    overridden = [
+        f"{type(module).__name__}.{name}"
+        for name in MODULE_GRADIENT_HOOKS
+        if getattr(type(module), name, None) is not getattr(pl.LightningModule, name)
+    ]
+    overridden += [
+        f"{type(callback).__name__}.{name}"
+        for callback in callbacks
+        for name in GRADIENT_HOOKS
+        if getattr(type(callback), name, None) is not getattr(Callback, name)
+    ]
+    if overridden:
+        rank_zero_warn(
+            f"PD-ASGD never holds a whole-model gradient in `.grad`, so these overrides are not called: {overridden}."
+            " Gradients are private to each backward pass and applied per parameter. For gradient statistics use"
+            " `PDASGDStrategy(log_grad_norm=True)` (logs `pdasgd/grad_norm`); for clipping use"
+            " `Trainer(gradient_clip_val=..., gradient_clip_algorithm='value')`."
+        )

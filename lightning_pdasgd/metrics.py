@@ -1,0 +1,114 @@
+"""Counters the engine keeps while it trains, and the names under which they are logged.
+
+Updates are counted per backward pass by the thread that ran it, then merged here once under a lock, so the
+per-parameter hot path never takes a shared lock for bookkeeping.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+STALENESS_MEAN = "pdasgd/staleness_mean"
+STALENESS_MAX = "pdasgd/staleness_max"
+QUEUE_DEPTH = "pdasgd/queue_depth"
+FORWARD_MS = "pdasgd/forward_ms"
+BACKWARD_MS = "pdasgd/backward_ms"
+UPDATES_PER_SECOND = "pdasgd/updates_per_sec"
+SAMPLES_PER_SECOND = "pdasgd/samples_per_sec"
+GRAD_NORM = "pdasgd/grad_norm"
+
+
+@dataclass
+class BackwardRecord:
+    """What one backward pass did; written only by the thread running it."""
+
+    updates: int = 0
+    staleness_sum: int = 0
+    staleness_max: int = 0
+    grad_sq_sum: float = 0.0
+    seconds: float = 0.0
+
+    def add_update(self, staleness: int) -> None:
+        self.updates += 1
+        self.staleness_sum += staleness
+        if staleness > self.staleness_max:
+            self.staleness_max = staleness
+
+
+@dataclass
+class StatsWindow:
+    """Aggregates since the last time the strategy logged (one logging window)."""
+
+    updates: int = 0
+    staleness_sum: int = 0
+    staleness_max: int = 0
+    backwards: int = 0
+    backward_seconds: float = 0.0
+    forwards: int = 0
+    forward_seconds: float = 0.0
+    samples: int = 0
+    grad_sq_sum: float = 0.0
+    started_at: float = field(default_factory=time.perf_counter)
+
+    def as_metrics(self, queue_depth: int, log_grad_norm: bool) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started_at, 1e-9)
+        metrics = {
+            QUEUE_DEPTH: float(queue_depth),
+            UPDATES_PER_SECOND: self.updates / elapsed,
+            SAMPLES_PER_SECOND: self.samples / elapsed,
+        }
+        if self.updates:
+            metrics[STALENESS_MEAN] = self.staleness_sum / self.updates
+            metrics[STALENESS_MAX] = float(self.staleness_max)
+        if self.forwards:
+            metrics[FORWARD_MS] = 1000.0 * self.forward_seconds / self.forwards
+        if self.backwards:
+            metrics[BACKWARD_MS] = 1000.0 * self.backward_seconds / self.backwards
+            if log_grad_norm:
+                metrics[GRAD_NORM] = (self.grad_sq_sum / self.backwards) ** 0.5
+        return metrics
+
+
+class EngineStats:
+    """Thread-safe totals and the current logging window."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._window = StatsWindow()
+        self.total_updates = 0
+        self.total_backwards = 0
+        self.total_staleness_sum = 0
+        self.total_staleness_max = 0
+
+    def record_backward(self, record: BackwardRecord) -> None:
+        with self._lock:
+            window = self._window
+            window.updates += record.updates
+            window.staleness_sum += record.staleness_sum
+            window.staleness_max = max(window.staleness_max, record.staleness_max)
+            window.backwards += 1
+            window.backward_seconds += record.seconds
+            window.grad_sq_sum += record.grad_sq_sum
+            self.total_updates += record.updates
+            self.total_backwards += 1
+            self.total_staleness_sum += record.staleness_sum
+            self.total_staleness_max = max(self.total_staleness_max, record.staleness_max)
+
+    def record_forward(self, seconds: float, samples: int) -> None:
+        with self._lock:
+            self._window.forwards += 1
+            self._window.forward_seconds += seconds
+            self._window.samples += samples
+
+    def take_window(self) -> StatsWindow:
+        """Hand back the finished window and start a new one."""
+        with self._lock:
+            window, self._window = self._window, StatsWindow()
+        return window
+
+    @property
+    def mean_staleness(self) -> float:
+        with self._lock:
+            return self.total_staleness_sum / self.total_updates if self.total_updates else 0.0

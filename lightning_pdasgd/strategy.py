@@ -1,0 +1,470 @@
+"""The Lightning-facing strategy: ``Trainer(strategy="pdasgd")``.
+
+It replaces exactly the synchronous step of automatic optimization (forward, backward, ``optimizer.step()``) and
+keeps Lightning's fit and epoch loops, so step counting, validation triggers, callbacks, LR schedulers, loggers and
+checkpoint keys stay those of a plain run. Lightning's loop thread is the forward thread: ``training_step`` runs
+there on a private copy of the weights, ``backward`` hands the loss to the engine instead of running it, and
+``optimizer_step`` runs the closure without stepping the optimizer. The backward threads apply the updates.
+See ``DESIGN.md`` beside this file for the reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Optional, Union
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_pdasgd import _internals, checks, streams
+from lightning_pdasgd.callbacks import EngineDrain
+from lightning_pdasgd.engine import BackwardEngine, BackwardWork
+from lightning_pdasgd.metrics import EngineStats
+from lightning_pdasgd.updates import LayerwiseUpdater, WeightStash, hyperparameter_snapshot
+
+log = logging.getLogger(__name__)
+
+
+class PDASGDStrategy(ParallelStrategy):
+    """Partial Decoupled Asynchronous SGD (arXiv 2410.05985) for any LightningModule with automatic optimization.
+
+    Args:
+        forward_threads: threads that run ``training_step``. Lightning's loop thread is the forward thread; only
+            ``1`` is supported in this release.
+        backward_threads: threads that run backward passes concurrently and apply the updates.
+        max_in_flight: most losses whose backward has not finished (live graphs); defaults to
+            ``backward_threads``. ``1`` makes every forward wait for the previous backward: exactly the plain
+            synchronous result, a useful check.
+        layerwise: apply each parameter's update the moment its gradient is ready (PD-ASGD). ``False`` is the
+            D-ASGD ablation: one whole-model update at the end of each backward.
+        wait_timeout: seconds any wait of the engine (a free in-flight slot, a drain, thread shutdown) may take
+            before it fails with an error that names it.
+        intra_op_threads: ``torch.set_num_threads`` while fitting; ``None`` leaves torch's setting alone.
+        log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's full gradient, which
+            replaces gradient-norm logging from ``on_before_optimizer_step``.
+    """
+
+    strategy_name = "pdasgd"
+
+    def __init__(
+        self,
+        forward_threads: int = 1,
+        backward_threads: int = 2,
+        max_in_flight: Optional[int] = None,
+        layerwise: bool = True,
+        wait_timeout: float = 600.0,
+        intra_op_threads: Optional[int] = None,
+        log_grad_norm: bool = False,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        checks.check_positive_int("forward_threads", forward_threads)
+        checks.check_positive_int("backward_threads", backward_threads)
+        checks.check_positive_int("max_in_flight", max_in_flight, allow_none=True)
+        checks.check_positive_int("intra_op_threads", intra_op_threads, allow_none=True)
+        if forward_threads != 1:
+            raise ValueError(
+                f"PDASGDStrategy: `forward_threads={forward_threads}` is not supported yet: Lightning's loop thread"
+                " runs every forward. Use `forward_threads=1` and raise `backward_threads` for more concurrency."
+            )
+        if not wait_timeout > 0:
+            raise ValueError(f"PDASGDStrategy: `wait_timeout` must be > 0 seconds, got {wait_timeout!r}.")
+        self._forward_threads = forward_threads
+        self._backward_threads = backward_threads
+        self._max_in_flight = max_in_flight if max_in_flight is not None else backward_threads
+        self._layerwise = layerwise
+        self._wait_timeout = float(wait_timeout)
+        self._intra_op_threads = intra_op_threads
+        self._log_grad_norm = log_grad_norm
+        self._num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        # created when fitting starts, so the strategy stays picklable and reusable across fits
+        self._engine: Optional[BackwardEngine] = None
+        self._updater: Optional[LayerwiseUpdater] = None
+        self._streams: Optional[streams.StreamPool] = None
+        self._stats = EngineStats()
+        self._current: Optional[tuple[WeightStash, Any]] = None  # the forward whose loss is not handed off yet
+        self._saved_num_threads: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------- properties
+    @property
+    def backward_threads(self) -> int:
+        return self._backward_threads
+
+    @property
+    def forward_threads(self) -> int:
+        return self._forward_threads
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._max_in_flight
+
+    @property
+    def layerwise(self) -> bool:
+        return self._layerwise
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def engine(self) -> Optional[BackwardEngine]:
+        return self._engine
+
+    @property
+    def updater(self) -> Optional[LayerwiseUpdater]:
+        return self._updater
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.num_nodes * self.num_processes > 1
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    # ------------------------------------------------------------------------------------------- processes
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self.num_nodes * self.num_processes > 1:
+            self._launcher = _internals.subprocess_script_launcher(
+                self.cluster_environment, self.num_processes, self.num_nodes
+            )  # type: ignore[assignment]
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.set_world_ranks()
+        if self.world_size > 1:
+            backend = self._process_group_backend or _internals.default_process_group_backend(self.root_device)
+            self._process_group_backend = backend
+            device = self.root_device if self.root_device.type != "cpu" else None
+            _internals.init_process_group(self.cluster_environment, backend, self._timeout, device)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if _distributed_is_initialized():
+            torch.distributed.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        container = [obj]
+        torch.distributed.broadcast_object_list(container, src)
+        return container[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[str, Any]] = "mean") -> Any:
+        if isinstance(tensor, Tensor):
+            return _internals.sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ------------------------------------------------------------------------------------------- setup
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        assert self.model is not None
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _internals.optimizers_to_device(self.optimizers, self.root_device)
+            self._check_fit_configuration(trainer)
+            if not any(isinstance(callback, EngineDrain) for callback in trainer.callbacks):
+                trainer.callbacks.insert(0, EngineDrain())
+
+    def _check_fit_configuration(self, trainer: Trainer) -> None:
+        if self.world_size > 1:
+            raise MisconfigurationException(
+                f"PD-ASGD runs on one device in this release; got {self.world_size} processes"
+                " (devices x num_nodes). Use `devices=1`."
+            )
+        module = self.lightning_module
+        assert module is not None
+        checks.check_trainer_settings(trainer, module, self.optimizers)
+        checks.warn_gradient_hooks(module, trainer.callbacks)
+
+    # ------------------------------------------------------------------------------------------- engine lifecycle
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        module = self.lightning_module
+        assert module is not None
+        trainer = module.trainer
+        clip = trainer.gradient_clip_val if trainer.gradient_clip_val else None
+        self._updater = LayerwiseUpdater(
+            module,
+            self.optimizers[0],
+            layerwise=self._layerwise,
+            clip_value=float(clip) if clip is not None else None,
+            log_grad_norm=self._log_grad_norm,
+        )
+        self._streams = streams.StreamPool(self.root_device, self._max_in_flight)
+        self._stats = EngineStats()
+        if self._intra_op_threads is not None:
+            self._saved_num_threads = torch.get_num_threads()
+            torch.set_num_threads(self._intra_op_threads)
+        self._engine = BackwardEngine(
+            self._run_backward,
+            backward_threads=self._backward_threads,
+            max_in_flight=self._max_in_flight,
+            wait_timeout=self._wait_timeout,
+        )
+        self._engine.start()
+        log.debug(
+            "%s: engine started (%d backward threads, max_in_flight=%d, layerwise=%s)",
+            type(self).__name__,
+            self._backward_threads,
+            self._max_in_flight,
+            self._layerwise,
+        )
+
+    def drain(self) -> None:
+        """Wait until every in-flight backward has finished and applied its updates (a consistent point)."""
+        if self._engine is not None:
+            self._engine.drain()
+
+    @override
+    def on_train_end(self) -> None:
+        self.drain()
+        self._shutdown_engine()
+        super().on_train_end()
+
+    @override
+    def on_validation_start(self) -> None:
+        self.drain()
+        super().on_validation_start()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._shutdown_engine(raise_timeout=False)
+        super().on_exception(exception)
+
+    @override
+    def teardown(self) -> None:
+        self._shutdown_engine(raise_timeout=False)
+        super().teardown()
+
+    def _shutdown_engine(self, raise_timeout: bool = True) -> None:
+        engine, self._engine = self._engine, None
+        self._current = None
+        if self._saved_num_threads is not None:
+            torch.set_num_threads(self._saved_num_threads)
+            self._saved_num_threads = None
+        try:
+            if engine is not None:
+                engine.stop()
+        except Exception:
+            if raise_timeout:
+                raise
+            log.warning("PD-ASGD: engine shutdown timed out", exc_info=True)
+        finally:
+            self._updater, self._streams = None, None
+
+    # ------------------------------------------------------------------------------------------- the step
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        engine, updater = self._engine, self._updater
+        if engine is None or updater is None:
+            return super().training_step(*args, **kwargs)
+        engine.acquire_slot()
+        try:
+            stash = updater.stash()
+            stream = self._streams.next() if self._streams is not None else None
+            started = time.perf_counter()
+            with streams.forward_on(stream), _internals.reparametrized(self.lightning_module, stash.tensors):
+                output = super().training_step(*args, **kwargs)
+            self._stats.record_forward(time.perf_counter() - started, _batch_size(args))
+        except BaseException:
+            engine.release_slot()
+            raise
+        self._current = (stash, stream)
+        self._log_engine_metrics()
+        return output
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        if self._engine is None or self._current is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        module = self.lightning_module
+        assert module is not None
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        _check_loss(closure_loss)
+        stash, stream = self._current
+        stash.hyperparameters = hyperparameter_snapshot(self.optimizers[0])
+        assert self._updater is not None
+        self._engine.submit(BackwardWork(loss=closure_loss, context=(self._updater, stash, stream)))
+        self._current = None  # the slot now belongs to the queued work
+        return closure_loss
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union[LightningModule, torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        engine = self._engine
+        if engine is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        engine.raise_if_failed()
+        try:
+            output = closure()
+        finally:
+            if self._current is not None:  # no loss was handed off (training_step returned None, or it raised)
+                self._current = None
+                engine.release_slot()
+        _internals.mark_optimizer_stepped(getattr(optimizer, "_optimizer", optimizer))
+        return output
+
+    def _run_backward(self, work: BackwardWork) -> None:
+        """Runs on a backward thread: the backward pass, whose hooks apply the updates layer by layer."""
+        updater, stash, stream = work.context
+        started = time.perf_counter()
+        with streams.backward_on(stream):
+            torch.autograd.backward(work.loss, inputs=stash.leaves)
+            if not updater.layerwise:
+                updater.apply_all(stash)
+            streams.finish(stream)
+        stash.record.seconds = time.perf_counter() - started
+        self._stats.record_backward(stash.record)
+
+    def _log_engine_metrics(self) -> None:
+        """Log the engine's window of statistics on the steps Lightning writes to its loggers.
+
+        ``self.log`` costs about a millisecond per call here, so it runs only when Lightning will write
+        (``log_every_n_steps``); the window covers every step since the previous write.
+        """
+        module = self.lightning_module
+        engine = self._engine
+        if module is None or engine is None or module._trainer is None:
+            return
+        trainer = module.trainer
+        if (trainer.global_step + 1) % trainer.log_every_n_steps != 0:
+            return
+        metrics = self._stats.take_window().as_metrics(engine.pending, self._log_grad_norm)
+        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=bool(trainer.loggers))
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self.drain()
+        return super().lightning_module_state_dict()
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
+        self.drain()
+        return super().optimizer_state(optimizer)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        self.drain()
+        super().load_optimizer_state_dict(checkpoint)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Partial Decoupled Asynchronous SGD (lightning-pdasgd)"
+        )
+
+    @override
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_engine"] = None
+        state["_updater"] = None
+        state["_streams"] = None
+        state["_stats"] = None
+        state["_current"] = None
+        return state
+
+    @override
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._stats = EngineStats()
+
+
+def _batch_size(args: tuple[Any, ...]) -> int:
+    try:
+        return extract_batch_size(args[0]) if args else 0
+    except Exception:  # noqa: BLE001 - a batch Lightning cannot size only leaves samples/s unknown
+        return 0
+
+
+def _check_loss(loss: Tensor) -> None:
+    """Raise torch's own errors for a loss that cannot be back-propagated, in the main thread, before hand-off."""
+    if loss.numel() != 1:
+        raise RuntimeError(
+            f"grad can be implicitly created only for scalar outputs (training_step returned a loss of shape"
+            f" {tuple(loss.shape)}; reduce it to a scalar, e.g. with `.mean()`)"
+        )
+    if not loss.requires_grad:
+        raise RuntimeError(
+            "element 0 of tensors does not require grad and does not have a grad_fn (the loss returned by"
+            " training_step is not connected to any trainable parameter)"
+        )

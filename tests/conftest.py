@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import lightning_pdasgd  # noqa: F401 - registers strategy="pdasgd"
+from tests.helpers import engine_threads
+
+
+@pytest.fixture(autouse=True)
+def _no_engine_thread_survives() -> Iterator[None]:
+    """Every test: no engine thread outlives the fit that started it."""
+    threads = torch.get_num_threads()
+    yield
+    assert engine_threads() == [], f"engine threads still alive: {engine_threads()}"
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+        warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+        yield

@@ -1,0 +1,125 @@
+"""Exact update accounting under concurrent backward passes, staleness measurement, and real learning."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_pdasgd import PDASGDStrategy
+from tests.helpers import trainer_kwargs
+from tests.models import DigitsClassifier, DigitsData
+
+LR = 0.125  # a power of two: every update is exact in float64
+
+
+class LinearLoss(L.LightningModule):
+    """loss = sum_l <w_l, x * c_l>: every gradient is known in advance and does not depend on the weights.
+
+    Three layers (one tied into two places) so that concurrent backwards interleave their per-layer updates.
+    """
+
+    def __init__(self, width: int = 512) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.zeros(width, dtype=torch.float64))
+        self.second = nn.Parameter(torch.zeros(width, dtype=torch.float64))
+        self.shared = nn.Linear(width, 1, bias=False, dtype=torch.float64)
+        self.tied = nn.Module()
+        self.tied.weight = self.shared.weight  # the same parameter under two names
+        nn.init.zeros_(self.shared.weight)
+        self.frozen = nn.Parameter(torch.ones(width, dtype=torch.float64), requires_grad=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        x = x.sum(dim=0)
+        loss = (self.first * x).sum() + (self.second * (2 * x)).sum() + self.shared(x * self.frozen).sum()
+        return loss + (self.tied.weight.squeeze(0) * x).sum()  # the tied use: its gradient adds to `shared`
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+def _integer_batches(count: int, width: int, batch_size: int = 4) -> DataLoader:
+    data = torch.randint(-8, 9, (count * batch_size, width), generator=torch.Generator().manual_seed(7))
+    return DataLoader(TensorDataset(data.double()), batch_size=batch_size)
+
+
+@pytest.mark.parametrize(
+    "strategy_kwargs",
+    [
+        dict(backward_threads=4, max_in_flight=8),
+        dict(backward_threads=2),
+        dict(backward_threads=3, max_in_flight=6, layerwise=False),
+    ],
+    ids=["4threads-8inflight", "default-ratio", "dasgd-ablation"],
+)
+def test_no_update_lost_or_doubled(strategy_kwargs: dict[str, Any]) -> None:
+    width, steps = 512, 300
+    loader = _integer_batches(steps, width)
+    total = torch.cat([batch for (batch,) in loader]).sum(dim=0)
+    model = LinearLoss(width)
+    strategy = PDASGDStrategy(**strategy_kwargs)
+    trainer = L.Trainer(strategy=strategy, max_epochs=1, **trainer_kwargs())
+    trainer.fit(model, loader)
+
+    assert trainer.global_step == steps
+    assert torch.equal(model.first.detach(), -LR * total)
+    assert torch.equal(model.second.detach(), -LR * 2 * total)
+    assert torch.equal(model.shared.weight.detach().squeeze(0), -LR * 2 * total)
+    assert torch.equal(model.frozen.detach(), torch.ones(width, dtype=torch.float64))
+    assert strategy.stats.total_backwards == steps
+    assert strategy.stats.total_updates == steps * 3  # first, second, shared (tied counted once)
+    assert strategy.updater is None, "the engine is released when fit ends"
+
+
+class SlowBackward(torch.autograd.Function):
+    """Identity whose backward waits before the parameter gradients exist, so forwards run ahead."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.005)
+        return grad
+
+
+class SlowLinearLoss(LinearLoss):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return SlowBackward.apply(super().training_step(batch, batch_idx))
+
+
+def test_staleness_is_measured_per_parameter() -> None:
+    """Staleness counts the updates of a parameter between its read and its own update.
+
+    One backward thread applies backwards in hand-off order, so with M losses in flight a forward reads while at
+    most M - 1 earlier ones are unapplied: staleness <= M - 1, and a slow backward makes it reach M - 1.
+    """
+    loader = _integer_batches(60, 64)
+    one = PDASGDStrategy(max_in_flight=1)
+    L.Trainer(strategy=one, max_epochs=1, **trainer_kwargs()).fit(SlowLinearLoss(64), loader)
+    assert one.stats.total_staleness_max == 0 and one.stats.mean_staleness == 0.0
+
+    three = PDASGDStrategy(backward_threads=1, max_in_flight=3)
+    L.Trainer(strategy=three, max_epochs=1, **trainer_kwargs()).fit(SlowLinearLoss(64), loader)
+    assert three.stats.total_staleness_max == 2
+    assert 1.0 < three.stats.mean_staleness <= 2.0
+    assert three.stats.total_updates == 60 * 3
+
+
+@pytest.mark.parametrize("layerwise", [True, False], ids=["pdasgd", "dasgd"])
+def test_learns_digits_with_default_threads(layerwise: bool) -> None:
+    L.seed_everything(0)
+    model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    strategy = PDASGDStrategy(layerwise=layerwise)
+    assert (strategy.forward_threads, strategy.backward_threads, strategy.max_in_flight) == (1, 2, 2)
+    trainer = L.Trainer(strategy=strategy, max_epochs=6, **trainer_kwargs())
+    trainer.fit(model, DigitsData(batch_size=32))
+    assert model.val_accuracy[-1] >= 0.95, model.val_accuracy
+    assert strategy.stats.total_backwards == trainer.global_step

@@ -1,0 +1,145 @@
+"""Registration, constructor validation, and every setting PD-ASGD refuses, with the error naming it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_pdasgd import PDASGDStrategy
+from tests.helpers import trainer_kwargs
+from tests.models import DigitsClassifier, DigitsData
+
+
+def test_registered_under_its_name() -> None:
+    assert "pdasgd" in StrategyRegistry
+    trainer = L.Trainer(strategy="pdasgd", **trainer_kwargs())
+    assert isinstance(trainer.strategy, PDASGDStrategy)
+    assert trainer.strategy.backward_threads == 2 and trainer.strategy.max_in_flight == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(backward_threads=0), "backward_threads"),
+        (dict(forward_threads=0), "forward_threads"),
+        (dict(max_in_flight=0), "max_in_flight"),
+        (dict(backward_threads=1.5), "backward_threads"),
+        (dict(wait_timeout=0), "wait_timeout"),
+        (dict(forward_threads=2), "forward_threads"),
+        (dict(intra_op_threads=0), "intra_op_threads"),
+    ],
+)
+def test_constructor_rejects_bad_values(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        PDASGDStrategy(**kwargs)
+
+
+class Manual(DigitsClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class TwoOptimizers(DigitsClassifier):
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[3].parameters(), lr=0.1)]
+
+
+class NoOptimizer(DigitsClassifier):
+    def configure_optimizers(self) -> Any:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("model", "trainer_overrides", "match"),
+    [
+        (Manual, {}, "automatic_optimization = False"),
+        (TwoOptimizers, {}, "multiple optimizers"),  # Lightning itself refuses this one
+        (NoOptimizer, {}, "optimizer"),
+        (lambda: DigitsClassifier(optimizer=lambda p: torch.optim.LBFGS(p)), {}, "LBFGS"),
+        (DigitsClassifier, dict(accumulate_grad_batches=2), "accumulate_grad_batches=2"),
+        (DigitsClassifier, dict(gradient_clip_val=1.0), "gradient_clip_algorithm='value'"),
+        (
+            DigitsClassifier,
+            dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]),
+            "bf16-mixed",
+        ),
+    ],
+    ids=["manual", "two-optimizers", "no-optimizer", "lbfgs", "accumulate", "clip-norm", "grad-scaler"],
+)
+def test_unsupported_settings_fail_at_setup(model: Any, trainer_overrides: dict[str, Any], match: str) -> None:
+    trainer = L.Trainer(strategy="pdasgd", max_steps=2, **trainer_kwargs(**trainer_overrides))
+    with pytest.raises((MisconfigurationException, ValueError, RuntimeError), match=match):
+        trainer.fit(model(), DigitsData())
+
+
+def test_gradient_clip_by_value_is_applied_per_parameter() -> None:
+    L.seed_everything(0)
+    results = []
+    for strategy in ("auto", PDASGDStrategy(max_in_flight=1)):
+        L.seed_everything(0)
+        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        trainer = L.Trainer(
+            strategy=strategy, max_steps=15, limit_val_batches=0, gradient_clip_val=0.01,
+            gradient_clip_algorithm="value", **trainer_kwargs(),
+        )
+        trainer.fit(model, DigitsData())
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert (results[0] - results[1]).abs().max() <= 1e-6
+
+
+class GradientHooks(DigitsClassifier):
+    def on_after_backward(self) -> None:
+        pass
+
+
+class GradientCallback(Callback):
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        pass
+
+
+def test_gradient_hooks_warn_once_at_setup() -> None:
+    trainer = L.Trainer(strategy="pdasgd", max_steps=3, callbacks=[GradientCallback()], **trainer_kwargs())
+    with pytest.warns(UserWarning, match="GradientHooks.on_after_backward.*GradientCallback.on_before_optimizer_step"):
+        trainer.fit(GradientHooks(), DigitsData())
+
+
+def test_bf16_mixed_trains() -> None:
+    L.seed_everything(0)
+    model = DigitsClassifier()
+    trainer = L.Trainer(strategy="pdasgd", precision="bf16-mixed", max_epochs=3, **trainer_kwargs())
+    trainer.fit(model, DigitsData())
+    assert model.val_accuracy[-1] >= 0.9, model.val_accuracy
+
+
+def test_log_grad_norm_replaces_gradient_norm_hooks(tmp_path: Any) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = L.Trainer(
+        strategy=PDASGDStrategy(log_grad_norm=True), max_steps=10, log_every_n_steps=1,
+        **trainer_kwargs(logger=CSVLogger(tmp_path)),
+    )
+    trainer.fit(DigitsClassifier(), DigitsData())
+    assert float(trainer.callback_metrics["pdasgd/grad_norm"]) > 0
+
+
+def test_intra_op_threads_apply_during_fit_only() -> None:
+    before = torch.get_num_threads()
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            seen.append(torch.get_num_threads())
+
+    trainer = L.Trainer(strategy=PDASGDStrategy(intra_op_threads=1), max_steps=3, callbacks=[Probe()],
+                        **trainer_kwargs())
+    trainer.fit(DigitsClassifier(), DigitsData())
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before
