@@ -5,11 +5,11 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_pdasgd.callbacks import EngineDrain
+from lightning_pdasgd.callbacks import EngineDrain, Straggler
 from lightning_pdasgd.engine import EngineTimeoutError
 from lightning_pdasgd.strategy import PDASGDStrategy
 
-__all__ = ["EngineDrain", "EngineTimeoutError", "PDASGDStrategy"]
+__all__ = ["EngineDrain", "EngineTimeoutError", "PDASGDStrategy", "Straggler"]
 __version__ = "0.1.0"
 
 if PDASGDStrategy.strategy_name not in StrategyRegistry:
