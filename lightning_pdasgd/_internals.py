@@ -5,7 +5,7 @@ Read from torch 2.14.1 and lightning 2.6.6. When either moves, this is the only 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -71,3 +71,25 @@ def optimizers_to_device(optimizers: list[Optimizer], device: torch.device) -> N
     from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
     _optimizers_to_device(optimizers, device)
+
+
+def default_store() -> object:
+    """The key-value store of torch.distributed's default group (TCPStore, or what torchrun/SLURM set up).
+
+    Ranks claim batches with atomic ``store.add``: the store every launcher already provides, no transport of ours.
+    """
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def replace_sigterm_broadcast(trainer: object, check: Callable[[], None]) -> None:
+    """Replace the per-batch SIGTERM broadcast of Lightning's training epoch loop.
+
+    ``_TrainingEpochLoop.advance`` broadcasts a SIGTERM flag on the default group before *every* batch when the
+    world size is > 1, which would make every rank wait for the slowest one at every step. PD-ASGD carries the
+    flag on its own exchange thread instead, and ``check`` raises Lightning's ``SIGTERMException`` when any rank
+    got the signal.
+    """
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = check  # type: ignore[attr-defined]
+

@@ -11,17 +11,17 @@ from lightning.pytorch.callbacks import Callback
 
 
 class EngineDrain(Callback):
-    """Drains the engine at the end of every training epoch, before any other epoch-end hook runs.
+    """Brings the engine to a consistent point at the end of every training epoch, before other epoch-end hooks.
 
     Lightning has no strategy hook at epoch end; the strategy inserts this callback first in ``trainer.callbacks``
-    so that callbacks and the module's ``on_train_epoch_end`` see every update of the epoch applied.
-    It holds no state, so checkpoints keep the keys of a plain run.
+    so that callbacks and the module's ``on_train_epoch_end`` see every update of the epoch applied (and, with
+    several devices, identical replicas). It holds no state, so checkpoints keep the keys of a plain run.
     """
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        drain = getattr(trainer.strategy, "drain", None)
-        if drain is not None:
-            drain()
+        reach = getattr(trainer.strategy, "reach_consistent_point", None)
+        if reach is not None:
+            reach("epoch_end")
 
     def state_dict(self) -> dict[str, Any]:
         return {}

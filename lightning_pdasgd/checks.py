@@ -88,3 +88,30 @@ def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -
             " `PDASGDStrategy(log_grad_norm=True)` (logs `pdasgd/grad_norm`); for clipping use"
             " `Trainer(gradient_clip_val=..., gradient_clip_algorithm='value')`."
         )
+
+
+def check_multi_device_settings(trainer: pl.Trainer) -> None:
+    """With several devices, ranks run at different speeds: refuse what assumes they reach step N together."""
+    from lightning.pytorch.callbacks import Timer
+
+    if trainer.max_steps not in (-1, None):
+        raise MisconfigurationException(
+            f"`Trainer(max_steps={trainer.max_steps})` with several devices: PD-ASGD ranks run at their own pace and"
+            " would end fit at different points. Use `max_epochs` (with `limit_train_batches` to shorten epochs)."
+        )
+    if any(isinstance(callback, Timer) for callback in trainer.callbacks):
+        raise MisconfigurationException(
+            "`Trainer(max_time=...)` with several devices: PD-ASGD ranks would stop mid-epoch at different points."
+            " Use `max_epochs`."
+        )
+    if trainer.val_check_interval != 1.0:
+        raise MisconfigurationException(
+            f"`Trainer(val_check_interval={trainer.val_check_interval!r})` with several devices: ranks reach mid-epoch"
+            " points at different times, and validation is a point where all ranks meet. Validate at epoch ends"
+            " (`val_check_interval=1.0`, optionally `check_val_every_n_epoch`)."
+        )
+    if isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches != 1.0:
+        raise MisconfigurationException(
+            f"`Trainer(limit_train_batches={trainer.limit_train_batches})` with several devices: ranks share each epoch"
+            " dynamically, so its length per rank is not known in advance. Give an int (batches per rank per epoch)."
+        )

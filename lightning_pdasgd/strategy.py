@@ -27,6 +27,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
@@ -34,11 +35,15 @@ from typing_extensions import override
 
 from lightning_pdasgd import _internals, checks, streams
 from lightning_pdasgd.callbacks import EngineDrain
+from lightning_pdasgd.claiming import claiming_dataloader
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
+from lightning_pdasgd.exchange import ReplicaExchange
 from lightning_pdasgd.metrics import EngineStats
 from lightning_pdasgd.updates import LayerwiseUpdater, WeightStash, hyperparameter_snapshot
 
 log = logging.getLogger(__name__)
+
+_ABORT_NOTICE_SECONDS = 30.0  # how long a failing rank tries to tell the others before it exits anyway
 
 
 class PDASGDStrategy(ParallelStrategy):
@@ -58,6 +63,9 @@ class PDASGDStrategy(ParallelStrategy):
         intra_op_threads: ``torch.set_num_threads`` while fitting; ``None`` leaves torch's setting alone.
         log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's full gradient, which
             replaces gradient-norm logging from ``on_before_optimizer_step``.
+        exchange_interval: with several devices, least seconds between the starts of two rounds of the replica
+            exchange. ``0`` runs rounds back to back, so one rank's updates reach the others within about two
+            rounds; raise it when a round's copy and all-reduce compete with compute for the same cores.
     """
 
     strategy_name = "pdasgd"
@@ -71,6 +79,7 @@ class PDASGDStrategy(ParallelStrategy):
         wait_timeout: float = 600.0,
         intra_op_threads: Optional[int] = None,
         log_grad_norm: bool = False,
+        exchange_interval: float = 0.0,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -97,6 +106,8 @@ class PDASGDStrategy(ParallelStrategy):
             )
         if not wait_timeout > 0:
             raise ValueError(f"PDASGDStrategy: `wait_timeout` must be > 0 seconds, got {wait_timeout!r}.")
+        if not exchange_interval >= 0:
+            raise ValueError(f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {exchange_interval!r}.")
         self._forward_threads = forward_threads
         self._backward_threads = backward_threads
         self._max_in_flight = max_in_flight if max_in_flight is not None else backward_threads
@@ -104,6 +115,7 @@ class PDASGDStrategy(ParallelStrategy):
         self._wait_timeout = float(wait_timeout)
         self._intra_op_threads = intra_op_threads
         self._log_grad_norm = log_grad_norm
+        self._exchange_interval = float(exchange_interval)
         self._num_nodes = 1
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -114,6 +126,12 @@ class PDASGDStrategy(ParallelStrategy):
         self._stats = EngineStats()
         self._current: Optional[tuple[WeightStash, Any]] = None  # the forward whose loss is not handed off yet
         self._saved_num_threads: Optional[int] = None
+        # several devices: the exchange's process group, the running exchange, and whether the replicas are
+        # identical now (a consistent point passed and no training step ran since)
+        self._exchange_group: Any = None
+        self._exchange: Optional[ReplicaExchange] = None
+        self._in_sync = True
+        self._claim_key: Optional[tuple[int, str]] = None  # (seed, store key prefix), agreed by all ranks
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -189,6 +207,10 @@ class PDASGDStrategy(ParallelStrategy):
             self._process_group_backend = backend
             device = self.root_device if self.root_device.type != "cpu" else None
             _internals.init_process_group(self.cluster_environment, backend, self._timeout, device)
+            # the exchange thread's own group: Lightning's barriers and `sync_dist` keep the default one
+            self._exchange_group = torch.distributed.new_group(
+                backend=backend, timeout=timedelta(seconds=self._wait_timeout)
+            )
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -200,14 +222,19 @@ class PDASGDStrategy(ParallelStrategy):
         assert self.model is not None
         self.model.to(self.root_device)
 
+    @property
+    def _asynchronous(self) -> bool:
+        """Ranks train at their own pace now: a main-thread collective would make them wait for each other."""
+        return self._exchange is not None and not self._in_sync
+
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if _distributed_is_initialized():
+        if _distributed_is_initialized() and not self._asynchronous:
             torch.distributed.barrier()
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
+        if not _distributed_is_initialized() or self._asynchronous:
             return obj
         container = [obj]
         torch.distributed.broadcast_object_list(container, src)
@@ -215,9 +242,40 @@ class PDASGDStrategy(ParallelStrategy):
 
     @override
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[str, Any]] = "mean") -> Any:
-        if isinstance(tensor, Tensor):
+        if isinstance(tensor, Tensor) and not self._asynchronous:
             return _internals.sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if self._asynchronous:
+            return decision
+        return super().reduce_boolean_decision(decision, all=all)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        if self._asynchronous:
+            return tensor.unsqueeze(0)
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """With several devices, share the training epoch dynamically (see ``claiming.py``)."""
+        module = self.lightning_module
+        if self.world_size <= 1 or module is None or module._trainer is None or not module.trainer.training:
+            return dataloader
+        if not isinstance(dataloader, torch.utils.data.DataLoader) or self._claim_key is None:
+            return dataloader
+        seed, prefix = self._claim_key
+        claiming = claiming_dataloader(dataloader, seed, _internals.default_store(), prefix, self.world_size)
+        if claiming is None:
+            rank_zero_warn(
+                "PD-ASGD: the training dataloader (an iterable dataset or a custom batch sampler) cannot be shared"
+                " dynamically between ranks, so each rank iterates its own shard and a slow rank delays the end of"
+                " every epoch. Use a map-style dataset with a standard batch sampler for straggler-proof epochs."
+            )
+            return dataloader
+        return claiming
 
     # ------------------------------------------------------------------------------------------- setup
     @override
@@ -236,13 +294,14 @@ class PDASGDStrategy(ParallelStrategy):
             self._check_fit_configuration(trainer)
             if not any(isinstance(callback, EngineDrain) for callback in trainer.callbacks):
                 trainer.callbacks.insert(0, EngineDrain())
+            if self.world_size > 1:
+                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+                nonce = f"pdasgd/claims/{time.time_ns()}-{seed}"
+                self._claim_key = self.broadcast((seed, nonce))
 
     def _check_fit_configuration(self, trainer: Trainer) -> None:
         if self.world_size > 1:
-            raise MisconfigurationException(
-                f"PD-ASGD runs on one device in this release; got {self.world_size} processes"
-                " (devices x num_nodes). Use `devices=1`."
-            )
+            checks.check_multi_device_settings(trainer)
         module = self.lightning_module
         assert module is not None
         checks.check_trainer_settings(trainer, module, self.optimizers)
@@ -275,6 +334,8 @@ class PDASGDStrategy(ParallelStrategy):
             wait_timeout=self._wait_timeout,
         )
         self._engine.start()
+        if self.world_size > 1:
+            self._start_exchange(module)
         log.debug(
             "%s: engine started (%d backward threads, max_in_flight=%d, layerwise=%s)",
             type(self).__name__,
@@ -283,20 +344,66 @@ class PDASGDStrategy(ParallelStrategy):
             self._layerwise,
         )
 
+    def _start_exchange(self, module: LightningModule) -> None:
+        assert self._updater is not None and self._engine is not None
+        for tensor in [*module.parameters(), *module.buffers()]:  # replicas start identical (as DDP does)
+            torch.distributed.broadcast(tensor.data, src=0)
+        self._exchange = ReplicaExchange(
+            self._updater.slots,
+            module,
+            self.optimizers[0],
+            group=self._exchange_group,
+            interval_s=self._exchange_interval,
+            timeout_s=self._wait_timeout,
+            on_error=self._engine.fail,
+        )
+        self._in_sync = True
+        _internals.replace_sigterm_broadcast(module.trainer, self._check_sigterm)
+        self._exchange.start()
+
+    def _check_sigterm(self) -> None:
+        """Lightning's per-batch SIGTERM check, carried by the exchange thread instead of a collective."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        exchange = self._exchange
+        module = self.lightning_module
+        if exchange is None or module is None:
+            return
+        if getattr(module.trainer, "received_sigterm", False):
+            exchange.sigterm_flag.set()
+        if exchange.sigterm_seen.is_set():
+            raise SIGTERMException()
+
     def drain(self) -> None:
-        """Wait until every in-flight backward has finished and applied its updates (a consistent point)."""
+        """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
         if self._engine is not None:
             self._engine.drain()
 
+    def reach_consistent_point(self, kind: str, stop: bool = False) -> None:
+        """Drain, and with several devices make every replica identical (all ranks meet here).
+
+        A no-op across ranks when no training step ran since the last consistent point, except when the exchange
+        must stop (end of fit): every rank takes the same decision, so the ranks' handshakes always match.
+        """
+        self.drain()
+        exchange, engine = self._exchange, self._engine
+        if exchange is None or engine is None or (self._in_sync and not stop):
+            return
+        exchange.consistent_point(kind, stop, engine.raise_if_failed)
+        self._in_sync = True
+
     @override
     def on_train_end(self) -> None:
-        self.drain()
+        self.reach_consistent_point("fit_end", stop=True)
+        if self._exchange is not None:
+            self._exchange.join(self._wait_timeout)
+            self._exchange = None
         self._shutdown_engine()
         super().on_train_end()
 
     @override
     def on_validation_start(self) -> None:
-        self.drain()
+        self.reach_consistent_point("validation")
         super().on_validation_start()
 
     @override
@@ -310,6 +417,10 @@ class PDASGDStrategy(ParallelStrategy):
         super().teardown()
 
     def _shutdown_engine(self, raise_timeout: bool = True) -> None:
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:  # tell the other ranks this one stops, so none of them waits for it
+            exchange.abort(timeout=min(self._wait_timeout, _ABORT_NOTICE_SECONDS))
+        self._in_sync = True
         engine, self._engine = self._engine, None
         self._current = None
         if self._saved_num_threads is not None:
@@ -332,6 +443,7 @@ class PDASGDStrategy(ParallelStrategy):
         if engine is None or updater is None:
             return super().training_step(*args, **kwargs)
         engine.acquire_slot()
+        self._in_sync = False
         try:
             stash = updater.stash()
             stream = self._streams.next() if self._streams is not None else None
@@ -408,6 +520,8 @@ class PDASGDStrategy(ParallelStrategy):
         if (trainer.global_step + 1) % trainer.log_every_n_steps != 0:
             return
         metrics = self._stats.take_window().as_metrics(engine.pending, self._log_grad_norm)
+        if self._exchange is not None:
+            metrics.update(self._exchange.metrics())
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=bool(trainer.loggers))
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -441,6 +555,8 @@ class PDASGDStrategy(ParallelStrategy):
         state["_streams"] = None
         state["_stats"] = None
         state["_current"] = None
+        state["_exchange"] = None
+        state["_exchange_group"] = None
         return state
 
     @override

@@ -40,7 +40,9 @@ class ParameterSlot:
     group_index: int
     optimizer: Optimizer
     lock: threading.Lock = field(default_factory=threading.Lock)
-    version: int = 0
+    version: int = 0  # updates applied to this replica's parameter (local and, with several ranks, remote)
+    local_updates: int = 0  # updates made by this rank's backward threads
+    local_updates_sent: int = 0  # of those, how many the replica exchange has already shared
     ready_event: Any = None  # CUDA event recorded after the latest update
 
 
@@ -180,6 +182,8 @@ class LayerwiseUpdater:
             stash.record.grad_sq_sum += float(grad.detach().float().pow(2).sum())
         optimizer = slot.optimizer
         with slot.lock:
+            if slot.ready_event is not None:  # CUDA: order after the last update or exchange of this parameter
+                torch.cuda.current_stream(slot.param.device).wait_event(slot.ready_event)
             staleness = slot.version - stash.versions[index]
             optimizer.param_groups[0].update(hyperparameters)
             # the state lives in the user's optimizer (re-linked each time: load_state_dict replaces it); an
@@ -197,6 +201,7 @@ class LayerwiseUpdater:
             if state and slot.param not in user_state:
                 user_state[slot.param] = state
             slot.version += 1
+            slot.local_updates += 1
             if slot.param.is_cuda:
                 slot.ready_event = torch.cuda.Event()
                 slot.ready_event.record()

@@ -1,0 +1,143 @@
+"""Dynamic work sharing: ranks claim the next batches of one common permutation as they become ready.
+
+A fixed per-rank shard (Lightning's ``DistributedSampler``) makes every fast rank idle at the end of each epoch
+until the slowest one finishes its shard. Here every rank walks the same permutation of the epoch and claims
+batch ``k`` with an atomic ``store.add`` on torch.distributed's key-value store, so a fast rank simply processes
+more batches, every sample is used exactly once per epoch, and the epoch ends when the data is consumed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+
+class ClaimingBatchSampler(Sampler[list[int]]):
+    """Yields the batches this rank claims from the epoch's shared permutation.
+
+    It has no ``len()`` on purpose: a rank's share is only known when the epoch's data runs out, and Lightning then
+    prefetches one batch to see the end coming, so validation and epoch-end hooks run after the true last batch
+    (a known length would make Lightning stop one ``StopIteration`` too late for them). ``num_batches`` is the
+    whole epoch's count and ``estimated_batches`` this rank's expected share.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        drop_last: bool,
+        shuffle: bool,
+        seed: int,
+        store: Any,
+        key_prefix: str,
+        world_size: int = 1,
+    ) -> None:
+        if num_samples <= 0 or batch_size <= 0:
+            raise ValueError(f"ClaimingBatchSampler: nothing to claim ({num_samples} samples, batch {batch_size}).")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.seed = seed
+        self.store = store
+        self.key_prefix = key_prefix
+        self.world_size = world_size
+        self.epoch = 0
+        self.claimed: list[int] = []  # batch indices this rank claimed in the current epoch
+        # Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler` only
+        self.sampler = _EpochForwarder(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_batches(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    @property
+    def estimated_batches(self) -> int:
+        return math.ceil(self.num_batches / max(self.world_size, 1))
+
+    def _permutation(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self._permutation()
+        num_batches = self.num_batches
+        key = f"{self.key_prefix}/epoch{self.epoch}"
+        self.claimed = []
+        while True:
+            index = int(self.store.add(key, 1)) - 1
+            if index >= num_batches:
+                return
+            self.claimed.append(index)
+            yield order[index * self.batch_size : (index + 1) * self.batch_size]
+
+
+class _EpochForwarder:
+    """Stands where Lightning looks for ``set_epoch`` (``batch_sampler.sampler``) and forwards it."""
+
+    def __init__(self, owner: ClaimingBatchSampler) -> None:
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+
+def _is_shuffled(dataloader: DataLoader) -> bool:
+    sampler = dataloader.sampler
+    if isinstance(sampler, DistributedSampler):
+        return bool(sampler.shuffle)
+    return isinstance(sampler, RandomSampler)
+
+
+def claiming_dataloader(
+    dataloader: DataLoader, seed: int, store: Any, key_prefix: str, world_size: int
+) -> DataLoader | None:
+    """Rebuild ``dataloader`` around a :class:`ClaimingBatchSampler`; ``None`` if it cannot be shared this way.
+
+    Map-style datasets with a plain batch sampler are shared; iterable datasets and custom batch samplers keep
+    their own sharding (the caller warns).
+    """
+    batch_sampler = dataloader.batch_sampler
+    if not isinstance(batch_sampler, BatchSampler) or type(batch_sampler) is not BatchSampler:
+        return None
+    try:
+        num_samples = len(dataloader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    claiming = ClaimingBatchSampler(
+        num_samples=num_samples,
+        batch_size=batch_sampler.batch_size,
+        drop_last=batch_sampler.drop_last,
+        shuffle=_is_shuffled(dataloader),
+        seed=seed,
+        store=store,
+        key_prefix=key_prefix,
+        world_size=world_size,
+    )
+    workers = dataloader.num_workers
+    return DataLoader(
+        dataloader.dataset,
+        batch_sampler=claiming,
+        num_workers=workers,
+        collate_fn=dataloader.collate_fn,
+        pin_memory=dataloader.pin_memory,
+        timeout=dataloader.timeout,
+        worker_init_fn=dataloader.worker_init_fn,
+        multiprocessing_context=dataloader.multiprocessing_context,
+        generator=dataloader.generator,
+        prefetch_factor=dataloader.prefetch_factor if workers > 0 else None,
+        persistent_workers=dataloader.persistent_workers if workers > 0 else False,
+        pin_memory_device=dataloader.pin_memory_device,
+    )

@@ -1,0 +1,358 @@
+"""Asynchronous replica exchange: every rank's updates reach every replica, in the background.
+
+The exchange sums parameter *deltas*. All ranks keep an identical *anchor* (the replicas' common past). A round,
+run by a communication thread on a process group of its own:
+
+1. snapshots the live parameters (each under its parameter's lock) and takes ``delta = snapshot - anchor``,
+   i.e. this rank's updates not yet shared;
+2. all-reduces the deltas (sum) and the per-parameter update counts;
+3. advances the anchor by the sum (identical on every rank) and adds the *other* ranks' deltas to the live
+   parameters: ``live += anchor_new - snapshot``, which keeps this rank's updates made during the round.
+
+So every update made on any rank reaches every replica after at most two rounds, none is lost (a local update is
+in exactly one delta) and none is counted twice (the anchor moves by exactly the deltas). The forward and backward
+threads never wait for this thread: they only contend for a parameter's lock during a copy.
+
+Consistent points (validation, checkpoints, end of epoch and of fit): every rank drains its engine and asks for
+one; the first round in which every rank asks finishes with the replicas made bitwise identical (live parameters
+:= anchor, float buffers averaged, optimizer states averaged) before any main thread continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_pdasgd.updates import ParameterSlot
+
+log = logging.getLogger(__name__)
+
+_POLL_SECONDS = 0.05
+CONSISTENT_POINT_KINDS = ("validation", "checkpoint", "epoch_end", "fit_end")
+
+
+class RankFailedError(RuntimeError):
+    """Another rank failed; this rank stops too instead of waiting for it."""
+
+
+class ConsistentPointMismatchError(RuntimeError):
+    """Ranks reached different kinds of consistent point, so their Lightning loops have diverged."""
+
+
+@dataclass
+class _Bucket:
+    """The parameters of one dtype/device, flattened for one all-reduce."""
+
+    slots: list[ParameterSlot]
+    anchor: Tensor
+    offsets: list[tuple[int, int]] = field(default_factory=list)
+
+    def snapshot(self) -> tuple[Tensor, list[int]]:
+        """Copy the live parameters and their local update counts, each under its parameter's lock."""
+        flat = torch.empty_like(self.anchor)
+        counts = []
+        for slot, (start, end) in zip(self.slots, self.offsets):
+            with slot.lock:
+                _wait_for_last_update(slot)
+                flat[start:end].copy_(slot.param.detach().reshape(-1))
+                counts.append(slot.local_updates - slot.local_updates_sent)
+                slot.local_updates_sent = slot.local_updates
+        return flat, counts
+
+
+def _wait_for_last_update(slot: ParameterSlot) -> None:
+    if slot.ready_event is not None:
+        torch.cuda.current_stream(slot.param.device).wait_event(slot.ready_event)
+
+
+def _record_update(slot: ParameterSlot) -> None:
+    if slot.param.is_cuda:
+        slot.ready_event = torch.cuda.Event()
+        slot.ready_event.record()
+
+
+def _make_buckets(slots: list[ParameterSlot]) -> list[_Bucket]:
+    grouped: dict[tuple[torch.dtype, torch.device], list[ParameterSlot]] = {}
+    for slot in slots:
+        grouped.setdefault((slot.param.dtype, slot.param.device), []).append(slot)
+    buckets = []
+    for members in grouped.values():
+        offsets, start = [], 0
+        for slot in members:
+            offsets.append((start, start + slot.param.numel()))
+            start += slot.param.numel()
+        anchor = torch.cat([slot.param.detach().reshape(-1) for slot in members]).clone()
+        buckets.append(_Bucket(slots=members, anchor=anchor, offsets=offsets))
+    return buckets
+
+
+class ReplicaExchange:
+    """Owns the communication thread of one rank and the consistent-point handshake.
+
+    Args:
+        slots: the engine's parameter slots (live parameters, locks, versions).
+        module: the LightningModule, for its buffers.
+        optimizer: the user's optimizer, whose state is averaged at consistent points.
+        group: a process group used by this thread only (never Lightning's default group).
+        interval_s: least time between the starts of two rounds.
+        timeout_s: the most any wait for a consistent point may take.
+        on_error: called with any exception of the thread (the engine re-raises it in the loop thread).
+    """
+
+    def __init__(
+        self,
+        slots: list[ParameterSlot],
+        module: nn.Module,
+        optimizer: Optimizer,
+        group: Any,
+        interval_s: float,
+        timeout_s: float,
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        self._slots = slots
+        self._module = module
+        self._optimizer = optimizer
+        self._group = group
+        self._rank = dist.get_rank(group)
+        self._world_size = dist.get_world_size(group)
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._on_error = on_error
+        self._buckets = _make_buckets(slots)
+        self._device = slots[0].param.device
+        self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        self._request: tuple[str, bool] | None = None  # (kind, stop after it)
+        self._request_lock = threading.Lock()
+        self._consistent = threading.Event()
+        self._abort = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sigterm_flag = threading.Event()  # set locally when this process got SIGTERM
+        self.sigterm_seen = threading.Event()  # some rank got SIGTERM
+        self.rounds = 0
+        self.round_seconds = 0.0
+        self.divergence = 0.0
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pdasgd-exchange", daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def abort(self, timeout: float) -> None:
+        """Tell the other ranks that this one failed (one last round), then stop the thread."""
+        self._abort.set()
+        self.join(timeout)
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._thread = None
+
+    def metrics(self) -> dict[str, float]:
+        rounds = max(self.rounds, 1)
+        return {
+            "pdasgd/replica_divergence": self.divergence,
+            "pdasgd/exchange_rounds": float(self.rounds),
+            "pdasgd/exchange_ms": 1000.0 * self.round_seconds / rounds,
+        }
+
+    # ----------------------------------------------------------------------------------------------- consistent points
+    def consistent_point(self, kind: str, stop: bool, raise_if_failed: Callable[[], None]) -> None:
+        """Block until every rank reached a consistent point and the replicas are identical.
+
+        The caller has drained its engine: this rank makes no update until this returns.
+        """
+        if kind not in CONSISTENT_POINT_KINDS:
+            raise ValueError(f"unknown consistent point {kind!r}")
+        self._consistent.clear()
+        with self._request_lock:
+            self._request = (kind, stop)
+        deadline = time.monotonic() + self._timeout_s
+        while not self._consistent.wait(_POLL_SECONDS):
+            raise_if_failed()
+            if self._thread is None or not self._thread.is_alive():
+                raise RuntimeError("PD-ASGD: the exchange thread stopped before the ranks reached a consistent point.")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"PD-ASGD: the other ranks did not reach the {kind!r} consistent point within `wait_timeout`"
+                    f" ({self._timeout_s:.0f} s). A rank is much slower, stuck or gone."
+                )
+        raise_if_failed()
+
+    # ----------------------------------------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        try:
+            context = torch.cuda.stream(self._stream) if self._stream is not None else _nullcontext()
+            with context:
+                while True:
+                    started = time.monotonic()
+                    if self._round():
+                        return
+                    self.rounds += 1
+                    self.round_seconds += time.monotonic() - started
+                    rest = self._interval_s - (time.monotonic() - started)
+                    if rest > 0 and self._request is None and not self._abort.is_set():
+                        time.sleep(rest)
+        except BaseException as error:  # noqa: BLE001 - surfaced in the loop thread by the engine
+            log.debug("pdasgd-exchange failed", exc_info=True)
+            self._on_error(error)
+        finally:
+            self._stopped.set()
+
+    def _control(self) -> tuple[bool, str | None, bool]:
+        """One small all-reduce: who asks for a consistent point (and which), who failed, who got SIGTERM."""
+        with self._request_lock:
+            request = self._request
+        kinds = len(CONSISTENT_POINT_KINDS)
+        world = self._world_size
+        # layout: [ready, stop, sigterm, kind one-hot (kinds), failed ranks (world)]
+        control = torch.zeros(3 + kinds + world, dtype=torch.float64, device=self._device)
+        if request is not None:
+            control[0] = 1
+            control[1] = float(request[1])
+            control[3 + CONSISTENT_POINT_KINDS.index(request[0])] = 1
+        control[2] = float(self.sigterm_flag.is_set())
+        aborting = self._abort.is_set()
+        if aborting:
+            control[3 + kinds + self._rank] = 1
+        dist.all_reduce(control, group=self._group)
+        values = control.tolist()
+        failed = [rank for rank in range(world) if values[3 + kinds + rank] > 0]
+        if aborting:
+            return False, None, True
+        if failed:
+            raise RankFailedError(f"PD-ASGD: rank(s) {failed} failed; stopping this rank (rank {self._rank}) too.")
+        if values[2] > 0:
+            self.sigterm_seen.set()
+        if values[0] < world:
+            return False, None, False
+        asked = [CONSISTENT_POINT_KINDS[i] for i in range(kinds) if values[3 + i] > 0]
+        if len(asked) != 1:
+            raise ConsistentPointMismatchError(
+                f"PD-ASGD: ranks reached different consistent points {asked}: their Lightning loops diverged."
+                " With several devices, stop on epochs (`max_epochs`), validate at epoch ends"
+                " (`val_check_interval=1.0`) and save step-based checkpoints only from rank 0's view."
+            )
+        return True, asked[0], values[1] > 0
+
+    def _round(self) -> bool:
+        """One exchange round; returns True when the thread should stop."""
+        consistent, kind, stop = self._control()
+        if self._abort.is_set():
+            return True
+        local_counts: list[int] = []
+        snapshots = []
+        for bucket in self._buckets:
+            snapshot, counts = bucket.snapshot()
+            snapshots.append(snapshot)
+            local_counts.extend(counts)
+        deltas = [snapshot - bucket.anchor for snapshot, bucket in zip(snapshots, self._buckets)]
+        local_deltas = [delta.clone() for delta in deltas]
+        for delta in deltas:
+            dist.all_reduce(delta, group=self._group)
+        counts = torch.tensor(local_counts, dtype=torch.int64, device=self._device)
+        dist.all_reduce(counts, group=self._group)
+        total_counts = counts.tolist()
+        self.divergence = self._divergence(local_deltas, deltas)
+        index = 0
+        for bucket, snapshot, delta in zip(self._buckets, snapshots, deltas):
+            bucket.anchor += delta
+            for slot, (start, end) in zip(bucket.slots, bucket.offsets):
+                with slot.lock:
+                    _wait_for_last_update(slot)
+                    live = slot.param.detach()
+                    if consistent:
+                        live.copy_(bucket.anchor[start:end].view_as(live))
+                    else:
+                        live.add_((bucket.anchor[start:end] - snapshot[start:end]).view_as(live))
+                    slot.version += total_counts[index] - local_counts[index]  # the other ranks' updates
+                    _record_update(slot)
+                index += 1
+        if consistent:
+            self._make_identical()
+            log.debug("rank %d: consistent point %r reached", self._rank, kind)
+            with self._request_lock:
+                self._request = None
+            self._consistent.set()
+            return stop
+        return False
+
+    def _divergence(self, local: list[Tensor], summed: list[Tensor]) -> float:
+        """Relative L2 distance of this replica's snapshot to the replicas' average at the same round."""
+        distance = 0.0
+        norm = 0.0
+        for own, total, bucket in zip(local, summed, self._buckets):
+            average_offset = total / self._world_size
+            distance += float((own - average_offset).double().pow(2).sum())
+            norm += float((bucket.anchor + average_offset).double().pow(2).sum())
+        return math.sqrt(distance) / max(math.sqrt(norm), 1e-12)
+
+    def _make_identical(self) -> None:
+        """Average float buffers and optimizer states so that every rank holds the same training state."""
+        for buffer in self._module.buffers():
+            if buffer.is_floating_point():
+                self._all_reduce(buffer.data, dist.ReduceOp.SUM)
+                buffer.data /= self._world_size
+            else:
+                self._all_reduce(buffer.data, dist.ReduceOp.MAX)
+        self._make_optimizer_states_identical()
+
+    def _make_optimizer_states_identical(self) -> None:
+        state = self._optimizer.state
+        layout = [sorted((key, _kind(value)) for key, value in state.get(slot.param, {}).items()) for slot in self._slots]
+        layouts: list[Any] = [None] * self._world_size
+        dist.all_gather_object(layouts, layout, group=self._group)
+        if any(other != layout for other in layouts):
+            # some rank never updated some parameter: take rank 0's whole state
+            holder = [self._optimizer.state_dict() if self._rank == 0 else None]
+            dist.broadcast_object_list(holder, src=dist.get_global_rank(self._group, 0), group=self._group)
+            if self._rank != 0:
+                self._optimizer.load_state_dict(holder[0])
+            return
+        for slot in self._slots:
+            for key, value in sorted(state.get(slot.param, {}).items()):
+                if not isinstance(value, Tensor):
+                    continue
+                if key == "step" or not value.is_floating_point():
+                    self._all_reduce(value, dist.ReduceOp.MAX)
+                else:
+                    self._all_reduce(value, dist.ReduceOp.SUM)
+                    value /= self._world_size
+
+    def _all_reduce(self, tensor: Tensor, op: Any) -> None:
+        """All-reduce in place, staging tensors that live off the group's device (e.g. Adam's CPU `step`)."""
+        if tensor.device == self._device:
+            dist.all_reduce(tensor, op=op, group=self._group)
+            return
+        staged = tensor.to(self._device)
+        dist.all_reduce(staged, op=op, group=self._group)
+        tensor.copy_(staged.to(tensor.device))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor{tuple(value.shape)}{value.dtype}"
+    return type(value).__name__
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None

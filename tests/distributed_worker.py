@@ -1,0 +1,116 @@
+"""One rank of a real multi-process run (gloo on CPU), launched by Lightning's own subprocess launcher.
+
+Run as ``python tests/distributed_worker.py CASE OUT_DIR [ARGS...]``: Lightning re-runs this script for every
+other local rank. Each rank writes what the test needs to ``OUT_DIR/CASE-rank{R}.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+from lightning_pdasgd import PDASGDStrategy, Straggler  # noqa: E402
+from tests.helpers import trainer_kwargs  # noqa: E402
+from tests.models import DigitsClassifier, DigitsData  # noqa: E402
+from tests.test_concurrency import LR, LinearLoss, _integer_batches  # noqa: E402
+
+
+class BatchLog(Callback):
+    """Records how many batches this rank trained and for how long."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.train_seconds = 0.0
+        self._started = 0.0
+
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self.train_seconds += time.perf_counter() - self._started
+
+
+class FailOnRank(Callback):
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.global_rank == self.rank and idx == self.batch:
+            raise RuntimeError(f"boom on rank {self.rank}")
+
+
+def _accuracy(model: DigitsClassifier) -> float:
+    """Accuracy on the whole validation set (Lightning's validation shards it across ranks)."""
+    x, y = DigitsData().val_set.tensors
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(dim=1) == y).float().mean())
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def _trainer(strategy: Any = None, devices: int = 2, **kwargs: Any) -> L.Trainer:
+    return L.Trainer(strategy=strategy or PDASGDStrategy(), **trainer_kwargs(devices=devices, **kwargs))
+
+
+def main(case: str, out: Path, *args: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    log = BatchLog()
+    result: dict[str, Any] = {}
+    if case == "learn":
+        L.seed_everything(0)
+        # every rank's updates are applied to every replica: half the single-device test's lr keeps the same
+        # per-sample step while staleness (two engines plus the exchange) roughly doubles
+        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+        trainer = _trainer(max_epochs=6, callbacks=[log])
+        trainer.fit(model, DigitsData(batch_size=32))
+        trainer.save_checkpoint(out / "learn.ckpt")
+        result.update(accuracy=_accuracy(model), state=_state(model), optimizer=trainer.optimizers[0].state_dict())
+    elif case == "linear":
+        width, batches = 256, int(args[0])
+        model = LinearLoss(width)
+        trainer = _trainer(max_epochs=1, callbacks=[log])
+        loader = _integer_batches(batches, width)
+        trainer.fit(model, loader)
+        sampler = trainer.train_dataloader.batch_sampler
+        result.update(state=_state(model), claimed=list(getattr(sampler, "claimed", [])), lr=LR)
+    elif case == "straggler":
+        factor = float(args[0])
+        L.seed_everything(0)
+        model = DigitsClassifier(hidden=256)
+        callbacks: list[Callback] = [log] + ([Straggler(rank=1, factor=factor)] if factor > 0 else [])
+        trainer = _trainer(max_epochs=3, limit_val_batches=0, callbacks=callbacks)
+        trainer.fit(model, DigitsData(batch_size=16))
+    elif case == "fail":
+        model = DigitsClassifier()
+        trainer = _trainer(max_epochs=50, callbacks=[FailOnRank(rank=int(args[0]), batch=5)])
+        trainer.fit(model, DigitsData(batch_size=16))
+    elif case == "resume":
+        devices, ckpt = int(args[0]), args[1]
+        L.seed_everything(1)
+        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+        trainer = _trainer(devices=devices, max_epochs=8, callbacks=[log])
+        trainer.fit(model, DigitsData(batch_size=32), ckpt_path=ckpt)
+        result.update(accuracy=_accuracy(model), state=_state(model))
+    else:
+        raise SystemExit(f"unknown case {case!r}")
+    result.update(batches=log.batches, train_seconds=log.train_seconds, global_step=trainer.global_step,
+                  rank=trainer.global_rank)
+    torch.save(result, out / f"{case}-rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:])
