@@ -6,6 +6,7 @@ other local rank. Each rank writes what the test needs to ``OUT_DIR/CASE-rank{R}
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,11 +43,16 @@ class BatchLog(Callback):
 
 
 class FailOnRank(Callback):
-    def __init__(self, rank: int, batch: int) -> None:
-        self.rank, self.batch = rank, batch
+    """Raises on one rank mid-epoch, or (``hard=True``) kills that process without any cleanup."""
+
+    def __init__(self, rank: int, batch: int, hard: bool = False) -> None:
+        self.rank, self.batch, self.hard = rank, batch, hard
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
         if trainer.global_rank == self.rank and idx == self.batch:
+            if self.hard:
+                print(f"rank {self.rank} dies", file=sys.stderr, flush=True)
+                os._exit(17)
             raise RuntimeError(f"boom on rank {self.rank}")
 
 
@@ -74,11 +80,13 @@ def main(case: str, out: Path, *args: str) -> None:
         L.seed_everything(0)
         # every rank's updates are applied to every replica: half the single-device test's lr keeps the same
         # per-sample step while staleness (two engines plus the exchange) roughly doubles
-        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
         trainer = _trainer(max_epochs=6, callbacks=[log])
         trainer.fit(model, DigitsData(batch_size=32))
         trainer.save_checkpoint(out / "learn.ckpt")
-        result.update(accuracy=_accuracy(model), state=_state(model), optimizer=trainer.optimizers[0].state_dict())
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        result.update(accuracy=_accuracy(model), state=_state(model), optimizer=trainer.optimizers[0].state_dict(),
+                      metrics=metrics, val_accuracy=model.val_accuracy)
     elif case == "linear":
         width, batches = 256, int(args[0])
         model = LinearLoss(width)
@@ -94,9 +102,10 @@ def main(case: str, out: Path, *args: str) -> None:
         callbacks: list[Callback] = [log] + ([Straggler(rank=1, factor=factor)] if factor > 0 else [])
         trainer = _trainer(max_epochs=3, limit_val_batches=0, callbacks=callbacks)
         trainer.fit(model, DigitsData(batch_size=16))
-    elif case == "fail":
+    elif case in ("fail", "die"):
         model = DigitsClassifier()
-        trainer = _trainer(max_epochs=50, callbacks=[FailOnRank(rank=int(args[0]), batch=5)])
+        failure = FailOnRank(rank=int(args[0]), batch=5, hard=case == "die")
+        trainer = _trainer(strategy=PDASGDStrategy(wait_timeout=60), max_epochs=50, callbacks=[failure])
         trainer.fit(model, DigitsData(batch_size=16))
     elif case == "resume":
         devices, ckpt = int(args[0]), args[1]

@@ -49,6 +49,7 @@ class DigitsClassifier(LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         scheduler_interval: str = "step",
         hidden: int = 64,
+        sync_dist: bool = False,
     ) -> None:
         super().__init__()
         self.net = nn.Sequential(
@@ -59,6 +60,7 @@ class DigitsClassifier(LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.val_accuracy: list[float] = []
+        self.sync_dist = sync_dist
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -66,13 +68,13 @@ class DigitsClassifier(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=self.sync_dist)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         accuracy = (self(x).argmax(dim=1) == y).float().mean()
-        self.log("val_acc", accuracy, prog_bar=True)
+        self.log("val_acc", accuracy, prog_bar=True, sync_dist=self.sync_dist)
 
     def on_validation_epoch_end(self) -> None:
         value = self.trainer.callback_metrics.get("val_acc")

@@ -43,6 +43,10 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_ranks_learn_digits(learned: Path) -> None:
     first, second = _results(learned, "learn")
     assert first["accuracy"] >= 0.95 and first["accuracy"] == second["accuracy"]
+    # `sync_dist=True` metrics are reduced across ranks: epoch-level training loss and validation accuracy agree
+    assert first["val_accuracy"] == second["val_accuracy"] and first["val_accuracy"][-1] >= 0.95
+    assert first["metrics"]["train_loss_epoch"] == pytest.approx(second["metrics"]["train_loss_epoch"], rel=1e-6)
+    assert "pdasgd/replica_divergence" in first["metrics"] and first["metrics"]["pdasgd/exchange_rounds"] > 0
     # every epoch's 45 batches were shared dynamically, each used exactly once
     assert first["batches"] + second["batches"] == 6 * 45
     assert first["batches"] > 0 and second["batches"] > 0
@@ -72,6 +76,18 @@ def test_no_update_lost_across_ranks(tmp_path: Path) -> None:
         assert torch.equal(result["state"]["shared.weight"].squeeze(0), -lr * 2 * total)
 
 
+def test_torchrun_launch(tmp_path: Path) -> None:
+    """torchrun starts the processes itself; Lightning detects it and PD-ASGD trains the same way."""
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(WORKER), "linear", str(tmp_path), "40"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    _ok(result)
+    first, second = _results(tmp_path, "linear")
+    assert sorted(first["claimed"] + second["claimed"]) == list(range(40))
+    assert all(torch.equal(first["state"][key], second["state"][key]) for key in first["state"])
+
+
 def test_fast_rank_does_not_wait_for_a_straggler(tmp_path: Path) -> None:
     """Rank 1 at half speed: rank 0 keeps most of its step rate and takes over more of the epoch."""
     _ok(_launch("straggler", tmp_path / "even", "0"))
@@ -96,6 +112,15 @@ def test_a_failing_rank_stops_every_rank(tmp_path: Path, failing_rank: int) -> N
     assert f"boom on rank {failing_rank}" in result.stderr
     assert "RankFailedError" in result.stderr or failing_rank == 0, result.stderr[-3000:]
     assert not list(tmp_path.glob("fail-rank*.pt")), "no rank may finish fit"
+
+
+def test_a_rank_that_dies_does_not_leave_the_other_waiting(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = _launch("die", tmp_path, "1", timeout=180)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    assert "rank 1 dies" in result.stderr
+    assert not list(tmp_path.glob("die-rank*.pt"))
 
 
 @pytest.mark.parametrize("devices", [1, 2])

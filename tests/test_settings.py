@@ -143,3 +143,22 @@ def test_intra_op_threads_apply_during_fit_only() -> None:
     trainer.fit(DigitsClassifier(), DigitsData())
     assert set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(max_steps=100), "max_steps=100"),
+        (dict(max_time="00:00:01:00"), "max_time"),
+        (dict(val_check_interval=0.5), "val_check_interval=0.5"),
+        (dict(val_check_interval=10), "val_check_interval=10"),
+        (dict(limit_train_batches=0.5), "limit_train_batches=0.5"),
+    ],
+)
+def test_multi_device_refuses_per_step_limits(overrides: dict[str, Any], match: str) -> None:
+    from lightning_pdasgd.checks import check_multi_device_settings
+
+    trainer = L.Trainer(**trainer_kwargs(**overrides))
+    with pytest.raises(MisconfigurationException, match=match):
+        check_multi_device_settings(trainer)
+    check_multi_device_settings(L.Trainer(max_epochs=3, limit_train_batches=10, **trainer_kwargs()))
