@@ -7,9 +7,19 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_pdasgd.callbacks import EngineDrain, Straggler
 from lightning_pdasgd.engine import EngineTimeoutError
+from lightning_pdasgd.exchange import ConsistentPointMismatchError, RankFailedError
 from lightning_pdasgd.strategy import PDASGDStrategy
+from lightning_pdasgd.updates import NonFiniteError
 
-__all__ = ["EngineDrain", "EngineTimeoutError", "PDASGDStrategy", "Straggler"]
+__all__ = [
+    "ConsistentPointMismatchError",
+    "EngineDrain",
+    "EngineTimeoutError",
+    "NonFiniteError",
+    "PDASGDStrategy",
+    "RankFailedError",
+    "Straggler",
+]
 __version__ = "0.1.0"
 
 if PDASGDStrategy.strategy_name not in StrategyRegistry:

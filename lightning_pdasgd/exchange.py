@@ -38,7 +38,7 @@ from lightning_pdasgd.updates import ParameterSlot
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.05
-CONSISTENT_POINT_KINDS = ("validation", "checkpoint", "epoch_end", "fit_end")
+CONSISTENT_POINT_KINDS = ("validation", "checkpoint", "epoch_end", "fit_end", "preempt")
 
 
 class RankFailedError(RuntimeError):

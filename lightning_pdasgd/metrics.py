@@ -18,6 +18,7 @@ BACKWARD_MS = "pdasgd/backward_ms"
 UPDATES_PER_SECOND = "pdasgd/updates_per_sec"
 SAMPLES_PER_SECOND = "pdasgd/samples_per_sec"
 GRAD_NORM = "pdasgd/grad_norm"
+SKIPPED_UPDATES = "pdasgd/skipped_updates"
 
 
 @dataclass
@@ -29,6 +30,7 @@ class BackwardRecord:
     staleness_max: int = 0
     grad_sq_sum: float = 0.0
     seconds: float = 0.0
+    skipped: int = 0  # parameter updates dropped for a non-finite gradient (policy "skip")
 
     def add_update(self, staleness: int) -> None:
         self.updates += 1
@@ -50,6 +52,7 @@ class StatsWindow:
     forward_seconds: float = 0.0
     samples: int = 0
     grad_sq_sum: float = 0.0
+    skipped: int = 0
     started_at: float = field(default_factory=time.perf_counter)
 
     def as_metrics(self, queue_depth: int, log_grad_norm: bool) -> dict[str, float]:
@@ -58,6 +61,7 @@ class StatsWindow:
             QUEUE_DEPTH: float(queue_depth),
             UPDATES_PER_SECOND: self.updates / elapsed,
             SAMPLES_PER_SECOND: self.samples / elapsed,
+            SKIPPED_UPDATES: float(self.skipped),
         }
         if self.updates:
             metrics[STALENESS_MEAN] = self.staleness_sum / self.updates
@@ -81,6 +85,13 @@ class EngineStats:
         self.total_backwards = 0
         self.total_staleness_sum = 0
         self.total_staleness_max = 0
+        self.total_skipped = 0
+
+    def record_skipped_loss(self, parameters: int) -> None:
+        """A non-finite loss under policy "skip": none of its parameters' updates happen."""
+        with self._lock:
+            self._window.skipped += parameters
+            self.total_skipped += parameters
 
     def record_backward(self, record: BackwardRecord) -> None:
         with self._lock:
@@ -91,6 +102,8 @@ class EngineStats:
             window.backwards += 1
             window.backward_seconds += record.seconds
             window.grad_sq_sum += record.grad_sq_sum
+            window.skipped += record.skipped
+            self.total_skipped += record.skipped
             self.total_updates += record.updates
             self.total_backwards += 1
             self.total_staleness_sum += record.staleness_sum

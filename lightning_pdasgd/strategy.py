@@ -11,6 +11,10 @@ See ``DESIGN.md`` beside this file for the reasons.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -39,7 +43,13 @@ from lightning_pdasgd.claiming import claiming_dataloader
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
 from lightning_pdasgd.metrics import EngineStats
-from lightning_pdasgd.updates import LayerwiseUpdater, WeightStash, hyperparameter_snapshot
+from lightning_pdasgd.updates import (
+    NONFINITE_POLICIES,
+    LayerwiseUpdater,
+    NonFiniteError,
+    WeightStash,
+    hyperparameter_snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,12 @@ class PDASGDStrategy(ParallelStrategy):
         exchange_interval: with several devices, least seconds between the starts of two rounds of the replica
             exchange. ``0`` runs rounds back to back, so one rank's updates reach the others within about two
             rounds; raise it when a round's copy and all-reduce compete with compute for the same cores.
+        nonfinite: what a NaN/Inf loss or gradient does: ``"error"`` stops training with an error naming the step,
+            the parameter and the rank; ``"skip"`` drops that update and counts it in ``pdasgd/skipped_updates``;
+            ``"off"`` checks nothing (saves one reduction per parameter and backward).
+        checkpoint_on_preemption: on SIGTERM (or Ctrl-C), drain, reach a consistent point and save
+            ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` through ``trainer.save_checkpoint`` before exiting;
+            ``trainer.fit(..., ckpt_path="hpc")`` resumes from it (automatically under SLURM).
     """
 
     strategy_name = "pdasgd"
@@ -80,6 +96,8 @@ class PDASGDStrategy(ParallelStrategy):
         intra_op_threads: Optional[int] = None,
         log_grad_norm: bool = False,
         exchange_interval: float = 0.0,
+        nonfinite: str = "error",
+        checkpoint_on_preemption: bool = True,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -106,6 +124,8 @@ class PDASGDStrategy(ParallelStrategy):
             )
         if not wait_timeout > 0:
             raise ValueError(f"PDASGDStrategy: `wait_timeout` must be > 0 seconds, got {wait_timeout!r}.")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"PDASGDStrategy: `nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}.")
         if not exchange_interval >= 0:
             raise ValueError(f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {exchange_interval!r}.")
         self._forward_threads = forward_threads
@@ -116,6 +136,8 @@ class PDASGDStrategy(ParallelStrategy):
         self._intra_op_threads = intra_op_threads
         self._log_grad_norm = log_grad_norm
         self._exchange_interval = float(exchange_interval)
+        self._nonfinite = nonfinite
+        self._checkpoint_on_preemption = checkpoint_on_preemption
         self._num_nodes = 1
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -321,6 +343,7 @@ class PDASGDStrategy(ParallelStrategy):
             layerwise=self._layerwise,
             clip_value=float(clip) if clip is not None else None,
             log_grad_norm=self._log_grad_norm,
+            nonfinite=self._nonfinite,
         )
         self._streams = streams.StreamPool(self.root_device, self._max_in_flight)
         self._stats = EngineStats()
@@ -359,20 +382,33 @@ class PDASGDStrategy(ParallelStrategy):
         )
         self._in_sync = True
         _internals.replace_sigterm_broadcast(module.trainer, self._check_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         self._exchange.start()
 
     def _check_sigterm(self) -> None:
-        """Lightning's per-batch SIGTERM check, carried by the exchange thread instead of a collective."""
+        """Lightning's per-batch SIGTERM check, carried by the exchange thread instead of a collective.
+
+        When any rank got SIGTERM, every rank drains, the replicas are merged at a consistent point (so no
+        rank's in-flight updates are lost) and Lightning's ``SIGTERMException`` takes its usual exit path, on
+        which ``on_exception`` writes the preemption checkpoint.
+        """
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         exchange = self._exchange
-        module = self.lightning_module
-        if exchange is None or module is None:
+        if exchange is None or not exchange.sigterm_seen.is_set():
             return
-        if getattr(module.trainer, "received_sigterm", False):
-            exchange.sigterm_flag.set()
-        if exchange.sigterm_seen.is_set():
-            raise SIGTERMException()
+        self.reach_consistent_point("preempt", stop=True)
+        raise SIGTERMException()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """SIGTERM handler with several devices: a flag for the exchange, no collective inside a signal handler.
+
+        (Lightning's own handler broadcasts on the default group, which would block while ranks run at their own
+        pace; Lightning restores its original handlers when fit ends.)
+        """
+        if self._exchange is not None:
+            self._exchange.sigterm_flag.set()
 
     def drain(self) -> None:
         """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
@@ -408,8 +444,26 @@ class PDASGDStrategy(ParallelStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        self._shutdown_engine(raise_timeout=False)
+        try:
+            if self._checkpoint_on_preemption and _is_preemption(exception) and self._engine is not None:
+                self._save_preemption_checkpoint()
+        finally:
+            self._shutdown_engine(raise_timeout=False)
         super().on_exception(exception)
+
+    def _save_preemption_checkpoint(self) -> None:
+        """Write ``hpc_ckpt_<n>.ckpt`` (Lightning's preemption file name) through ``trainer.save_checkpoint``.
+
+        The save drains the engine first; with several devices the SIGTERM path reached a consistent point before
+        the exception, so every rank holds the merged replica and rank 0 writes it.
+        """
+        module = self.lightning_module
+        if module is None or module._trainer is None:
+            return
+        trainer = module.trainer
+        path = self.broadcast(_next_hpc_checkpoint_path(str(trainer.default_root_dir)))
+        trainer.save_checkpoint(path)
+        log.info("PD-ASGD: preemption checkpoint written to %s", path)
 
     @override
     def teardown(self) -> None:
@@ -467,6 +521,16 @@ class PDASGDStrategy(ParallelStrategy):
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         _check_loss(closure_loss)
         stash, stream = self._current
+        stash.step, stash.rank = module.trainer.global_step, self.global_rank
+        if self._nonfinite != "off" and not bool(torch.isfinite(closure_loss.detach()).all()):
+            if self._nonfinite == "error":
+                raise NonFiniteError(
+                    f"PD-ASGD: non-finite loss ({float(closure_loss.detach())}) at step {stash.step} on rank"
+                    f" {stash.rank}; no update was applied from it. Pass `PDASGDStrategy(nonfinite='skip')` to drop"
+                    " such steps and count them in `pdasgd/skipped_updates` instead."
+                )
+            self._stats.record_skipped_loss(len(stash.leaves))
+            return closure_loss  # `optimizer_step` releases the slot of a loss that was not handed off
         stash.hyperparameters = hyperparameter_snapshot(self.optimizers[0])
         assert self._updater is not None
         self._engine.submit(BackwardWork(loss=closure_loss, context=(self._updater, stash, stream)))
@@ -563,6 +627,23 @@ class PDASGDStrategy(ParallelStrategy):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._stats = EngineStats()
+
+
+def _is_preemption(exception: BaseException) -> bool:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+
+
+def _next_hpc_checkpoint_path(directory: str) -> str:
+    """The next ``hpc_ckpt_<n>.ckpt`` in ``directory``: the name ``fit(ckpt_path="hpc")`` resumes from."""
+    os.makedirs(directory, exist_ok=True)
+    numbers = [
+        int(match.group(1))
+        for name in os.listdir(directory)
+        if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", name)) is not None
+    ]
+    return os.path.join(directory, f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
 
 
 def _batch_size(args: tuple[Any, ...]) -> int:

@@ -55,6 +55,15 @@ class WeightStash:
     versions: list[int]
     record: BackwardRecord = field(default_factory=BackwardRecord)
     hyperparameters: list[dict[str, Any]] | None = None
+    step: int = -1  # Lightning's global_step when the forward ran, for error messages
+    rank: int = 0
+
+
+NONFINITE_POLICIES = ("error", "skip", "off")
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient was NaN or Inf; the update it would have caused was not applied."""
 
 
 def per_parameter_optimizer(optimizer: Optimizer, group: dict[str, Any], tensor: Tensor) -> Optimizer:
@@ -97,7 +106,11 @@ class LayerwiseUpdater:
         layerwise: bool = True,
         clip_value: float | None = None,
         log_grad_norm: bool = False,
+        nonfinite: str = "error",
     ) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.optimizer = optimizer
         self.layerwise = layerwise
         self.clip_value = clip_value
@@ -176,6 +189,15 @@ class LayerwiseUpdater:
         slot = self.slots[index]
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[slot.group_index]
+        if self.nonfinite != "off" and not bool(torch.isfinite(grad).all()):
+            if self.nonfinite == "skip":
+                stash.record.skipped += 1
+                return
+            raise NonFiniteError(
+                f"PD-ASGD: non-finite gradient for parameter '{slot.name}' at step {stash.step} on rank {stash.rank};"
+                " it was not applied. Pass `PDASGDStrategy(nonfinite='skip')` to drop such updates and count them"
+                " in `pdasgd/skipped_updates` instead."
+            )
         if self.clip_value is not None:
             grad.clamp_(-self.clip_value, self.clip_value)
         if self.log_grad_norm:

@@ -7,6 +7,7 @@ other local rank. Each rank writes what the test needs to ``OUT_DIR/CASE-rank{R}
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,24 @@ class FailOnRank(Callback):
             raise RuntimeError(f"boom on rank {self.rank}")
 
 
+class ProcessedBatches(Callback):
+    """Sums the batches this rank really trained on, and saves the replica when fit is interrupted."""
+
+    def __init__(self, out: Path, signal_rank: int | None = None, signal_step: int = 8) -> None:
+        self.out, self.signal_rank, self.signal_step = out, signal_rank, signal_step
+        self.total: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        (x,) = batch
+        self.total = x.sum(dim=0) if self.total is None else self.total + x.sum(dim=0)
+        if trainer.global_rank == self.signal_rank and trainer.global_step == self.signal_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
+        torch.save({"state": _state(module), "total": self.total, "error": type(exception).__name__},
+                   self.out / f"interrupted-rank{trainer.global_rank}.pt")
+
+
 def _accuracy(model: DigitsClassifier) -> float:
     """Accuracy on the whole validation set (Lightning's validation shards it across ranks)."""
     x, y = DigitsData().val_set.tensors
@@ -102,6 +121,13 @@ def main(case: str, out: Path, *args: str) -> None:
         callbacks: list[Callback] = [log] + ([Straggler(rank=1, factor=factor)] if factor > 0 else [])
         trainer = _trainer(max_epochs=3, limit_val_batches=0, callbacks=callbacks)
         trainer.fit(model, DigitsData(batch_size=16))
+    elif case == "preempt":
+        signal_rank, resume = int(args[0]), args[1] == "resume"
+        batches = ProcessedBatches(out, signal_rank=None if resume else signal_rank)
+        model = LinearLoss(256)
+        trainer = _trainer(max_epochs=2, callbacks=[log, batches], default_root_dir=out)
+        trainer.fit(model, _integer_batches(150, 256), ckpt_path="hpc" if resume else None)
+        result.update(state=_state(model), total=batches.total, lr=LR)
     elif case in ("fail", "die"):
         model = DigitsClassifier()
         failure = FailOnRank(rank=int(args[0]), batch=5, hard=case == "die")

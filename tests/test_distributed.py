@@ -123,6 +123,26 @@ def test_a_rank_that_dies_does_not_leave_the_other_waiting(tmp_path: Path) -> No
     assert not list(tmp_path.glob("die-rank*.pt"))
 
 
+@pytest.mark.parametrize("signal_rank", [1])
+def test_sigterm_on_one_rank_merges_checkpoints_and_resumes(tmp_path: Path, signal_rank: int) -> None:
+    """SIGTERM on one rank: every rank drains, the replicas merge, rank 0 writes hpc_ckpt_1.ckpt, all exit."""
+    _launch("preempt", tmp_path, str(signal_rank), "start", timeout=180)  # Lightning exits via SystemExit
+    assert not list(tmp_path.glob("preempt-rank*.pt")), "fit must not complete on any rank"
+    interrupted = [torch.load(tmp_path / f"interrupted-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [item["error"] for item in interrupted] == ["SIGTERMException", "SIGTERMException"]
+    checkpoint = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    processed = interrupted[0]["total"] + interrupted[1]["total"]
+    for key in ("first", "second", "shared.weight"):
+        assert torch.equal(checkpoint["state_dict"][key], interrupted[0]["state"][key])
+        assert torch.equal(checkpoint["state_dict"][key], interrupted[1]["state"][key])
+    # exactly the batches both ranks trained on, no in-flight update lost or applied twice
+    assert torch.equal(checkpoint["state_dict"]["first"], -0.125 * processed)
+
+    _ok(_launch("preempt", tmp_path, str(signal_rank), "resume", timeout=180))
+    first, second = _results(tmp_path, "preempt")
+    assert all(torch.equal(first["state"][key], second["state"][key]) for key in first["state"])
+
+
 @pytest.mark.parametrize("devices", [1, 2])
 def test_two_rank_checkpoint_resumes_on_any_device_count(learned: Path, tmp_path: Path, devices: int) -> None:
     _ok(_launch("resume", tmp_path, str(devices), str(learned / "learn.ckpt")))

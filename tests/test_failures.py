@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 import traceback
 from typing import Any
@@ -11,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerStatus
 from torch import nn
 
 from lightning_pdasgd import EngineTimeoutError, PDASGDStrategy
@@ -104,26 +102,6 @@ def test_forward_exception_releases_everything() -> None:
     with pytest.raises(IndexError, match="boom in training_step"):
         _fit(RaiseInTrainingStep(), strategy=strategy)
     assert engine_threads() == [] and strategy.engine is None
-
-
-class InterruptCallback(Callback):
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == 5:
-            raise KeyboardInterrupt
-
-
-def test_keyboard_interrupt_takes_lightnings_path() -> None:
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        model = DigitsClassifier()
-        trainer = L.Trainer(strategy="pdasgd", max_epochs=2, callbacks=[InterruptCallback()], **trainer_kwargs())
-        with pytest.raises(SystemExit):  # Lightning's graceful shutdown ends with sys.exit(1)
-            trainer.fit(model, DigitsData(batch_size=16))
-        assert trainer.state.status == TrainerStatus.INTERRUPTED
-        assert trainer.interrupted
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    assert engine_threads() == []
 
 
 class SlowBackward(torch.autograd.Function):
