@@ -47,10 +47,38 @@ def subprocess_script_launcher(cluster_environment: object, num_processes: int, 
 
 
 def init_process_group(cluster_environment: object, backend: str, timeout: object, device: object) -> None:
-    """Lightning's own process-group initialisation (what ``DDPStrategy.setup_distributed`` calls)."""
+    """Lightning's own process-group initialisation (what ``DDPStrategy.setup_distributed`` calls).
+
+    Under torchrun with restarts, workers of every attempt share torchrun's key-value store, and a process group
+    created after the default one (the exchange's) can read the previous attempt's stale addresses and hang in
+    gloo's connect (reproduced on torch 2.14.1 with plain ``init_process_group`` + ``new_group``). Giving the
+    default group a store prefixed by the attempt number keeps every attempt's keys apart.
+    """
     from lightning.fabric.utilities.distributed import _init_dist_connection
 
-    _init_dist_connection(cluster_environment, backend, timeout=timeout, device_id=device)  # type: ignore[arg-type]
+    kwargs: dict[str, object] = {"timeout": timeout, "device_id": device}
+    store = _elastic_attempt_store(timeout)
+    if store is not None:
+        kwargs["store"] = store
+    _init_dist_connection(cluster_environment, backend, **kwargs)  # type: ignore[arg-type]
+
+
+def _elastic_attempt_store(timeout: object) -> object | None:
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout if isinstance(timeout, timedelta) else timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"/pdasgd/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", client)
 
 
 def sync_ddp_if_available(tensor: torch.Tensor, group: object, reduce_op: object) -> torch.Tensor:

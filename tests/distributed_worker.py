@@ -57,6 +57,16 @@ class FailOnRank(Callback):
             raise RuntimeError(f"boom on rank {self.rank}")
 
 
+class DieInEpoch(Callback):
+    def __init__(self, rank: int, epoch: int, batch: int) -> None:
+        self.rank, self.epoch, self.batch = rank, epoch, batch
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.current_epoch == self.epoch and idx == self.batch:
+            print(f"rank {self.rank} killed in epoch {self.epoch}", file=sys.stderr, flush=True)
+            os._exit(9)
+
+
 class ProcessedBatches(Callback):
     """Sums the batches this rank really trained on, and saves the replica when fit is interrupted."""
 
@@ -128,6 +138,23 @@ def main(case: str, out: Path, *args: str) -> None:
         trainer = _trainer(max_epochs=2, callbacks=[log, batches], default_root_dir=out)
         trainer.fit(model, _integer_batches(150, 256), ckpt_path="hpc" if resume else None)
         result.update(state=_state(model), total=batches.total, lr=LR)
+    elif case == "elastic":
+        # torchrun --max-restarts: rank 1 dies mid-epoch on the first attempt; the restarted job resumes from the
+        # last epoch-end checkpoint and finishes
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        checkpoints = out / "checkpoints"
+        last = checkpoints / "last.ckpt"
+        resume_from = str(last) if last.exists() else None
+        L.seed_everything(0)
+        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+        callbacks: list[Callback] = [log, ModelCheckpoint(dirpath=checkpoints, save_last=True)]
+        if attempt == 0:
+            callbacks.append(DieInEpoch(rank=1, epoch=2, batch=5))
+        trainer = _trainer(max_epochs=6, callbacks=callbacks, enable_checkpointing=True)
+        trainer.fit(model, DigitsData(batch_size=32), ckpt_path=resume_from)
+        result.update(accuracy=_accuracy(model), attempt=attempt, resumed_from=resume_from)
     elif case in ("fail", "die"):
         model = DigitsClassifier()
         failure = FailOnRank(rank=int(args[0]), batch=5, hard=case == "die")

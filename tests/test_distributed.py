@@ -88,6 +88,21 @@ def test_torchrun_launch(tmp_path: Path) -> None:
     assert all(torch.equal(first["state"][key], second["state"][key]) for key in first["state"])
 
 
+def test_torchrun_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
+    """torchrun --max-restarts 1: a worker killed mid-epoch; the job restarts, resumes from last.ckpt, finishes."""
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--max-restarts", "1", str(WORKER), "elastic", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    _ok(result)
+    assert "rank 1 killed in epoch 2" in result.stderr
+    first, second = _results(tmp_path, "elastic")
+    assert first["attempt"] == second["attempt"] == 1
+    assert first["resumed_from"] and first["resumed_from"].endswith("last.ckpt")
+    assert first["accuracy"] >= 0.95 and first["accuracy"] == second["accuracy"]
+    assert first["global_step"] > 0
+
+
 def test_fast_rank_does_not_wait_for_a_straggler(tmp_path: Path) -> None:
     """Rank 1 at half speed: rank 0 keeps most of its step rate and takes over more of the epoch."""
     _ok(_launch("straggler", tmp_path / "even", "0"))
