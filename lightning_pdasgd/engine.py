@@ -78,6 +78,16 @@ class BackwardEngine:
             self._threads.append(thread)
         log.debug("%s: started %d backward threads", type(self).__name__, self._num_threads)
 
+    def reconfigure(self, backward_threads: int, max_in_flight: int) -> None:
+        """Restart with another thread count and in-flight bound (the autotuner's trials); drains first."""
+        self.drain()
+        self.stop()
+        self._num_threads = backward_threads
+        self._max_in_flight = max_in_flight
+        self._queue = queue.Queue(maxsize=max_in_flight)
+        self._slots = threading.Semaphore(max_in_flight)
+        self.start()
+
     @property
     def running(self) -> bool:
         return bool(self._threads)

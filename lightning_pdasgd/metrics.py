@@ -19,6 +19,24 @@ UPDATES_PER_SECOND = "pdasgd/updates_per_sec"
 SAMPLES_PER_SECOND = "pdasgd/samples_per_sec"
 GRAD_NORM = "pdasgd/grad_norm"
 SKIPPED_UPDATES = "pdasgd/skipped_updates"
+FORWARD_BUSY = "pdasgd/forward_busy"
+BACKWARD_BUSY = "pdasgd/backward_busy"
+WALL_TIME = "pdasgd/wall_time_s"
+BACKWARD_THREADS = "pdasgd/backward_threads"  # 0: the plain synchronous step (chosen by the autotuner)
+# staleness histogram: the fraction of updates whose staleness falls in each bucket (any logger can plot scalars)
+STALENESS_BUCKETS: tuple[tuple[int, int, str], ...] = (
+    (0, 0, "0"),
+    (1, 1, "1"),
+    (2, 2, "2"),
+    (3, 4, "3-4"),
+    (5, 8, "5-8"),
+    (9, 1 << 62, "9+"),
+)
+_BUCKET_OF = [next(i for i, (lo, hi, _) in enumerate(STALENESS_BUCKETS) if lo <= s <= hi) for s in range(9)]
+
+
+def staleness_bucket(staleness: int) -> int:
+    return _BUCKET_OF[staleness] if staleness < 9 else len(STALENESS_BUCKETS) - 1
 
 
 @dataclass
@@ -31,10 +49,12 @@ class BackwardRecord:
     grad_sq_sum: float = 0.0
     seconds: float = 0.0
     skipped: int = 0  # parameter updates dropped for a non-finite gradient (policy "skip")
+    histogram: list[int] = field(default_factory=lambda: [0] * len(STALENESS_BUCKETS))
 
     def add_update(self, staleness: int) -> None:
         self.updates += 1
         self.staleness_sum += staleness
+        self.histogram[staleness_bucket(staleness)] += 1
         if staleness > self.staleness_max:
             self.staleness_max = staleness
 
@@ -53,19 +73,24 @@ class StatsWindow:
     samples: int = 0
     grad_sq_sum: float = 0.0
     skipped: int = 0
+    histogram: list[int] = field(default_factory=lambda: [0] * len(STALENESS_BUCKETS))
     started_at: float = field(default_factory=time.perf_counter)
 
-    def as_metrics(self, queue_depth: int, log_grad_norm: bool) -> dict[str, float]:
+    def as_metrics(self, queue_depth: int, log_grad_norm: bool, backward_threads: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.started_at, 1e-9)
         metrics = {
             QUEUE_DEPTH: float(queue_depth),
             UPDATES_PER_SECOND: self.updates / elapsed,
             SAMPLES_PER_SECOND: self.samples / elapsed,
             SKIPPED_UPDATES: float(self.skipped),
+            FORWARD_BUSY: min(self.forward_seconds / elapsed, 1.0),
+            BACKWARD_BUSY: min(self.backward_seconds / (elapsed * max(backward_threads, 1)), 1.0),
         }
         if self.updates:
             metrics[STALENESS_MEAN] = self.staleness_sum / self.updates
             metrics[STALENESS_MAX] = float(self.staleness_max)
+            for (_, _, label), count in zip(STALENESS_BUCKETS, self.histogram):
+                metrics[f"pdasgd/staleness_frac_{label}"] = count / self.updates
         if self.forwards:
             metrics[FORWARD_MS] = 1000.0 * self.forward_seconds / self.forwards
         if self.backwards:
@@ -103,6 +128,8 @@ class EngineStats:
             window.backward_seconds += record.seconds
             window.grad_sq_sum += record.grad_sq_sum
             window.skipped += record.skipped
+            for index, count in enumerate(record.histogram):
+                window.histogram[index] += count
             self.total_skipped += record.skipped
             self.total_updates += record.updates
             self.total_backwards += 1

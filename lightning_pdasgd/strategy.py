@@ -14,11 +14,12 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
@@ -31,18 +32,25 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_pdasgd import _internals, checks, streams
+from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates
 from lightning_pdasgd.callbacks import EngineDrain
 from lightning_pdasgd.claiming import claiming_dataloader
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
-from lightning_pdasgd.metrics import EngineStats
+from lightning_pdasgd.metrics import (
+    BACKWARD_THREADS,
+    SAMPLES_PER_SECOND,
+    STALENESS_MEAN,
+    WALL_TIME,
+    EngineStats,
+)
 from lightning_pdasgd.updates import (
     NONFINITE_POLICIES,
     LayerwiseUpdater,
@@ -53,7 +61,8 @@ from lightning_pdasgd.updates import (
 
 log = logging.getLogger(__name__)
 
-_ABORT_NOTICE_SECONDS = 30.0  # how long a failing rank tries to tell the others before it exits anyway
+_ABORT_NOTICE_SECONDS = 30.0
+_SWITCH_INTERVAL_S = 0.001  # how long a failing rank tries to tell the others before it exits anyway
 
 
 class PDASGDStrategy(ParallelStrategy):
@@ -61,8 +70,11 @@ class PDASGDStrategy(ParallelStrategy):
 
     Args:
         forward_threads: threads that run ``training_step``. Lightning's loop thread is the forward thread; only
-            ``1`` is supported in this release.
-        backward_threads: threads that run backward passes concurrently and apply the updates.
+            ``1`` (or ``"auto"``, which resolves to 1) is supported in this release.
+        backward_threads: threads that run backward passes concurrently and apply the updates. ``"auto"`` times
+            candidate configurations on the first training steps (1 to 3 backward threads, one or all intra-op
+            threads on CPU, and the plain synchronous step) and keeps the fastest one whose mean staleness is at
+            most ``autotune_max_staleness``; see ``autotune.py``.
         max_in_flight: most losses whose backward has not finished (live graphs); defaults to
             ``backward_threads``. ``1`` makes every forward wait for the previous backward: exactly the plain
             synchronous result, a useful check.
@@ -82,14 +94,16 @@ class PDASGDStrategy(ParallelStrategy):
         checkpoint_on_preemption: on SIGTERM (or Ctrl-C), drain, reach a consistent point and save
             ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` through ``trainer.save_checkpoint`` before exiting;
             ``trainer.fit(..., ckpt_path="hpc")`` resumes from it (automatically under SLURM).
+        autotune_steps: training steps timed per candidate when a thread count is ``"auto"``.
+        autotune_max_staleness: the bound on mean staleness a candidate must respect to be chosen.
     """
 
     strategy_name = "pdasgd"
 
     def __init__(
         self,
-        forward_threads: int = 1,
-        backward_threads: int = 2,
+        forward_threads: Union[int, Literal["auto"]] = 1,
+        backward_threads: Union[int, Literal["auto"]] = 2,
         max_in_flight: Optional[int] = None,
         layerwise: bool = True,
         wait_timeout: float = 600.0,
@@ -98,6 +112,8 @@ class PDASGDStrategy(ParallelStrategy):
         exchange_interval: float = 0.0,
         nonfinite: str = "error",
         checkpoint_on_preemption: bool = True,
+        autotune_steps: int = 6,
+        autotune_max_staleness: float = 4.0,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -113,8 +129,16 @@ class PDASGDStrategy(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
+        self._autotune = backward_threads == "auto" or forward_threads == "auto"
+        forward_threads = 1 if forward_threads == "auto" else forward_threads
+        backward_threads = 2 if backward_threads == "auto" else backward_threads
         checks.check_positive_int("forward_threads", forward_threads)
         checks.check_positive_int("backward_threads", backward_threads)
+        checks.check_positive_int("autotune_steps", autotune_steps)
+        if not autotune_max_staleness >= 0:
+            raise ValueError(
+                f"PDASGDStrategy: `autotune_max_staleness` must be >= 0, got {autotune_max_staleness!r}."
+            )
         checks.check_positive_int("max_in_flight", max_in_flight, allow_none=True)
         checks.check_positive_int("intra_op_threads", intra_op_threads, allow_none=True)
         if forward_threads != 1:
@@ -130,7 +154,13 @@ class PDASGDStrategy(ParallelStrategy):
             raise ValueError(f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {exchange_interval!r}.")
         self._forward_threads = forward_threads
         self._backward_threads = backward_threads
+        self._max_in_flight_arg = max_in_flight
         self._max_in_flight = max_in_flight if max_in_flight is not None else backward_threads
+        self._autotune_steps = autotune_steps
+        self._autotune_max_staleness = float(autotune_max_staleness)
+        self._tuner: Optional[ThreadAutotuner] = None
+        self._plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
+        self.autotune_report: Optional[str] = None
         self._layerwise = layerwise
         self._wait_timeout = float(wait_timeout)
         self._intra_op_threads = intra_op_threads
@@ -148,6 +178,8 @@ class PDASGDStrategy(ParallelStrategy):
         self._stats = EngineStats()
         self._current: Optional[tuple[WeightStash, Any]] = None  # the forward whose loss is not handed off yet
         self._saved_num_threads: Optional[int] = None
+        self._saved_switch_interval: Optional[float] = None
+        self._fit_started_at = time.perf_counter()
         # several devices: the exchange's process group, the running exchange, and whether the replicas are
         # identical now (a consistent point passed and no training step ran since)
         self._exchange_group: Any = None
@@ -347,8 +379,13 @@ class PDASGDStrategy(ParallelStrategy):
         )
         self._streams = streams.StreamPool(self.root_device, self._max_in_flight)
         self._stats = EngineStats()
+        self._fit_started_at = time.perf_counter()
+        self._saved_num_threads = torch.get_num_threads()
+        self._saved_switch_interval = sys.getswitchinterval()
+        # backward threads need the GIL for every update; Python's default 5 ms switch interval would make each
+        # one wait behind the loop thread's Python work
+        sys.setswitchinterval(min(self._saved_switch_interval, _SWITCH_INTERVAL_S))
         if self._intra_op_threads is not None:
-            self._saved_num_threads = torch.get_num_threads()
             torch.set_num_threads(self._intra_op_threads)
         self._engine = BackwardEngine(
             self._run_backward,
@@ -359,6 +396,10 @@ class PDASGDStrategy(ParallelStrategy):
         self._engine.start()
         if self.world_size > 1:
             self._start_exchange(module)
+        self._plain_steps = False
+        if self._autotune:
+            candidates = default_candidates(self.root_device, allow_synchronous=self.world_size == 1)
+            self._tuner = ThreadAutotuner(candidates, self._autotune_steps, self._autotune_max_staleness)
         log.debug(
             "%s: engine started (%d backward threads, max_in_flight=%d, layerwise=%s)",
             type(self).__name__,
@@ -480,6 +521,10 @@ class PDASGDStrategy(ParallelStrategy):
         if self._saved_num_threads is not None:
             torch.set_num_threads(self._saved_num_threads)
             self._saved_num_threads = None
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
+        self._tuner, self._plain_steps = None, False
         try:
             if engine is not None:
                 engine.stop()
@@ -496,6 +541,12 @@ class PDASGDStrategy(ParallelStrategy):
         engine, updater = self._engine, self._updater
         if engine is None or updater is None:
             return super().training_step(*args, **kwargs)
+        if self._plain_steps:
+            started = time.perf_counter()
+            output = super().training_step(*args, **kwargs)
+            self._stats.record_forward(time.perf_counter() - started, _batch_size(args))
+            self._log_engine_metrics()
+            return output
         engine.acquire_slot()
         self._in_sync = False
         try:
@@ -511,6 +562,32 @@ class PDASGDStrategy(ParallelStrategy):
         self._current = (stash, stream)
         self._log_engine_metrics()
         return output
+
+    def _autotune_step(self) -> None:
+        assert self._tuner is not None
+        stats = self._stats
+        candidate = self._tuner.before_step((stats.total_staleness_sum, stats.total_updates))
+        if candidate is not None:
+            self._apply_candidate(candidate)
+        if self._tuner.done:
+            self.autotune_report = self._tuner.report()
+            rank_zero_info(self.autotune_report)
+
+    def _apply_candidate(self, candidate: Candidate) -> None:
+        """Switch thread counts between two steps: drained, so no update is lost or reordered."""
+        engine = self._engine
+        assert engine is not None
+        engine.drain()
+        torch.set_num_threads(candidate.intra_op_threads or self._saved_num_threads or torch.get_num_threads())
+        self._plain_steps = candidate.synchronous
+        if candidate.synchronous:
+            return
+        threads = candidate.backward_threads
+        in_flight = self._max_in_flight_arg or threads
+        if (threads, in_flight) != (self._backward_threads, self._max_in_flight):
+            engine.reconfigure(threads, in_flight)
+            self._backward_threads, self._max_in_flight = threads, in_flight
+            self._streams = streams.StreamPool(self.root_device, in_flight)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
@@ -545,8 +622,10 @@ class PDASGDStrategy(ParallelStrategy):
         model: Optional[Union[LightningModule, torch.nn.Module]] = None,
         **kwargs: Any,
     ) -> Any:
+        if self._tuner is not None and not self._tuner.done:
+            self._autotune_step()  # before the closure: a step runs wholly in one configuration
         engine = self._engine
-        if engine is None:
+        if engine is None or self._plain_steps:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         engine.raise_if_failed()
         try:
@@ -569,6 +648,8 @@ class PDASGDStrategy(ParallelStrategy):
             streams.finish(stream)
         stash.record.seconds = time.perf_counter() - started
         self._stats.record_backward(stash.record)
+        work.loss = None  # type: ignore[assignment]  # free the graph before the leaves are reused
+        updater.release(stash, reusable=True)
 
     def _log_engine_metrics(self) -> None:
         """Log the engine's window of statistics on the steps Lightning writes to its loggers.
@@ -583,10 +664,15 @@ class PDASGDStrategy(ParallelStrategy):
         trainer = module.trainer
         if (trainer.global_step + 1) % trainer.log_every_n_steps != 0:
             return
-        metrics = self._stats.take_window().as_metrics(engine.pending, self._log_grad_norm)
+        metrics = self._stats.take_window().as_metrics(engine.pending, self._log_grad_norm, self._backward_threads)
+        metrics[WALL_TIME] = time.perf_counter() - self._fit_started_at
+        metrics[BACKWARD_THREADS] = 0.0 if self._plain_steps else float(self._backward_threads)
         if self._exchange is not None:
             metrics.update(self._exchange.metrics())
-        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=bool(trainer.loggers))
+        on_bar = {key: metrics.pop(key) for key in (SAMPLES_PER_SECOND, STALENESS_MEAN) if key in metrics}
+        logger = bool(trainer.loggers)
+        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=logger)
+        module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     @override

@@ -47,6 +47,15 @@ class ParameterSlot:
 
 
 @dataclass(eq=False)
+class _StashBuffers:
+    """Leaf tensors that receive one forward's copy of the weights; reused by later forwards."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    leaves: list[Tensor] = field(default_factory=list)
+    current: WeightStash | None = None
+
+
+@dataclass(eq=False)
 class WeightStash:
     """The weights one forward read: private leaves and the version of each parameter at read time."""
 
@@ -57,6 +66,7 @@ class WeightStash:
     hyperparameters: list[dict[str, Any]] | None = None
     step: int = -1  # Lightning's global_step when the forward ran, for error messages
     rank: int = 0
+    buffers: _StashBuffers | None = None
 
 
 NONFINITE_POLICIES = ("error", "skip", "off")
@@ -117,6 +127,7 @@ class LayerwiseUpdater:
         self.log_grad_norm = log_grad_norm
         self._model_lock = threading.Lock()
         self.slots = self._build_slots(module, optimizer)
+        self._free_buffers: list[_StashBuffers] = []  # list.append/pop are atomic: no lock needed
 
     @staticmethod
     def _build_slots(module: nn.Module, optimizer: Optimizer) -> list[ParameterSlot]:
@@ -153,27 +164,47 @@ class LayerwiseUpdater:
         return slots
 
     def stash(self) -> WeightStash:
-        """Copy the live weights for one forward, each under its parameter's lock (no torn reads)."""
-        tensors: dict[str, Tensor] = {}
-        leaves: list[Tensor] = []
+        """Copy the live weights for one forward, each under its parameter's lock (no torn reads).
+
+        The copies go into a recycled set of leaf tensors (one set per forward in flight), whose update hooks are
+        registered once: a step then costs one copy per parameter, not a new tensor and a new hook.
+        """
+        buffers = self._free_buffers.pop() if self._free_buffers else self._new_buffers()
         versions: list[int] = []
-        stash = WeightStash(tensors=tensors, leaves=leaves, versions=versions)
         with torch.no_grad():
-            for slot in self.slots:
+            for slot, leaf in zip(self.slots, buffers.leaves):
                 with slot.lock:
                     if slot.ready_event is not None:
                         torch.cuda.current_stream(slot.param.device).wait_event(slot.ready_event)
-                    leaf = slot.param.detach().clone().requires_grad_(True)
+                    leaf.copy_(slot.param)
                     versions.append(slot.version)
-                if self.layerwise:
-                    leaf.register_post_accumulate_grad_hook(partial(self._on_gradient, stash, slot.index))
-                tensors[slot.name] = leaf
-                leaves.append(leaf)
+                leaf.grad = None
+        stash = WeightStash(tensors=buffers.tensors, leaves=buffers.leaves, versions=versions, buffers=buffers)
+        buffers.current = stash
         return stash
 
-    def _on_gradient(self, stash: WeightStash, index: int, leaf: Tensor) -> None:
+    def release(self, stash: WeightStash, reusable: bool) -> None:
+        """Give a stash's leaves back once its backward has finished; a graph that never ran backward may still
+        hold them (``reusable=False``), so those are left to the garbage collector."""
+        buffers, stash.buffers = stash.buffers, None
+        if buffers is not None and reusable:
+            buffers.current = None
+            self._free_buffers.append(buffers)
+
+    def _new_buffers(self) -> _StashBuffers:
+        buffers = _StashBuffers()
+        for slot in self.slots:
+            leaf = torch.empty_like(slot.param, requires_grad=True)
+            if self.layerwise:
+                leaf.register_post_accumulate_grad_hook(partial(self._on_gradient, buffers, slot.index))
+            buffers.tensors[slot.name] = leaf
+            buffers.leaves.append(leaf)
+        return buffers
+
+    def _on_gradient(self, buffers: _StashBuffers, index: int, leaf: Tensor) -> None:
         grad, leaf.grad = leaf.grad, None
-        if grad is not None:
+        stash = buffers.current
+        if grad is not None and stash is not None:
             self.apply(stash, index, grad)
 
     def apply_all(self, stash: WeightStash) -> None:

@@ -1,0 +1,105 @@
+"""Plain-torch models and offline datasets of the workloads.
+
+Kept free of Lightning so that calibration (FLOP counting, forward/backward timing) can run in a light
+subprocess and measures the model alone, not the training framework.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+CIFAR10_ENV = "CIFAR10_DIR"
+
+
+def digits_datasets(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's bundled 8x8 digits (1,797 real images, no download), split 80/20 with a fixed permutation."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(x))
+    return TensorDataset(x[:split], y[:split]), TensorDataset(x[split:], y[split:])
+
+
+def digits_mlp(hidden: int = 256) -> nn.Module:
+    """The README example's MLP: two hidden layers with BatchNorm."""
+    return nn.Sequential(
+        nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, 10),
+    )
+
+
+def digits_cnn() -> nn.Module:
+    """A small CNN on the 8x8 digit images (flattened rows of 64 pixels in, reshaped here)."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+
+
+def cifar_resnet18() -> nn.Module:
+    """torchvision's ResNet-18 with the usual CIFAR stem (3x3 stride-1 first conv, no max-pool)."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def find_cifar10(explicit: Optional[str]) -> Optional[Path]:
+    """The folder holding CIFAR-10's python batches (``data_batch_1`` ...), from the argument or ``$CIFAR10_DIR``.
+
+    Accepts either that folder or its parent (torchvision's ``root`` with ``cifar-10-batches-py`` inside).
+    Never downloads: ``None`` means the workload is skipped.
+    """
+    raw = explicit or os.environ.get(CIFAR10_ENV)
+    if not raw:
+        return None
+    for candidate in (Path(raw), Path(raw) / "cifar-10-batches-py"):
+        if (candidate / "data_batch_1").is_file() and (candidate / "test_batch").is_file():
+            return candidate
+    return None
+
+
+_CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+_CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+
+def _load_cifar_batches(folder: Path, names: list[str], limit: Optional[int]) -> TensorDataset:
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+        images.append(torch.as_tensor(entry["data"], dtype=torch.uint8))
+        labels.append(torch.as_tensor(entry["labels"], dtype=torch.long))
+        if limit is not None and sum(len(y) for y in labels) >= limit:
+            break
+    x = torch.cat(images)[:limit].view(-1, 3, 32, 32).float().div_(255.0)
+    x = (x - _CIFAR_MEAN) / _CIFAR_STD
+    return TensorDataset(x, torch.cat(labels)[:limit])
+
+
+def cifar10_datasets(
+    folder: Path, train_limit: Optional[int] = None, val_limit: Optional[int] = None
+) -> tuple[TensorDataset, TensorDataset]:
+    """CIFAR-10 from its python pickles, normalised, optionally truncated (a fixed prefix) to fit a CPU budget."""
+    train = _load_cifar_batches(folder, [f"data_batch_{i}" for i in range(1, 6)], train_limit)
+    val = _load_cifar_batches(folder, ["test_batch"], val_limit)
+    return train, val

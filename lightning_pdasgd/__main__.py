@@ -1,0 +1,8 @@
+"""``python -m lightning_pdasgd``: the ``lightning-pdasgd`` command without the console script."""
+
+import sys
+
+from lightning_pdasgd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

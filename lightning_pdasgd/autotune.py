@@ -1,0 +1,127 @@
+"""Choosing the forward:backward thread ratio (and intra-op threads) for the user's model on the user's device.
+
+Decoupling pays only where a sequential loop leaves compute idle, and what is idle depends on the model, the batch,
+the device and the cores. Rather than model that, the tuner measures it: the first training steps of the run are
+spent in short trials, one per candidate configuration, each timed on the real batches with real updates (no step
+is wasted), and the fastest candidate whose mean staleness stays within a bound is kept for the rest of the run.
+One candidate is the plain synchronous Lightning step (no engine at all), so when decoupling cannot pay -- e.g. a
+CPU whose cores a plain loop already saturates -- the tuner falls back to exactly what plain Lightning does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """``backward_threads == 0`` means the plain synchronous step; ``intra_op_threads`` None leaves torch's."""
+
+    backward_threads: int
+    intra_op_threads: int | None
+
+    @property
+    def synchronous(self) -> bool:
+        return self.backward_threads == 0
+
+    def __str__(self) -> str:
+        threads = "plain synchronous step" if self.synchronous else f"1:{self.backward_threads}"
+        return threads + (f", {self.intra_op_threads} intra-op" if self.intra_op_threads else "")
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    completed: int = 0  # steps of this trial that finished
+    started_at: float | None = None  # end of the first step: it absorbs the switch and is not timed
+    seconds: float = 0.0
+    staleness: float = 0.0
+
+    @property
+    def steps_per_second(self) -> float:
+        timed = self.completed - 1
+        return timed / self.seconds if self.seconds > 0 and timed > 0 else 0.0
+
+
+def default_candidates(device: torch.device, allow_synchronous: bool, max_backward_threads: int = 3) -> list[Candidate]:
+    """Candidates worth timing on ``device``.
+
+    On CPU the backward threads compete with torch's intra-op threads for the same cores, so each thread count is
+    tried with one intra-op thread and with torch's default; on a GPU intra-op threads barely matter.
+    """
+    cores = torch.get_num_threads() or os.cpu_count() or 1
+    candidates: list[Candidate] = [Candidate(0, None)] if allow_synchronous else []
+    for threads in range(1, max_backward_threads + 1):
+        if device.type == "cpu" and cores > 1:
+            candidates.append(Candidate(threads, 1))
+        candidates.append(Candidate(threads, None))
+    return candidates
+
+
+@dataclass
+class ThreadAutotuner:
+    """Runs the trials; the strategy asks it before every training step which configuration to use."""
+
+    candidates: list[Candidate]
+    steps_per_trial: int = 6
+    max_staleness: float = 4.0
+    trials: list[Trial] = field(default_factory=list)
+    chosen: Candidate | None = None
+    _staleness_mark: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        if not self.candidates:
+            raise ValueError("ThreadAutotuner needs at least one candidate")
+        if self.steps_per_trial < 2:
+            raise ValueError("`autotune_steps` must be >= 2 (the first step of each trial is not timed)")
+
+    @property
+    def done(self) -> bool:
+        return self.chosen is not None
+
+    def before_step(self, staleness_so_far: tuple[int, int]) -> Candidate | None:
+        """Called before each training step; returns a configuration to switch to now, or None to keep the current.
+
+        ``staleness_so_far`` is (sum of staleness, number of updates) since the start of fit.
+        """
+        if self.chosen is not None:
+            return None
+        now = time.perf_counter()
+        trial = self.trials[-1] if self.trials else None
+        if trial is not None:
+            trial.completed += 1
+            if trial.completed == 1:
+                trial.started_at = now
+                self._staleness_mark = staleness_so_far
+            if trial.completed < self.steps_per_trial:
+                return None
+            assert trial.started_at is not None
+            trial.seconds = now - trial.started_at
+            trial.staleness = self._staleness_since(trial, staleness_so_far)
+        if len(self.trials) < len(self.candidates):
+            self.trials.append(Trial(self.candidates[len(self.trials)]))
+            return self.trials[-1].candidate
+        self.chosen = self._choose()
+        return self.chosen
+
+    def _staleness_since(self, trial: Trial, now: tuple[int, int]) -> float:
+        total, count = now[0] - self._staleness_mark[0], now[1] - self._staleness_mark[1]
+        return total / count if count else 0.0
+
+    def _choose(self) -> Candidate:
+        eligible = [trial for trial in self.trials if trial.staleness <= self.max_staleness] or self.trials
+        return max(eligible, key=lambda trial: trial.steps_per_second).candidate
+
+    def report(self) -> str:
+        lines = [f"PD-ASGD autotune: chose {self.chosen} (max mean staleness {self.max_staleness:g})"]
+        for trial in self.trials:
+            mark = "*" if trial.candidate == self.chosen else " "
+            lines.append(
+                f" {mark} {str(trial.candidate):<32} {trial.steps_per_second:9.1f} steps/s"
+                f"   staleness {trial.staleness:.2f}"
+            )
+        return "\n".join(lines)
