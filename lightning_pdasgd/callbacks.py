@@ -18,6 +18,10 @@ class EngineDrain(Callback):
     several devices, identical replicas). It holds no state, so checkpoints keep the keys of a plain run.
     """
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if idx == 0 and trainer.world_size > 1:
+            show_estimated_epoch_length(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reach = getattr(trainer.strategy, "reach_consistent_point", None)
         if reach is not None:
@@ -25,6 +29,28 @@ class EngineDrain(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+def show_estimated_epoch_length(trainer: pl.Trainer) -> None:
+    """Give the progress bar this rank's expected share of a dynamically shared epoch as its total.
+
+    The claiming sampler has no length (see ``claiming.py``), so Lightning's bars start without a total; the
+    estimate is the epoch's batches over the ranks (a fast rank may go past it).
+    """
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+    estimate = getattr(sampler, "estimated_batches", None)
+    bar = trainer.progress_bar_callback
+    if estimate is None or bar is None or bar.is_disabled:
+        return
+    if isinstance(trainer.limit_train_batches, int):
+        estimate = min(estimate, trainer.limit_train_batches)
+    if isinstance(bar, TQDMProgressBar):
+        bar.train_progress_bar.total = estimate
+        bar.train_progress_bar.refresh()
+    elif isinstance(bar, RichProgressBar) and bar.progress is not None and bar.train_progress_bar_id is not None:
+        bar.progress.update(bar.train_progress_bar_id, total=estimate)
 
 
 class Straggler(Callback):

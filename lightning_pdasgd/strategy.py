@@ -349,8 +349,10 @@ class PDASGDStrategy(ParallelStrategy):
             if not any(isinstance(callback, EngineDrain) for callback in trainer.callbacks):
                 trainer.callbacks.insert(0, EngineDrain())
             if self.world_size > 1:
-                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-                nonce = f"pdasgd/claims/{time.time_ns()}-{seed}"
+                # rank 0's torch seed orders the shared permutations (reproducible under `seed_everything`,
+                # and no random number is drawn from the user's generator); the nonce keeps runs' keys apart
+                seed = torch.initial_seed() % (2**31 - 1)
+                nonce = f"pdasgd/claims/{time.time_ns()}-{os.getpid()}"
                 self._claim_key = self.broadcast((seed, nonce))
 
     def _check_fit_configuration(self, trainer: Trainer) -> None:
@@ -521,9 +523,7 @@ class PDASGDStrategy(ParallelStrategy):
         if self._saved_num_threads is not None:
             torch.set_num_threads(self._saved_num_threads)
             self._saved_num_threads = None
-        if self._saved_switch_interval is not None:
-            sys.setswitchinterval(self._saved_switch_interval)
-            self._saved_switch_interval = None
+        self._restore_switch_interval()
         self._tuner, self._plain_steps = None, False
         try:
             if engine is not None:
@@ -563,6 +563,11 @@ class PDASGDStrategy(ParallelStrategy):
         self._log_engine_metrics()
         return output
 
+    def _restore_switch_interval(self) -> None:
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
+
     def _autotune_step(self) -> None:
         assert self._tuner is not None
         stats = self._stats
@@ -572,6 +577,10 @@ class PDASGDStrategy(ParallelStrategy):
         if self._tuner.done:
             self.autotune_report = self._tuner.report()
             rank_zero_info(self.autotune_report)
+            if self._plain_steps:  # the plain step won: nothing of the engine may cost anything from now on
+                assert self._engine is not None
+                self._engine.stop()
+                self._restore_switch_interval()
 
     def _apply_candidate(self, candidate: Candidate) -> None:
         """Switch thread counts between two steps: drained, so no update is lost or reordered."""

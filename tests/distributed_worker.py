@@ -57,6 +57,25 @@ class FailOnRank(Callback):
             raise RuntimeError(f"boom on rank {self.rank}")
 
 
+class BarTotal(Callback):
+    """Reads the progress bar's total (TQDM or Rich) once the epoch is under way, on the rank that shows it."""
+
+    total: Any = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        bar = trainer.progress_bar_callback
+        if self.total is not None or bar is None or bar.is_disabled:
+            return
+        if isinstance(bar, RichProgressBar):
+            assert bar.progress is not None
+            (task,) = [task for task in bar.progress.tasks if task.id == bar.train_progress_bar_id]
+            self.total = task.total
+        else:
+            self.total = bar.train_progress_bar.total
+
+
 class DieInEpoch(Callback):
     def __init__(self, rank: int, epoch: int, batch: int) -> None:
         self.rank, self.epoch, self.batch = rank, epoch, batch
@@ -119,11 +138,18 @@ def main(case: str, out: Path, *args: str) -> None:
     elif case == "linear":
         width, batches = 256, int(args[0])
         model = LinearLoss(width)
-        trainer = _trainer(max_epochs=1, callbacks=[log])
+        bar_total = BarTotal()
+        callbacks = [log, bar_total]
+        if args[1:] == ("tqdm",):  # Lightning picks Rich when it is installed
+            from lightning.pytorch.callbacks import TQDMProgressBar
+
+            callbacks.append(TQDMProgressBar())
+        trainer = _trainer(max_epochs=1, callbacks=callbacks, enable_progress_bar=True)
         loader = _integer_batches(batches, width)
         trainer.fit(model, loader)
         sampler = trainer.train_dataloader.batch_sampler
-        result.update(state=_state(model), claimed=list(getattr(sampler, "claimed", [])), lr=LR)
+        result.update(state=_state(model), claimed=list(getattr(sampler, "claimed", [])), lr=LR,
+                      bar_total=bar_total.total)
     elif case == "straggler":
         factor = float(args[0])
         L.seed_everything(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -38,6 +39,20 @@ class DigitsData(LightningDataModule):
 
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+
+
+class DelayedBackward(torch.autograd.Function):
+    """Identity whose backward sleeps (GIL released) before passing the gradient on: a long backward on demand."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, seconds: float) -> torch.Tensor:
+        ctx.seconds = seconds
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        time.sleep(ctx.seconds)
+        return grad, None
 
 
 class DigitsClassifier(LightningModule):

@@ -12,7 +12,7 @@ import torch
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates
 from tests.helpers import trainer_kwargs
-from tests.models import DigitsClassifier, DigitsData
+from tests.models import DelayedBackward, DigitsClassifier, DigitsData
 from tests.test_concurrency import LR, LinearLoss, _integer_batches
 
 
@@ -58,20 +58,9 @@ def test_autotune_picks_a_valid_configuration_and_loses_no_update() -> None:
     assert torch.get_num_threads() == torch.get_num_threads()  # restored (checked by the autouse fixture too)
 
 
-class SlowBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.02)  # a long backward that leaves the cores idle: decoupling pays
-        return grad
-
-
 class SlowBackwardModel(DigitsClassifier):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SlowBackward.apply(self.net(x))
+        return DelayedBackward.apply(self.net(x), 0.02)  # a long backward leaving the cores idle
 
 
 def test_slow_backward_gets_more_backward_threads() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning as L
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
 from tests.helpers import trainer_kwargs
-from tests.models import DigitsClassifier, DigitsData
+from tests.models import DelayedBackward, DigitsClassifier, DigitsData
 
 LR = 0.125  # a power of two: every update is exact in float64
 
@@ -77,22 +76,9 @@ def test_no_update_lost_or_doubled(strategy_kwargs: dict[str, Any]) -> None:
     assert strategy.updater is None, "the engine is released when fit ends"
 
 
-class SlowBackward(torch.autograd.Function):
-    """Identity whose backward waits before the parameter gradients exist, so forwards run ahead."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.005)
-        return grad
-
-
 class SlowLinearLoss(LinearLoss):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return SlowBackward.apply(super().training_step(batch, batch_idx))
+        return DelayedBackward.apply(super().training_step(batch, batch_idx), 0.005)
 
 
 def test_staleness_is_measured_per_parameter() -> None:

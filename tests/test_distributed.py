@@ -68,6 +68,7 @@ def test_no_update_lost_across_ranks(tmp_path: Path) -> None:
     _ok(_launch("linear", tmp_path, str(batches)))
     first, second = _results(tmp_path, "linear")
     assert sorted(first["claimed"] + second["claimed"]) == list(range(batches)), "every batch exactly once"
+    assert first["bar_total"] == batches // 2  # rank 0's progress bar shows the estimated share
     total = torch.cat([batch for (batch,) in _integer_batches(batches, 256)]).sum(dim=0)
     lr = first["lr"]
     for result in (first, second):
@@ -80,7 +81,7 @@ def test_torchrun_launch(tmp_path: Path) -> None:
     """torchrun starts the processes itself; Lightning detects it and PD-ASGD trains the same way."""
     env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(WORKER), "linear", str(tmp_path), "40"]
+               str(WORKER), "linear", str(tmp_path), "40", "tqdm"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     _ok(result)
     first, second = _results(tmp_path, "linear")

@@ -90,3 +90,28 @@ def test_logged_learning_rate_and_metrics_match_plain(tmp_path: Any) -> None:
     assert {"pdasgd/forward_ms", "pdasgd/backward_ms", "pdasgd/updates_per_sec"} <= logged
     staleness = [float(row["pdasgd/staleness_max"]) for row in pdasgd_rows if row.get("pdasgd/staleness_max")]
     assert staleness and max(staleness) == 0.0, "one loss in flight means no update is ever stale"
+
+
+class PlateauClassifier(DigitsClassifier):
+    """ReduceLROnPlateau on the validation accuracy, with an epoch interval and a frequency."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": plateau, "monitor": "val_acc", "interval": "epoch", "frequency": 1}}
+
+
+def test_reduce_on_plateau_acts_on_the_real_updates() -> None:
+    results = []
+    for strategy in ("auto", PDASGDStrategy(max_in_flight=1)):
+        L.seed_everything(5)
+        model = PlateauClassifier()
+        trainer = L.Trainer(strategy=strategy, max_epochs=5, limit_train_batches=10, **trainer_kwargs())
+        trainer.fit(model, DigitsData(batch_size=32))
+        results.append((trainer.optimizers[0].param_groups[0]["lr"], model.val_accuracy,
+                        torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (plain_lr, plain_acc, plain_params), (pd_lr, pd_acc, pd_params) = results
+    assert plain_lr == pd_lr < 0.5, "the plateau scheduler reduced the learning rate in both runs"
+    assert plain_acc == pytest.approx(pd_acc, abs=1e-6)
+    assert (plain_params - pd_params).abs().max() <= 1e-5

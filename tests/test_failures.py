@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_pdasgd import EngineTimeoutError, PDASGDStrategy
 from tests.helpers import engine_threads, trainer_kwargs
-from tests.models import DigitsClassifier, DigitsData
+from tests.models import DelayedBackward, DigitsClassifier, DigitsData
 
 
 class BackwardBoom(torch.autograd.Function):
@@ -104,20 +104,9 @@ def test_forward_exception_releases_everything() -> None:
     assert engine_threads() == [] and strategy.engine is None
 
 
-class SlowBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        time.sleep(1.5)
-        return grad
-
-
 class SlowModel(DigitsClassifier):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SlowBackward.apply(self.net(x))
+        return DelayedBackward.apply(self.net(x), 1.5)
 
 
 def test_wait_timeout_names_the_wait() -> None:
