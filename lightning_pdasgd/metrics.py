@@ -79,13 +79,14 @@ class StatsWindow:
     def as_metrics(self, queue_depth: int, log_grad_norm: bool, backward_threads: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.started_at, 1e-9)
         metrics = {
-            QUEUE_DEPTH: float(queue_depth),
-            UPDATES_PER_SECOND: self.updates / elapsed,
             SAMPLES_PER_SECOND: self.samples / elapsed,
-            SKIPPED_UPDATES: float(self.skipped),
             FORWARD_BUSY: min(self.forward_seconds / elapsed, 1.0),
-            BACKWARD_BUSY: min(self.backward_seconds / (elapsed * max(backward_threads, 1)), 1.0),
         }
+        if self.backwards or self.skipped or queue_depth:  # the engine ran (not the plain step): its figures
+            metrics[QUEUE_DEPTH] = float(queue_depth)
+            metrics[UPDATES_PER_SECOND] = self.updates / elapsed
+            metrics[SKIPPED_UPDATES] = float(self.skipped)
+            metrics[BACKWARD_BUSY] = min(self.backward_seconds / (elapsed * max(backward_threads, 1)), 1.0)
         if self.updates:
             metrics[STALENESS_MEAN] = self.staleness_sum / self.updates
             metrics[STALENESS_MAX] = float(self.staleness_max)
