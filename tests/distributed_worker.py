@@ -129,7 +129,7 @@ def main(case: str, out: Path, *args: str) -> None:
         # every rank's updates are applied to every replica: half the single-device test's lr keeps the same
         # per-sample step while staleness (two engines plus the exchange) roughly doubles
         model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
-        trainer = _trainer(max_epochs=6, callbacks=[log])
+        trainer = _trainer(max_epochs=8, callbacks=[log])
         trainer.fit(model, DigitsData(batch_size=32))
         trainer.save_checkpoint(out / "learn.ckpt")
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
@@ -174,13 +174,14 @@ def main(case: str, out: Path, *args: str) -> None:
         last = checkpoints / "last.ckpt"
         resume_from = str(last) if last.exists() else None
         L.seed_everything(0)
-        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
         callbacks: list[Callback] = [log, ModelCheckpoint(dirpath=checkpoints, save_last=True)]
         if attempt == 0:
             callbacks.append(DieInEpoch(rank=1, epoch=2, batch=5))
-        trainer = _trainer(max_epochs=6, callbacks=callbacks, enable_checkpointing=True)
+        trainer = _trainer(max_epochs=8, callbacks=callbacks, enable_checkpointing=True)
         trainer.fit(model, DigitsData(batch_size=32), ckpt_path=resume_from)
-        result.update(accuracy=_accuracy(model), attempt=attempt, resumed_from=resume_from)
+        result.update(accuracy=_accuracy(model), attempt=attempt, resumed_from=resume_from,
+                      val_accuracy=model.val_accuracy)
     elif case in ("fail", "die"):
         model = DigitsClassifier()
         failure = FailOnRank(rank=int(args[0]), batch=5, hard=case == "die")
@@ -190,7 +191,7 @@ def main(case: str, out: Path, *args: str) -> None:
         devices, ckpt = int(args[0]), args[1]
         L.seed_everything(1)
         model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-        trainer = _trainer(devices=devices, max_epochs=8, callbacks=[log])
+        trainer = _trainer(devices=devices, max_epochs=10, callbacks=[log])
         trainer.fit(model, DigitsData(batch_size=32), ckpt_path=ckpt)
         result.update(accuracy=_accuracy(model), state=_state(model))
     else:
