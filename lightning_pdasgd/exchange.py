@@ -24,6 +24,7 @@ import logging
 import math
 import threading
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,7 +198,7 @@ class ReplicaExchange:
     # ----------------------------------------------------------------------------------------------- the thread
     def _run(self) -> None:
         try:
-            context = torch.cuda.stream(self._stream) if self._stream is not None else _nullcontext()
+            context = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
             with context:
                 while True:
                     started = time.monotonic()
@@ -349,10 +350,3 @@ def _kind(value: Any) -> str:
         return f"tensor{tuple(value.shape)}{value.dtype}"
     return type(value).__name__
 
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
