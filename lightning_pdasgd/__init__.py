@@ -5,9 +5,10 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_pdasgd.callbacks import EngineDrain, Straggler
+from lightning_pdasgd.callbacks import EngineDrain
 from lightning_pdasgd.engine import EngineTimeoutError
 from lightning_pdasgd.exchange import ConsistentPointMismatchError, RankFailedError
+from lightning_pdasgd.straggler import Straggler
 from lightning_pdasgd.strategy import PDASGDStrategy
 from lightning_pdasgd.updates import NonFiniteError
 

@@ -5,7 +5,7 @@ Read from torch 2.14.1 and lightning 2.6.6. When either moves, this is the only 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -14,6 +14,52 @@ from torch.optim import Optimizer
 
 TORCH_VERSION_READ = "2.14.1"
 LIGHTNING_VERSION_READ = "2.6.6"
+
+
+# ----------------------------------------------------------------------------------------------- torch's foreach ops
+# The multi-tensor kernels torch's own optimizers use (one call per list of tensors). Their names are private
+# (``torch._foreach_*``) but they are the documented building blocks of ``foreach=True`` optimizers.
+
+
+def foreach_copy_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """``target.copy_(source)`` for every pair, in one call."""
+    torch._foreach_copy_(list(targets), list(sources))
+
+
+def foreach_add_difference_(
+    targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], old: Sequence[torch.Tensor]
+) -> None:
+    """``target += new - old`` for every triple, in two calls."""
+    torch._foreach_add_(list(targets), torch._foreach_sub(list(new), list(old)))
+
+
+def foreach_clamp_(tensors: Sequence[torch.Tensor], bound: float) -> None:
+    """Clamp every element of every tensor to ``[-bound, bound]`` in place (gradient clipping by value)."""
+    torch._foreach_clamp_min_(list(tensors), -bound)
+    torch._foreach_clamp_max_(list(tensors), bound)
+
+
+def foreach_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each tensor (one reduction per tensor, no per-element temporary)."""
+    return list(torch._foreach_norm(list(tensors)))
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite.
+
+    One L2 reduction per tensor decides the common case; only when a norm is not finite (a NaN or Inf, or a
+    finite tensor whose squares overflow) does an exact element-wise check run.
+    """
+    norms = foreach_norms(tensors)
+    if bool(torch.stack(norms).isfinite().all()):
+        return True
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float:
+    """The squared L2 norm of all tensors together (for ``pdasgd/grad_norm``)."""
+    norms = torch.stack([norm.double() for norm in foreach_norms(tensors)])
+    return float(norms.pow(2).sum())
 
 
 @contextmanager
@@ -61,6 +107,21 @@ def init_process_group(cluster_environment: object, backend: str, timeout: objec
     if store is not None:
         kwargs["store"] = store
     _init_dist_connection(cluster_environment, backend, **kwargs)  # type: ignore[arg-type]
+
+
+def init_process_groups(
+    cluster_environment: object, backend: str | None, device: torch.device, timeout: object, exchange_timeout: object
+) -> tuple[str, object]:
+    """The default process group (Lightning's own initialisation) and a second one for the exchange thread.
+
+    Lightning's barriers and ``sync_dist`` keep the default group; the exchange's collectives never share it.
+    Returns the backend used and the exchange's group.
+    """
+    import torch.distributed as dist
+
+    backend = backend or default_process_group_backend(device)
+    init_process_group(cluster_environment, backend, timeout, device if device.type != "cpu" else None)
+    return backend, dist.new_group(backend=backend, timeout=exchange_timeout)
 
 
 def _elastic_attempt_store(timeout: object) -> object | None:

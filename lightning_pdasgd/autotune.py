@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,7 @@ class ThreadAutotuner:
     max_staleness: float = 4.0
     trials: list[Trial] = field(default_factory=list)
     chosen: Candidate | None = None
+    clock: Callable[[], float] = time.perf_counter  # injected by tests: trials are timed with it
     _staleness_mark: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
@@ -90,7 +92,7 @@ class ThreadAutotuner:
         """
         if self.chosen is not None:
             return None
-        now = time.perf_counter()
+        now = self.clock()
         trial = self.trials[-1] if self.trials else None
         if trial is not None:
             trial.completed += 1

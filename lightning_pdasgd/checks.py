@@ -9,18 +9,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
 from torch.optim import LBFGS, Optimizer
 
 # Hooks that in a synchronous step see the whole model's gradient in `.grad`; under PD-ASGD no such moment exists.
 GRADIENT_HOOKS = ("on_after_backward", "on_before_optimizer_step")
 MODULE_GRADIENT_HOOKS = (*GRADIENT_HOOKS, "backward", "configure_gradient_clipping")
-
-
-def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"PDASGDStrategy: `{name}` must be an integer >= 1, got {value!r}.")
 
 
 def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, optimizers: list[Optimizer]) -> None:
@@ -114,4 +108,18 @@ def check_multi_device_settings(trainer: pl.Trainer) -> None:
         raise MisconfigurationException(
             f"`Trainer(limit_train_batches={trainer.limit_train_batches})` with several devices: ranks share each epoch"
             " dynamically, so its length per rank is not known in advance. Give an int (batches per rank per epoch)."
+        )
+
+
+def check_loss(loss: Tensor) -> None:
+    """Raise torch's own errors for a loss that cannot be back-propagated, in the main thread, before hand-off."""
+    if loss.numel() != 1:
+        raise RuntimeError(
+            f"grad can be implicitly created only for scalar outputs (training_step returned a loss of shape"
+            f" {tuple(loss.shape)}; reduce it to a scalar, e.g. with `.mean()`)"
+        )
+    if not loss.requires_grad:
+        raise RuntimeError(
+            "element 0 of tensors does not require grad and does not have a grad_fn (the loss returned by"
+            " training_step is not connected to any trainable parameter)"
         )

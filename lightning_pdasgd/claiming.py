@@ -9,12 +9,16 @@ more batches, every sample is used exactly once per epoch, and the epoch ends wh
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
+
+from lightning_pdasgd import _internals
 
 
 class ClaimingBatchSampler(Sampler[list[int]]):
@@ -141,3 +145,30 @@ def claiming_dataloader(
         persistent_workers=dataloader.persistent_workers if workers > 0 else False,
         pin_memory_device=dataloader.pin_memory_device,
     )
+
+
+def new_claim_key() -> tuple[int, str]:
+    """What every rank must agree on (rank 0's, broadcast): the permutations' seed and the store keys' prefix.
+
+    Rank 0's torch seed orders the shared permutations (reproducible under ``seed_everything``, and no random
+    number is drawn from the user's generator); the nonce keeps different runs' keys apart in one store.
+    """
+    return torch.initial_seed() % (2**31 - 1), f"pdasgd/claims/{time.time_ns()}-{os.getpid()}"
+
+
+def claim_batches(dataloader: object, claim_key: tuple[int, str] | None, world_size: int) -> object:
+    """The training dataloader shared dynamically between ``world_size`` ranks, or as it is when it cannot be."""
+    if not isinstance(dataloader, DataLoader) or claim_key is None:
+        return dataloader
+    seed, prefix = claim_key
+    claiming = claiming_dataloader(dataloader, seed, _internals.default_store(), prefix, world_size)
+    if claiming is None:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        rank_zero_warn(
+            "PD-ASGD: the training dataloader (an iterable dataset or a custom batch sampler) cannot be shared"
+            " dynamically between ranks, so each rank iterates its own shard and a slow rank delays the end of"
+            " every epoch. Use a map-style dataset with a standard batch sampler for straggler-proof epochs."
+        )
+        return dataloader
+    return claiming

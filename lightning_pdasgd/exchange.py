@@ -34,7 +34,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd.updates import ParameterSlot
+from lightning_pdasgd import _internals
+from lightning_pdasgd.parameters import ParameterBucket
 
 log = logging.getLogger(__name__)
 
@@ -51,57 +52,48 @@ class ConsistentPointMismatchError(RuntimeError):
 
 
 @dataclass
-class _Bucket:
-    """The parameters of one dtype/device, flattened for one all-reduce."""
+class _FlatGroup:
+    """The parameter buckets of one dtype/device, flattened into one tensor for one all-reduce."""
 
-    slots: list[ParameterSlot]
+    buckets: list[ParameterBucket]
     anchor: Tensor
-    offsets: list[tuple[int, int]] = field(default_factory=list)
+    offsets: list[list[tuple[int, int]]] = field(default_factory=list)  # per bucket, per parameter
+
+    def views(self, flat: Tensor, index: int) -> list[Tensor]:
+        """The slices of ``flat`` that hold bucket ``index``'s parameters, shaped like them."""
+        bucket = self.buckets[index]
+        return [flat[start:end].view_as(param) for (start, end), param in zip(self.offsets[index], bucket.params)]
 
     def snapshot(self) -> tuple[Tensor, list[int]]:
-        """Copy the live parameters and their local update counts, each under its parameter's lock."""
+        """Copy the live parameters and each bucket's local updates not yet shared."""
         flat = torch.empty_like(self.anchor)
-        counts = []
-        for slot, (start, end) in zip(self.slots, self.offsets):
-            with slot.lock:
-                _wait_for_last_update(slot)
-                flat[start:end].copy_(slot.param.detach().reshape(-1))
-                counts.append(slot.local_updates - slot.local_updates_sent)
-                slot.local_updates_sent = slot.local_updates
+        counts = [bucket.snapshot_into(self.views(flat, index)) for index, bucket in enumerate(self.buckets)]
         return flat, counts
 
 
-def _wait_for_last_update(slot: ParameterSlot) -> None:
-    if slot.ready_event is not None:
-        torch.cuda.current_stream(slot.param.device).wait_event(slot.ready_event)
-
-
-def _record_update(slot: ParameterSlot) -> None:
-    if slot.param.is_cuda:
-        slot.ready_event = torch.cuda.Event()
-        slot.ready_event.record()
-
-
-def _make_buckets(slots: list[ParameterSlot]) -> list[_Bucket]:
-    grouped: dict[tuple[torch.dtype, torch.device], list[ParameterSlot]] = {}
-    for slot in slots:
-        grouped.setdefault((slot.param.dtype, slot.param.device), []).append(slot)
-    buckets = []
+def _make_flat_groups(buckets: list[ParameterBucket]) -> list[_FlatGroup]:
+    grouped: dict[tuple[torch.dtype, torch.device], list[ParameterBucket]] = {}
+    for bucket in buckets:
+        grouped.setdefault((bucket.dtype, bucket.device), []).append(bucket)
+    groups = []
     for members in grouped.values():
         offsets, start = [], 0
-        for slot in members:
-            offsets.append((start, start + slot.param.numel()))
-            start += slot.param.numel()
-        anchor = torch.cat([slot.param.detach().reshape(-1) for slot in members]).clone()
-        buckets.append(_Bucket(slots=members, anchor=anchor, offsets=offsets))
-    return buckets
+        for bucket in members:
+            spans = []
+            for param in bucket.params:
+                spans.append((start, start + param.numel()))
+                start += param.numel()
+            offsets.append(spans)
+        anchor = torch.cat([param.detach().reshape(-1) for bucket in members for param in bucket.params]).clone()
+        groups.append(_FlatGroup(buckets=members, anchor=anchor, offsets=offsets))
+    return groups
 
 
 class ReplicaExchange:
     """Owns the communication thread of one rank and the consistent-point handshake.
 
     Args:
-        slots: the engine's parameter slots (live parameters, locks, versions).
+        buckets: the engine's parameter buckets (live parameters, locks, versions).
         module: the LightningModule, for its buffers.
         optimizer: the user's optimizer, whose state is averaged at consistent points.
         group: a process group used by this thread only (never Lightning's default group).
@@ -112,7 +104,7 @@ class ReplicaExchange:
 
     def __init__(
         self,
-        slots: list[ParameterSlot],
+        buckets: list[ParameterBucket],
         module: nn.Module,
         optimizer: Optimizer,
         group: Any,
@@ -120,7 +112,7 @@ class ReplicaExchange:
         timeout_s: float,
         on_error: Callable[[BaseException], None],
     ) -> None:
-        self._slots = slots
+        self._params = [param for bucket in buckets for param in bucket.params]
         self._module = module
         self._optimizer = optimizer
         self._group = group
@@ -129,8 +121,8 @@ class ReplicaExchange:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._on_error = on_error
-        self._buckets = _make_buckets(slots)
-        self._device = slots[0].param.device
+        self._groups = _make_flat_groups(buckets)
+        self._device = buckets[0].device
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         self._request: tuple[str, bool] | None = None  # (kind, stop after it)
         self._request_lock = threading.Lock()
@@ -258,11 +250,11 @@ class ReplicaExchange:
             return True
         local_counts: list[int] = []
         snapshots = []
-        for bucket in self._buckets:
-            snapshot, counts = bucket.snapshot()
+        for group in self._groups:
+            snapshot, counts = group.snapshot()
             snapshots.append(snapshot)
             local_counts.extend(counts)
-        deltas = [snapshot - bucket.anchor for snapshot, bucket in zip(snapshots, self._buckets)]
+        deltas = [snapshot - group.anchor for snapshot, group in zip(snapshots, self._groups)]
         local_deltas = [delta.clone() for delta in deltas]
         for delta in deltas:
             dist.all_reduce(delta, group=self._group)
@@ -271,18 +263,19 @@ class ReplicaExchange:
         total_counts = counts.tolist()
         self.divergence = self._divergence(local_deltas, deltas)
         index = 0
-        for bucket, snapshot, delta in zip(self._buckets, snapshots, deltas):
-            bucket.anchor += delta
-            for slot, (start, end) in zip(bucket.slots, bucket.offsets):
-                with slot.lock:
-                    _wait_for_last_update(slot)
-                    live = slot.param.detach()
-                    if consistent:
-                        live.copy_(bucket.anchor[start:end].view_as(live))
-                    else:
-                        live.add_((bucket.anchor[start:end] - snapshot[start:end]).view_as(live))
-                    slot.version += total_counts[index] - local_counts[index]  # the other ranks' updates
-                    _record_update(slot)
+        for group, snapshot, delta in zip(self._groups, snapshots, deltas):
+            group.anchor += delta
+            for position, bucket in enumerate(group.buckets):
+                anchor = group.views(group.anchor, position)
+                if consistent:
+                    bucket.merge(lambda live, anchor=anchor: _internals.foreach_copy_(live, anchor), 0)
+                else:
+                    # live += anchor_new - snapshot: the other ranks' deltas, keeping this rank's updates since
+                    taken = group.views(snapshot, position)
+                    bucket.merge(
+                        lambda live, anchor=anchor, taken=taken: _internals.foreach_add_difference_(live, anchor, taken),
+                        total_counts[index] - local_counts[index],
+                    )
                 index += 1
         if consistent:
             self._make_identical()
@@ -297,10 +290,10 @@ class ReplicaExchange:
         """Relative L2 distance of this replica's snapshot to the replicas' average at the same round."""
         distance = 0.0
         norm = 0.0
-        for own, total, bucket in zip(local, summed, self._buckets):
+        for own, total, group in zip(local, summed, self._groups):
             average_offset = total / self._world_size
             distance += float((own - average_offset).double().pow(2).sum())
-            norm += float((bucket.anchor + average_offset).double().pow(2).sum())
+            norm += float((group.anchor + average_offset).double().pow(2).sum())
         return math.sqrt(distance) / max(math.sqrt(norm), 1e-12)
 
     def _make_identical(self) -> None:
@@ -315,7 +308,7 @@ class ReplicaExchange:
 
     def _make_optimizer_states_identical(self) -> None:
         state = self._optimizer.state
-        layout = [sorted((key, _kind(value)) for key, value in state.get(slot.param, {}).items()) for slot in self._slots]
+        layout = [sorted((key, _kind(value)) for key, value in state.get(param, {}).items()) for param in self._params]
         layouts: list[Any] = [None] * self._world_size
         dist.all_gather_object(layouts, layout, group=self._group)
         if any(other != layout for other in layouts):
@@ -325,8 +318,8 @@ class ReplicaExchange:
             if self._rank != 0:
                 self._optimizer.load_state_dict(holder[0])
             return
-        for slot in self._slots:
-            for key, value in sorted(state.get(slot.param, {}).items()):
+        for param in self._params:
+            for key, value in sorted(state.get(param, {}).items()):
                 if not isinstance(value, Tensor):
                     continue
                 if key == "step" or not value.is_floating_point():

@@ -51,10 +51,11 @@ class BackwardRecord:
     skipped: int = 0  # parameter updates dropped for a non-finite gradient (policy "skip")
     histogram: list[int] = field(default_factory=lambda: [0] * len(STALENESS_BUCKETS))
 
-    def add_update(self, staleness: int) -> None:
-        self.updates += 1
-        self.staleness_sum += staleness
-        self.histogram[staleness_bucket(staleness)] += 1
+    def add_update(self, staleness: int, parameters: int = 1) -> None:
+        """``parameters`` parameters were updated together (one bucket), each with this staleness."""
+        self.updates += parameters
+        self.staleness_sum += staleness * parameters
+        self.histogram[staleness_bucket(staleness)] += parameters
         if staleness > self.staleness_max:
             self.staleness_max = staleness
 

@@ -43,6 +43,29 @@ class BatchLog(Callback):
         self.train_seconds += time.perf_counter() - self._started
 
 
+class HoldUntilOtherRankTrains(Callback):
+    """Rank 1 stops after its first batch until rank 0 has trained ``batches`` more: an event, not a timing.
+
+    If rank 0 waited for rank 1 at any step (lockstep, as in DDP), neither could go on and the store's wait would
+    time out; so reaching the end of fit proves the fast rank never waits for the slow one.
+    """
+
+    def __init__(self, batches: int, timeout_s: float = 60.0) -> None:
+        self.batches, self.timeout_s, self._seen = batches, timeout_s, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        from datetime import timedelta
+
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        self._seen += 1
+        if trainer.global_rank == 0 and self._seen == self.batches:
+            store.set("test/rank0-trained", "1")
+        elif trainer.global_rank == 1 and self._seen == 1:
+            store.wait(["test/rank0-trained"], timedelta(seconds=self.timeout_s))
+
+
 class FailOnRank(Callback):
     """Raises on one rank mid-epoch, or (``hard=True``) kills that process without any cleanup."""
 
@@ -155,6 +178,8 @@ def main(case: str, out: Path, *args: str) -> None:
         L.seed_everything(0)
         model = DigitsClassifier(hidden=256)
         callbacks: list[Callback] = [log] + ([Straggler(rank=1, factor=factor)] if factor > 0 else [])
+        if factor > 0:
+            callbacks.append(HoldUntilOtherRankTrains(batches=20))
         trainer = _trainer(max_epochs=3, limit_val_batches=0, callbacks=callbacks)
         trainer.fit(model, DigitsData(batch_size=16))
     elif case == "preempt":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning as L
@@ -26,14 +25,15 @@ def test_candidates_cover_plain_and_thread_counts() -> None:
 
 
 def test_tuner_prefers_the_fastest_within_the_staleness_bound() -> None:
+    now = [0.0]  # an injected clock: each step advances it by exactly the candidate's step time
     tuner = ThreadAutotuner([Candidate(0, None), Candidate(2, None), Candidate(3, None)], steps_per_trial=2,
-                            max_staleness=1.0)
+                            max_staleness=1.0, clock=lambda: now[0])
     rates = {0: 0.01, 2: 0.004, 3: 0.002}  # seconds per step; 3 threads is fastest but too stale
     staleness = {0: 0, 2: 1, 3: 5}
     total, count = 0, 0
     current = tuner.before_step((total, count))
     while not tuner.done:
-        time.sleep(rates[current.backward_threads])
+        now[0] += rates[current.backward_threads]
         total, count = total + staleness[current.backward_threads] * 10, count + 10
         current = tuner.before_step((total, count)) or current
     assert tuner.chosen == Candidate(2, None), tuner.report()
@@ -45,6 +45,7 @@ def test_autotune_picks_a_valid_configuration_and_loses_no_update() -> None:
     width, steps = 64, 150
     loader = _integer_batches(steps, width)
     total = torch.cat([batch for (batch,) in loader]).sum(dim=0)
+    threads_before = torch.get_num_threads()
     strategy = PDASGDStrategy(backward_threads="auto", autotune_steps=4)
     model = LinearLoss(width)
     trainer = L.Trainer(strategy=strategy, max_epochs=1, **trainer_kwargs())
@@ -55,7 +56,7 @@ def test_autotune_picks_a_valid_configuration_and_loses_no_update() -> None:
     assert any(f"chose {candidate}" in chosen_line for candidate in candidates)
     assert torch.equal(model.first.detach(), -LR * total)
     assert torch.equal(model.shared.weight.detach().squeeze(0), -LR * 2 * total)
-    assert torch.get_num_threads() == torch.get_num_threads()  # restored (checked by the autouse fixture too)
+    assert torch.get_num_threads() == threads_before  # the trials' intra-op settings are undone when fit ends
 
 
 class SlowBackwardModel(DigitsClassifier):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -28,13 +27,18 @@ def test_two_ranks_share_every_batch_once_and_the_fast_one_takes_more(store: TCP
     fast, slow = _sampler(store), _sampler(store)
     taken: dict[str, list[list[int]]] = {"fast": [], "slow": []}
 
-    def consume(name: str, sampler: ClaimingBatchSampler, pause: float) -> None:
+    fast_done = threading.Event()
+
+    def consume(name: str, sampler: ClaimingBatchSampler) -> None:
         for batch in sampler:
             taken[name].append(batch)
-            time.sleep(pause)
+            if name == "slow":  # stalls after each batch until the fast rank has run out of batches
+                assert fast_done.wait(30)
+        if name == "fast":
+            fast_done.set()
 
-    threads = [threading.Thread(target=consume, args=("fast", fast, 0.001)),
-               threading.Thread(target=consume, args=("slow", slow, 0.02))]
+    threads = [threading.Thread(target=consume, args=("fast", fast)),
+               threading.Thread(target=consume, args=("slow", slow))]
     for thread in threads:
         thread.start()
     for thread in threads:

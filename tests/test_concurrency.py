@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import lightning as L
@@ -76,27 +77,70 @@ def test_no_update_lost_or_doubled(strategy_kwargs: dict[str, Any]) -> None:
     assert strategy.updater is None, "the engine is released when fit ends"
 
 
-class SlowLinearLoss(LinearLoss):
+class _WaitForForwards(torch.autograd.Function):
+    """Identity whose backward for batch ``i`` waits until the forward of batch ``i + lead`` has run.
+
+    Holding every backward until ``lead`` later forwards have read the weights makes the staleness exact, with
+    no race against a sleep: each of those forwards read the weights while this update was not yet applied.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gate: "_ForwardGate", index: int) -> torch.Tensor:
+        ctx.gate, ctx.index = gate, index
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        ctx.gate.wait_for(ctx.index)
+        return grad, None, None
+
+
+class _ForwardGate:
+    def __init__(self, lead: int, total: int) -> None:
+        self.lead, self.total, self.forwards = lead, total, 0
+        self._changed = threading.Condition()
+
+    def forward_done(self) -> None:
+        with self._changed:
+            self.forwards += 1
+            self._changed.notify_all()
+
+    def wait_for(self, index: int) -> None:
+        needed = min(index + 1 + self.lead, self.total)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.forwards >= needed, timeout=30):
+                raise TimeoutError(f"forward {needed} never ran while backward {index} waited")
+
+
+class GatedLinearLoss(LinearLoss):
+    def __init__(self, width: int, lead: int, total: int) -> None:
+        super().__init__(width)
+        self.gate = _ForwardGate(lead, total)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return DelayedBackward.apply(super().training_step(batch, batch_idx), 0.005)
+        loss = _WaitForForwards.apply(super().training_step(batch, batch_idx), self.gate, batch_idx)
+        self.gate.forward_done()
+        return loss
 
 
 def test_staleness_is_measured_per_parameter() -> None:
     """Staleness counts the updates of a parameter between its read and its own update.
 
     One backward thread applies backwards in hand-off order, so with M losses in flight a forward reads while at
-    most M - 1 earlier ones are unapplied: staleness <= M - 1, and a slow backward makes it reach M - 1.
+    most M - 1 earlier ones are unapplied: staleness <= M - 1; backwards held until M - 1 later forwards ran make
+    every update from the M-th on exactly that stale.
     """
-    loader = _integer_batches(60, 64)
+    steps = 60
+    loader = _integer_batches(steps, 64)
     one = PDASGDStrategy(max_in_flight=1)
-    L.Trainer(strategy=one, max_epochs=1, **trainer_kwargs()).fit(SlowLinearLoss(64), loader)
+    L.Trainer(strategy=one, max_epochs=1, **trainer_kwargs()).fit(GatedLinearLoss(64, 0, steps), loader)
     assert one.stats.total_staleness_max == 0 and one.stats.mean_staleness == 0.0
 
     three = PDASGDStrategy(backward_threads=1, max_in_flight=3)
-    L.Trainer(strategy=three, max_epochs=1, **trainer_kwargs()).fit(SlowLinearLoss(64), loader)
+    L.Trainer(strategy=three, max_epochs=1, **trainer_kwargs()).fit(GatedLinearLoss(64, 2, steps), loader)
     assert three.stats.total_staleness_max == 2
     assert 1.0 < three.stats.mean_staleness <= 2.0
-    assert three.stats.total_updates == 60 * 3
+    assert three.stats.total_updates == steps * 3
 
 
 @pytest.mark.parametrize("layerwise", [True, False], ids=["pdasgd", "dasgd"])

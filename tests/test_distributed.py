@@ -109,19 +109,16 @@ def test_torchrun_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
 
 
 def test_fast_rank_does_not_wait_for_a_straggler(tmp_path: Path) -> None:
-    """Rank 1 at half speed: rank 0 keeps most of its step rate and takes over more of the epoch."""
+    """Rank 1 at half speed: rank 0 never waits for it and takes over more of the epoch.
+
+    In the slow run rank 1 also stops after its first batch until rank 0 has trained 20 more (an event through
+    the store, see ``HoldUntilOtherRankTrains``): a fast rank that waited for the slow one at any step would
+    deadlock there, so finishing proves it keeps its own pace. Wall-clock rates live in the benchmarks.
+    """
     _ok(_launch("straggler", tmp_path / "even", "0"))
     _ok(_launch("straggler", tmp_path / "slow", "1.0"))
     even, slow = _results(tmp_path / "even", "straggler"), _results(tmp_path / "slow", "straggler")
-
-    def rate(result: dict[str, Any]) -> float:
-        return result["batches"] / result["train_seconds"]
-
     assert slow[0]["batches"] > 1.3 * slow[1]["batches"], (slow[0]["batches"], slow[1]["batches"])
-    # ranks in lockstep (DDP) would run at the same rate; here the fast one keeps its own pace
-    assert rate(slow[0]) >= 1.5 * rate(slow[1]), (rate(slow[0]), rate(slow[1]))
-    # generous on a noisy 2-core machine (the two runs are seconds apart); the precise figures live in benchmarks
-    assert rate(slow[0]) >= 0.5 * rate(even[0]), (rate(slow[0]), rate(even[0]))
     assert sum(r["batches"] for r in slow) == sum(r["batches"] for r in even) == 3 * 90
 
 

@@ -124,7 +124,7 @@ def test_non_scalar_loss_raises_in_main_thread() -> None:
 
     with pytest.raises(RuntimeError, match="grad can be implicitly created only for scalar outputs") as excinfo:
         _fit(VectorLoss())
-    assert "_check_loss" in [frame.name for frame in traceback.extract_tb(excinfo.value.__traceback__)]
+    assert "check_loss" in [frame.name for frame in traceback.extract_tb(excinfo.value.__traceback__)]
 
 
 class SkipSomeBatches(DigitsClassifier):

@@ -1,0 +1,96 @@
+"""The strategy's settings, validated once, with errors that name the argument and what it accepts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from lightning_pdasgd.updates import NONFINITE_POLICIES
+
+ThreadCount = Union[int, Literal["auto"]]
+
+DEFAULT_BACKWARD_THREADS = 2
+
+
+def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"PDASGDStrategy: `{name}` must be an integer >= 1, got {value!r}.")
+
+
+def _check_thread_count(name: str, value: object) -> None:
+    if value != "auto":
+        check_positive_int(name, value)
+
+
+@dataclass(frozen=True)
+class PDASGDConfig:
+    """What ``PDASGDStrategy.__init__`` was given, checked; see the strategy's docstring for each field."""
+
+    forward_threads: int = 1
+    backward_threads: int = DEFAULT_BACKWARD_THREADS
+    max_in_flight: int | None = None  # None: as many as backward threads
+    autotune: bool = False  # a thread count was "auto"
+    layerwise: bool = True
+    wait_timeout: float = 600.0
+    intra_op_threads: int | None = None
+    log_grad_norm: bool = False
+    exchange_interval: float = 0.0
+    nonfinite: str = "error"
+    checkpoint_on_preemption: bool = True
+    autotune_steps: int = 6
+    autotune_max_staleness: float = 4.0
+    bucket_numel: int = 0
+
+    @classmethod
+    def from_arguments(
+        cls,
+        forward_threads: ThreadCount = 1,
+        backward_threads: ThreadCount = DEFAULT_BACKWARD_THREADS,
+        max_in_flight: int | None = None,
+        **settings: object,
+    ) -> PDASGDConfig:
+        """Validate the constructor's arguments; ``"auto"`` thread counts start from the defaults."""
+        _check_thread_count("forward_threads", forward_threads)
+        _check_thread_count("backward_threads", backward_threads)
+        check_positive_int("max_in_flight", max_in_flight, allow_none=True)
+        if forward_threads not in (1, "auto"):
+            raise ValueError(
+                f"PDASGDStrategy: `forward_threads={forward_threads}` is not supported yet: Lightning's loop thread"
+                " runs every forward. Use `forward_threads=1` and raise `backward_threads` for more concurrency."
+            )
+        config = cls(
+            forward_threads=1,
+            backward_threads=DEFAULT_BACKWARD_THREADS if backward_threads == "auto" else int(backward_threads),
+            max_in_flight=max_in_flight,
+            autotune="auto" in (forward_threads, backward_threads),
+            **settings,  # type: ignore[arg-type]
+        )
+        config._validate()
+        return config
+
+    def _validate(self) -> None:
+        check_positive_int("autotune_steps", self.autotune_steps)
+        check_positive_int("intra_op_threads", self.intra_op_threads, allow_none=True)
+        if not self.autotune_max_staleness >= 0:
+            raise ValueError(
+                f"PDASGDStrategy: `autotune_max_staleness` must be >= 0, got {self.autotune_max_staleness!r}."
+            )
+        if not self.wait_timeout > 0:
+            raise ValueError(f"PDASGDStrategy: `wait_timeout` must be > 0 seconds, got {self.wait_timeout!r}.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"PDASGDStrategy: `nonfinite` must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}."
+            )
+        if not self.exchange_interval >= 0:
+            raise ValueError(
+                f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {self.exchange_interval!r}."
+            )
+        if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
+            raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
+
+    @property
+    def in_flight(self) -> int:
+        """The bound on live graphs: ``max_in_flight``, or one per backward thread."""
+        return self.max_in_flight if self.max_in_flight is not None else self.backward_threads

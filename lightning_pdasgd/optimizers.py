@@ -1,0 +1,78 @@
+"""One instance of the user's optimizer class per bucket, whose state lives in the user's optimizer.
+
+Why: PD-ASGD applies each bucket's update the moment its gradients are ready, while other backward passes update
+other buckets; ``optimizer.step()`` on the user's optimizer would touch every parameter and is not safe from
+several threads. An instance of the same class with the same hyperparameters and implementation flags (foreach,
+fused) reproduces a whole-model step exactly for element-wise optimizers (SGD, Adam, AdamW, RMSprop, ...), and
+keeping its state in the user's optimizer keeps checkpoints in Lightning's standard format.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_pdasgd.parameters import ParameterBucket
+
+
+def hyperparameter_snapshot(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """The hyperparameters in force now, one dict per param group (what a plain ``optimizer.step()`` would use)."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def optimizer_for(optimizer: Optimizer, group: dict[str, Any], tensors: list[Tensor]) -> Optimizer:
+    """Build an instance of the user's optimizer class for ``tensors``, from their param group.
+
+    Only keys the constructor names are passed: groups carry extras (``initial_lr`` from schedulers,
+    ``decoupled_weight_decay`` in AdamW) that constructors reject. Every key is copied again before each step.
+    """
+    cls = type(optimizer)
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {key: value for key, value in group.items() if key != "params" and key in accepted}
+    try:
+        return cls(tensors, **kwargs)
+    except Exception as error:  # noqa: BLE001 - re-raised with the fix named
+        raise TypeError(
+            f"PD-ASGD builds one `{cls.__name__}` per bucket of parameters from their param group ({sorted(kwargs)})"
+            f" and could not: {error}. Use an element-wise torch.optim optimizer (SGD, Adam, AdamW, RMSprop, ...)"
+            " whose constructor accepts its param group's hyperparameters."
+        ) from error
+
+
+class BucketOptimizer:
+    """Steps one bucket with the user's optimizer class, reading and writing the user's optimizer state."""
+
+    def __init__(self, user_optimizer: Optimizer, bucket: ParameterBucket) -> None:
+        self._user = user_optimizer
+        self._bucket = bucket
+        self._optimizer = optimizer_for(user_optimizer, user_optimizer.param_groups[bucket.group_index], bucket.aliases)
+
+    def step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any]) -> None:
+        """One update of the bucket's live values from ``grads`` (``None``: that parameter is left as it is).
+
+        The state is re-linked on every step because ``Optimizer.load_state_dict`` replaces the user's state
+        objects; an optimizer that keeps no state leaves no entry, as its whole-model step would.
+        """
+        optimizer = self._optimizer
+        optimizer.param_groups[0].update(hyperparameters)
+        user_state = self._user.state
+        own_state = optimizer.state
+        linked = []
+        for param, alias, grad in zip(self._bucket.params, self._bucket.aliases, grads):
+            state = user_state.get(param)
+            if state is None:
+                state = {}
+                linked.append((param, state))
+            own_state[alias] = state
+            alias.grad = grad
+        try:
+            optimizer.step()
+        finally:
+            for alias in self._bucket.aliases:
+                alias.grad = None
+        for param, state in linked:
+            if state:
+                user_state[param] = state

@@ -1,0 +1,164 @@
+"""The live parameters, in buckets: the only place that reads or writes them while the engine runs.
+
+A bucket is a few parameters that are always updated together (one optimizer call per bucket). Each bucket owns
+one lock, one version counter (how many updates it has received, from this rank and from the others) and, on
+CUDA, the event recorded after its latest write. Every access goes through one of three methods -- read into a
+forward's stash, apply an update, snapshot or merge for the replica exchange -- so the lock and event protocol
+is written once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_pdasgd import _internals
+
+
+class ParameterBucket:
+    """Parameters of one param group, dtype and device that share a lock, a version and a CUDA event.
+
+    Args:
+        index: position of the bucket in the engine's list.
+        names: each parameter's name in the module (the stash is keyed by these).
+        params: the live parameters.
+        group_index: the optimizer param group they belong to (a bucket never spans two groups).
+    """
+
+    def __init__(self, index: int, names: Sequence[str], params: Sequence[nn.Parameter], group_index: int) -> None:
+        self.index = index
+        self.names = list(names)
+        self.params = list(params)
+        # aliases share storage with the live parameters; their `.grad` is ours, never the user's `param.grad`
+        self.aliases = [param.detach() for param in self.params]
+        self.group_index = group_index
+        self.numel = sum(param.numel() for param in self.params)
+        self.is_cuda = self.params[0].is_cuda
+        self._lock = threading.Lock()
+        self._version = 0  # updates applied to this replica's bucket (local and, with several ranks, remote)
+        self._local_updates = 0  # updates made by this rank's backward threads
+        self._local_updates_sent = 0  # of those, how many the replica exchange has already shared
+        self._ready_event: Any = None  # CUDA event recorded after the latest write
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    # ------------------------------------------------------------------------------------------- the three accesses
+    def read_into(self, leaves: Sequence[Tensor]) -> int:
+        """Copy the live values into a forward's stash leaves (no torn reads); returns the version read."""
+        with self._lock:
+            self._wait_for_last_write()
+            with torch.no_grad():
+                _internals.foreach_copy_(leaves, self.aliases)
+            return self._version
+
+    def update(self, read_version: int, step: Callable[[], None]) -> int:
+        """Run ``step`` (which writes the live values) as one update; returns its staleness.
+
+        Staleness is the number of updates this bucket received between the forward's read and this update.
+        """
+        with self._lock:
+            self._wait_for_last_write()
+            staleness = self._version - read_version
+            step()
+            self._version += 1
+            self._local_updates += 1
+            self._record_write()
+        return staleness
+
+    def snapshot_into(self, targets: Sequence[Tensor]) -> int:
+        """Copy the live values into ``targets`` for the exchange; returns the local updates not yet shared."""
+        with self._lock:
+            self._wait_for_last_write()
+            _internals.foreach_copy_(targets, self.aliases)
+            unsent = self._local_updates - self._local_updates_sent
+            self._local_updates_sent = self._local_updates
+            return unsent
+
+    def merge(self, write: Callable[[list[Tensor]], None], remote_updates: int) -> None:
+        """Write the other ranks' contribution into the live values (``write(aliases)``) and count their updates."""
+        with self._lock:
+            self._wait_for_last_write()
+            with torch.no_grad():
+                write(self.aliases)
+            self._version += remote_updates
+            self._record_write()
+
+    # ------------------------------------------------------------------------------------------- CUDA ordering
+    def _wait_for_last_write(self) -> None:
+        if self._ready_event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready_event)
+
+    def _record_write(self) -> None:
+        if self.is_cuda:
+            self._ready_event = torch.cuda.Event()
+            self._ready_event.record()
+
+
+def make_buckets(module: nn.Module, optimizer: torch.optim.Optimizer, bucket_numel: int) -> list[ParameterBucket]:
+    """Group the optimizer's trainable parameters into buckets, in the order their gradients usually arrive.
+
+    Backward produces gradients roughly in reverse registration order, so parameters are walked from the last
+    one: consecutive parameters of one param group, dtype and device share a bucket until it holds at least
+    ``bucket_numel`` elements (``bucket_numel=0``: one parameter per bucket). Frozen parameters get none: the
+    forward reads them live and nothing updates them.
+    """
+    names = {id(param): name for name, param in module.named_parameters()}
+    ordered: list[tuple[int, str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param in group["params"]:
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if id(param) not in names:
+                raise ValueError(
+                    f"PD-ASGD: the optimizer holds a tensor of shape {tuple(param.shape)} that is not a parameter"
+                    " of the LightningModule. Register every optimized tensor on the module (as an `nn.Parameter`"
+                    " attribute or inside a submodule) so each forward can read a consistent copy of it."
+                )
+            ordered.append((group_index, names[id(param)], param))
+    if not ordered:
+        raise ValueError(
+            "PD-ASGD: the optimizer from `configure_optimizers` holds no parameter that requires grad,"
+            " so there is nothing to train."
+        )
+    registration = {name: position for position, (name, _) in enumerate(module.named_parameters())}
+    ordered.sort(key=lambda item: -registration[item[1]])
+    buckets: list[ParameterBucket] = []
+    members: list[tuple[int, str, nn.Parameter]] = []
+
+    def close() -> None:
+        if members:
+            buckets.append(
+                ParameterBucket(len(buckets), [m[1] for m in members], [m[2] for m in members], members[0][0])
+            )
+            members.clear()
+
+    for item in ordered:
+        if members and (
+            item[0] != members[0][0]
+            or item[2].dtype != members[0][2].dtype
+            or item[2].device != members[0][2].device
+            or sum(m[2].numel() for m in members) >= bucket_numel
+        ):
+            close()
+        members.append(item)
+    close()
+    return buckets

@@ -1,0 +1,119 @@
+"""One process per device, launched the way ``strategy="ddp"`` launches them, with a second process group.
+
+Lightning re-runs the user's script once per local device (or uses the processes torchrun or SLURM started), and
+every rank joins the default process group through Lightning's own initialisation. PD-ASGD's exchange thread gets
+a process group of its own (the *background group*), so its collectives never interleave with the loop thread's
+(``sync_dist`` logging, barriers, checkpoint broadcasts) on one communicator.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy
+from typing_extensions import override
+
+from lightning_pdasgd import _internals
+
+
+class OneProcessPerDevice(ParallelStrategy):
+    """A ``ParallelStrategy`` with one process per device and a background process group for a helper thread."""
+
+    def __init__(
+        self,
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        background_group_timeout: Optional[timedelta] = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._background_group_timeout = background_group_timeout
+        self._background_group: Any = None
+
+    @property
+    def background_group(self) -> Any:
+        """The process group of the background thread (``None`` on one device)."""
+        return self._background_group
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.num_nodes * self.num_processes > 1
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self.num_nodes * self.num_processes > 1:
+            self._launcher = _internals.subprocess_script_launcher(
+                self.cluster_environment, self.num_processes, self.num_nodes
+            )  # type: ignore[assignment]
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self.set_world_ranks()
+        if self.world_size > 1:
+            self._process_group_backend, self._background_group = _internals.init_process_groups(
+                self.cluster_environment,
+                self._process_group_backend,
+                self.root_device,
+                self._timeout,
+                self._background_group_timeout,
+            )
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @override
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_background_group"] = None  # a process group does not pickle; each process makes its own
+        return state

@@ -1,0 +1,310 @@
+"""One fit's engine: everything that exists only while ``trainer.fit`` trains, created and shut down together.
+
+The strategy holds one optional ``FitSession`` instead of a dozen fields that are set when training starts and
+cleared when it ends. The session owns the backward engine and its threads, the layer-wise updater, the CUDA
+streams, the statistics, the thread-ratio autotuner, the replica exchange (several devices) and the thread
+settings it changed, and gives them back in ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_pdasgd import _internals, streams
+from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates
+from lightning_pdasgd.config import PDASGDConfig
+from lightning_pdasgd.engine import BackwardEngine, BackwardWork
+from lightning_pdasgd.exchange import ReplicaExchange
+from lightning_pdasgd.metrics import (
+    BACKWARD_THREADS,
+    SAMPLES_PER_SECOND,
+    STALENESS_MEAN,
+    WALL_TIME,
+    EngineStats,
+)
+from lightning_pdasgd.optimizers import hyperparameter_snapshot
+from lightning_pdasgd.stash import WeightStash
+from lightning_pdasgd.updates import LayerwiseUpdater, NonFiniteError
+
+log = logging.getLogger(__name__)
+
+_ABORT_NOTICE_SECONDS = 30.0  # how long a failing rank tries to tell the others before it exits anyway
+_SWITCH_INTERVAL_S = 0.001
+
+
+class FitSession:
+    """The engine of one fit on one rank.
+
+    Args:
+        config: the strategy's validated settings.
+        module: the LightningModule being trained.
+        optimizer: the user's (only) optimizer.
+        device: this rank's device.
+        stats: where the engine's counters go (kept by the strategy after fit).
+        clip_value: ``gradient_clip_val`` with the ``"value"`` algorithm, applied per parameter.
+    """
+
+    def __init__(
+        self,
+        config: PDASGDConfig,
+        module: nn.Module,
+        optimizer: Optimizer,
+        device: torch.device,
+        stats: EngineStats,
+        clip_value: float | None,
+    ) -> None:
+        self.config = config
+        self._module = module
+        self._optimizer = optimizer
+        self._device = device
+        self.stats = stats
+        self.backward_threads = config.backward_threads
+        self.max_in_flight = config.in_flight
+        self.updater = LayerwiseUpdater(
+            module,
+            optimizer,
+            layerwise=config.layerwise,
+            clip_value=clip_value,
+            log_grad_norm=config.log_grad_norm,
+            nonfinite=config.nonfinite,
+            bucket_numel=config.bucket_numel,
+        )
+        self._streams = streams.StreamPool(device, self.max_in_flight)
+        self.engine = BackwardEngine(
+            self._run_backward,
+            backward_threads=self.backward_threads,
+            max_in_flight=self.max_in_flight,
+            wait_timeout=config.wait_timeout,
+        )
+        self.exchange: ReplicaExchange | None = None
+        self.tuner: ThreadAutotuner | None = None
+        self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
+        self.in_sync = True  # with several devices: replicas identical (no step since the last consistent point)
+        self._current: tuple[WeightStash, Any] | None = None  # the forward whose loss is not handed off yet
+        self._saved_num_threads = torch.get_num_threads()
+        self._saved_switch_interval: float | None = sys.getswitchinterval()
+        self._started_at = time.perf_counter()
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def start(self, autotune_candidates: list[Candidate] | None = None) -> None:
+        # backward threads need the GIL for every update; Python's default 5 ms switch interval would make each
+        # one wait behind the loop thread's Python work
+        sys.setswitchinterval(min(self._saved_switch_interval or _SWITCH_INTERVAL_S, _SWITCH_INTERVAL_S))
+        if self.config.intra_op_threads is not None:
+            torch.set_num_threads(self.config.intra_op_threads)
+        self.engine.start()
+        if autotune_candidates is not None:
+            self.tuner = ThreadAutotuner(
+                autotune_candidates, self.config.autotune_steps, self.config.autotune_max_staleness
+            )
+        log.debug(
+            "FitSession: engine started (%d backward threads, max_in_flight=%d, layerwise=%s, %d buckets)",
+            self.backward_threads,
+            self.max_in_flight,
+            self.config.layerwise,
+            len(self.updater.buckets),
+        )
+
+    def start_exchange(self, group: Any) -> None:
+        """Several devices: make the replicas identical (as DDP does), then exchange updates in the background."""
+        for tensor in [*self._module.parameters(), *self._module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+        self.exchange = ReplicaExchange(
+            self.updater.buckets,
+            self._module,
+            self._optimizer,
+            group=group,
+            interval_s=self.config.exchange_interval,
+            timeout_s=self.config.wait_timeout,
+            on_error=self.engine.fail,
+        )
+        self.in_sync = True
+        self.exchange.start()
+
+    @property
+    def asynchronous(self) -> bool:
+        """Ranks train at their own pace now: a main-thread collective would make them wait for each other."""
+        return self.exchange is not None and not self.in_sync
+
+    def shutdown(self, raise_timeout: bool = True) -> None:
+        """Stop every thread of the session and restore the thread settings it changed."""
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:  # tell the other ranks this one stops, so none of them waits for it
+            exchange.abort(timeout=min(self.config.wait_timeout, _ABORT_NOTICE_SECONDS))
+        self.in_sync = True
+        self._current = None
+        torch.set_num_threads(self._saved_num_threads)
+        self._restore_switch_interval()
+        try:
+            self.engine.stop()
+        except Exception:
+            if raise_timeout:
+                raise
+            log.warning("PD-ASGD: engine shutdown timed out", exc_info=True)
+
+    def finish_fit(self) -> None:
+        """End of fit: the last consistent point, then the exchange thread ends with every rank's agreement."""
+        self.reach_consistent_point("fit_end", stop=True)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.join(self.config.wait_timeout)
+
+    def _restore_switch_interval(self) -> None:
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
+
+    # ------------------------------------------------------------------------------------------- consistent points
+    def drain(self) -> None:
+        """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
+        self.engine.drain()
+
+    def reach_consistent_point(self, kind: str, stop: bool = False) -> None:
+        """Drain, and with several devices make every replica identical (all ranks meet here).
+
+        A no-op across ranks when no training step ran since the last consistent point, except when the exchange
+        must stop (end of fit): every rank takes the same decision, so the ranks' handshakes always match.
+        """
+        self.drain()
+        if self.exchange is None or (self.in_sync and not stop):
+            return
+        self.exchange.consistent_point(kind, stop, self.engine.raise_if_failed)
+        self.in_sync = True
+
+    # ------------------------------------------------------------------------------------------- the step
+    def before_step(self) -> str | None:
+        """Before a training step's closure: let the autotuner switch configuration (a step runs wholly in one).
+
+        Returns the autotuner's report on the step its choice is made.
+        """
+        tuner = self.tuner
+        if tuner is None or tuner.done:
+            return None
+        candidate = tuner.before_step((self.stats.total_staleness_sum, self.stats.total_updates))
+        if candidate is not None:
+            self._apply_candidate(candidate)
+        if not tuner.done:
+            return None
+        if self.plain_steps:  # the plain step won: nothing of the engine may cost anything from now on
+            self.engine.stop()
+            self._restore_switch_interval()
+        return tuner.report()
+
+    def forward(self, run: Callable[[], Any], batch_size: int) -> Any:
+        """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot."""
+        if self.plain_steps:
+            started = time.perf_counter()
+            output = run()
+            self.stats.record_forward(time.perf_counter() - started, batch_size)
+            return output
+        engine = self.engine
+        engine.acquire_slot()
+        self.in_sync = False
+        try:
+            stash = self.updater.stash()
+            stream = self._streams.next()
+            started = time.perf_counter()
+            with streams.forward_on(stream), _internals.reparametrized(self._module, stash.tensors):
+                output = run()
+            self.stats.record_forward(time.perf_counter() - started, batch_size)
+        except BaseException:
+            engine.release_slot()
+            raise
+        self._current = (stash, stream)
+        return output
+
+    @property
+    def has_pending_forward(self) -> bool:
+        """A forward ran on a stash whose loss has not been handed to the engine yet."""
+        return self._current is not None and not self.plain_steps
+
+    def hand_off(self, loss: Tensor, step: int, rank: int) -> None:
+        """Queue the forward's loss for a backward thread (the step returns without waiting for it)."""
+        assert self._current is not None
+        stash, stream = self._current
+        stash.step, stash.rank = step, rank
+        if self.config.nonfinite != "off" and not bool(torch.isfinite(loss.detach()).all()):
+            if self.config.nonfinite == "error":
+                raise NonFiniteError(
+                    f"PD-ASGD: non-finite loss ({float(loss.detach())}) at step {step} on rank {rank}; no update"
+                    " was applied from it. Pass `PDASGDStrategy(nonfinite='skip')` to drop such steps and count them"
+                    " in `pdasgd/skipped_updates` instead."
+                )
+            self.stats.record_skipped_loss(self.updater.num_parameters)
+            return  # `end_step` releases the slot of a loss that was not handed off
+        stash.hyperparameters = hyperparameter_snapshot(self._optimizer)
+        self.engine.submit(BackwardWork(loss=loss, context=(stash, stream)))
+        self._current = None  # the slot now belongs to the queued work
+
+    def end_step(self) -> None:
+        """After the closure: give back the slot of a forward whose loss was never handed off."""
+        if self._current is not None:
+            self._current = None
+            self.engine.release_slot()
+
+    def _run_backward(self, work: BackwardWork) -> None:
+        """Runs on a backward thread: the backward pass, whose hooks apply the updates bucket by bucket."""
+        stash, stream = work.context
+        updater = self.updater
+        started = time.perf_counter()
+        with streams.backward_on(stream):
+            torch.autograd.backward(work.loss, inputs=stash.leaves)
+            updater.finish(stash)
+            streams.finish(stream)
+        stash.record.seconds = time.perf_counter() - started
+        self.stats.record_backward(stash.record)
+        work.loss = None  # type: ignore[assignment]  # free the graph before the leaves are reused
+        updater.release(stash, reusable=True)
+
+    # ------------------------------------------------------------------------------------------- autotuning
+    def _apply_candidate(self, candidate: Candidate) -> None:
+        """Switch thread counts between two steps: drained, so no update is lost or reordered."""
+        self.engine.drain()
+        torch.set_num_threads(candidate.intra_op_threads or self._saved_num_threads)
+        self.plain_steps = candidate.synchronous
+        if candidate.synchronous:
+            return
+        threads = candidate.backward_threads
+        in_flight = self.config.max_in_flight or threads
+        if (threads, in_flight) != (self.backward_threads, self.max_in_flight):
+            self.engine.reconfigure(threads, in_flight)
+            self.backward_threads, self.max_in_flight = threads, in_flight
+            self._streams = streams.StreamPool(self._device, in_flight)
+
+    def autotune_candidates(self, world_size: int) -> list[Candidate]:
+        return default_candidates(self._device, allow_synchronous=world_size == 1)
+
+    # ------------------------------------------------------------------------------------------- metrics
+    def log_metrics(self, module: Any) -> None:
+        """Log the engine's window of statistics on the steps Lightning writes to its loggers.
+
+        ``self.log`` costs about a millisecond per call here, so it runs only when Lightning will write
+        (``log_every_n_steps``); the window covers every step since the previous write.
+        """
+        trainer = getattr(module, "_trainer", None)
+        if trainer is None or (trainer.global_step + 1) % trainer.log_every_n_steps != 0:
+            return
+        metrics = self.metrics()
+        on_bar = {key: metrics.pop(key) for key in (SAMPLES_PER_SECOND, STALENESS_MEAN) if key in metrics}
+        logger = bool(trainer.loggers)
+        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=logger)
+        module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
+
+    def metrics(self) -> dict[str, float]:
+        """The statistics of the window since the previous call, under their ``pdasgd/`` names."""
+        metrics = self.stats.take_window().as_metrics(
+            self.engine.pending, self.config.log_grad_norm, self.backward_threads
+        )
+        metrics[WALL_TIME] = time.perf_counter() - self._started_at
+        metrics[BACKWARD_THREADS] = 0.0 if self.plain_steps else float(self.backward_threads)
+        if self.exchange is not None:
+            metrics.update(self.exchange.metrics())
+        return metrics
