@@ -20,7 +20,11 @@ import torch
 
 @dataclass(frozen=True)
 class Candidate:
-    """``backward_threads == 0`` means the plain synchronous step; ``intra_op_threads`` None leaves torch's."""
+    """``backward_threads == 0`` means the plain synchronous step; ``intra_op_threads`` None: the core budget.
+
+    The core budget splits the cores over the engine threads that compute at once (``budget.py``); the plain
+    step uses every core, as a plain Lightning loop does.
+    """
 
     backward_threads: int
     intra_op_threads: int | None
@@ -52,14 +56,14 @@ def default_candidates(device: torch.device, allow_synchronous: bool, max_backwa
     """Candidates worth timing on ``device``.
 
     On CPU the backward threads compete with torch's intra-op threads for the same cores, so each thread count is
-    tried with one intra-op thread and with torch's default; on a GPU intra-op threads barely matter.
+    tried with the core budget and with every core per thread; on a GPU intra-op threads barely matter.
     """
     cores = torch.get_num_threads() or os.cpu_count() or 1
     candidates: list[Candidate] = [Candidate(0, None)] if allow_synchronous else []
     for threads in range(1, max_backward_threads + 1):
-        if device.type == "cpu" and cores > 1:
-            candidates.append(Candidate(threads, 1))
         candidates.append(Candidate(threads, None))
+        if device.type == "cpu" and cores > 1:
+            candidates.append(Candidate(threads, cores))
     return candidates
 
 

@@ -10,6 +10,8 @@ from lightning_pdasgd.updates import NONFINITE_POLICIES
 ThreadCount = Union[int, Literal["auto"]]
 
 DEFAULT_BACKWARD_THREADS = 2
+DEFAULT_BUCKET_NUMEL = 1 << 16
+METRICS_LEVELS = ("off", "basic", "full")
 
 
 def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
@@ -41,7 +43,9 @@ class PDASGDConfig:
     checkpoint_on_preemption: bool = True
     autotune_steps: int = 6
     autotune_max_staleness: float = 4.0
-    bucket_numel: int = 0
+    bucket_numel: int = DEFAULT_BUCKET_NUMEL
+    metrics: str = "basic"
+    metrics_on_progress_bar: bool = True
 
     @classmethod
     def from_arguments(
@@ -87,6 +91,8 @@ class PDASGDConfig:
             raise ValueError(
                 f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {self.exchange_interval!r}."
             )
+        if self.metrics not in METRICS_LEVELS:
+            raise ValueError(f"PDASGDStrategy: `metrics` must be one of {METRICS_LEVELS}, got {self.metrics!r}.")
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
             raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
 

@@ -23,6 +23,12 @@ FORWARD_BUSY = "pdasgd/forward_busy"
 BACKWARD_BUSY = "pdasgd/backward_busy"
 WALL_TIME = "pdasgd/wall_time_s"
 BACKWARD_THREADS = "pdasgd/backward_threads"  # 0: the plain synchronous step (chosen by the autotuner)
+REPLICA_DIVERGENCE = "pdasgd/replica_divergence"
+# `metrics="basic"` (the default) logs these; "full" logs every metric; "off" none
+BASIC_METRICS = frozenset(
+    {SAMPLES_PER_SECOND, STALENESS_MEAN, STALENESS_MAX, QUEUE_DEPTH, WALL_TIME, SKIPPED_UPDATES, REPLICA_DIVERGENCE}
+)
+PROGRESS_BAR_METRICS = (SAMPLES_PER_SECOND, STALENESS_MEAN)
 # staleness histogram: the fraction of updates whose staleness falls in each bucket (any logger can plot scalars)
 STALENESS_BUCKETS: tuple[tuple[int, int, str], ...] = (
     (0, 0, "0"),

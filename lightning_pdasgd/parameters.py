@@ -115,9 +115,10 @@ def make_buckets(module: nn.Module, optimizer: torch.optim.Optimizer, bucket_num
     """Group the optimizer's trainable parameters into buckets, in the order their gradients usually arrive.
 
     Backward produces gradients roughly in reverse registration order, so parameters are walked from the last
-    one: consecutive parameters of one param group, dtype and device share a bucket until it holds at least
-    ``bucket_numel`` elements (``bucket_numel=0``: one parameter per bucket). Frozen parameters get none: the
-    forward reads them live and nothing updates them.
+    one. A module's parameters (a layer's weight and bias) always share a bucket; consecutive modules join it
+    until it holds at least ``bucket_numel`` elements (``0``: one bucket per module). A bucket never spans two
+    param groups, dtypes or devices. Frozen parameters get none: the forward reads them live and nothing updates
+    them.
     """
     names = {id(param): name for name, param in module.named_parameters()}
     ordered: list[tuple[int, str, nn.Parameter]] = []
@@ -143,22 +144,27 @@ def make_buckets(module: nn.Module, optimizer: torch.optim.Optimizer, bucket_num
     ordered.sort(key=lambda item: -registration[item[1]])
     buckets: list[ParameterBucket] = []
     members: list[tuple[int, str, nn.Parameter]] = []
-
-    def close() -> None:
-        if members:
-            buckets.append(
-                ParameterBucket(len(buckets), [m[1] for m in members], [m[2] for m in members], members[0][0])
-            )
-            members.clear()
-
     for item in ordered:
-        if members and (
-            item[0] != members[0][0]
-            or item[2].dtype != members[0][2].dtype
-            or item[2].device != members[0][2].device
-            or sum(m[2].numel() for m in members) >= bucket_numel
-        ):
-            close()
+        if members and _starts_new_bucket(members, item, bucket_numel):
+            buckets.append(_bucket(len(buckets), members))
+            members = []
         members.append(item)
-    close()
+    buckets.append(_bucket(len(buckets), members))
     return buckets
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _starts_new_bucket(members: list[tuple[int, str, nn.Parameter]], item: tuple[int, str, nn.Parameter], bucket_numel: int) -> bool:
+    first, last = members[0], members[-1]
+    if item[0] != first[0] or item[2].dtype != first[2].dtype or item[2].device != first[2].device:
+        return True
+    if _owner(item[1]) == _owner(last[1]):
+        return False  # a module's parameters stay together
+    return sum(member[2].numel() for member in members) >= bucket_numel
+
+
+def _bucket(index: int, members: list[tuple[int, str, nn.Parameter]]) -> ParameterBucket:
+    return ParameterBucket(index, [m[1] for m in members], [m[2] for m in members], members[0][0])

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,13 +21,15 @@ from torch.optim import Optimizer
 
 from lightning_pdasgd import _internals, streams
 from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates
+from lightning_pdasgd.budget import intra_op_threads_per_thread
 from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
 from lightning_pdasgd.metrics import (
     BACKWARD_THREADS,
-    SAMPLES_PER_SECOND,
-    STALENESS_MEAN,
+    BASIC_METRICS,
+    GRAD_NORM,
+    PROGRESS_BAR_METRICS,
     WALL_TIME,
     EngineStats,
 )
@@ -78,18 +81,20 @@ class FitSession:
             bucket_numel=config.bucket_numel,
         )
         self._streams = streams.StreamPool(device, self.max_in_flight)
+        self._saved_num_threads = torch.get_num_threads()
+        self.intra_op_threads = self._intra_op_threads(self.backward_threads, self.max_in_flight, None)
         self.engine = BackwardEngine(
             self._run_backward,
             backward_threads=self.backward_threads,
             max_in_flight=self.max_in_flight,
             wait_timeout=config.wait_timeout,
+            thread_setup=partial(torch.set_num_threads, self.intra_op_threads),
         )
         self.exchange: ReplicaExchange | None = None
         self.tuner: ThreadAutotuner | None = None
         self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
         self.in_sync = True  # with several devices: replicas identical (no step since the last consistent point)
         self._current: tuple[WeightStash, Any] | None = None  # the forward whose loss is not handed off yet
-        self._saved_num_threads = torch.get_num_threads()
         self._saved_switch_interval: float | None = sys.getswitchinterval()
         self._started_at = time.perf_counter()
 
@@ -98,20 +103,28 @@ class FitSession:
         # backward threads need the GIL for every update; Python's default 5 ms switch interval would make each
         # one wait behind the loop thread's Python work
         sys.setswitchinterval(min(self._saved_switch_interval or _SWITCH_INTERVAL_S, _SWITCH_INTERVAL_S))
-        if self.config.intra_op_threads is not None:
-            torch.set_num_threads(self.config.intra_op_threads)
+        torch.set_num_threads(self.intra_op_threads)  # the forward thread's share of the cores
         self.engine.start()
         if autotune_candidates is not None:
             self.tuner = ThreadAutotuner(
                 autotune_candidates, self.config.autotune_steps, self.config.autotune_max_staleness
             )
         log.debug(
-            "FitSession: engine started (%d backward threads, max_in_flight=%d, layerwise=%s, %d buckets)",
+            "FitSession: engine started (%d backward threads, max_in_flight=%d, %d intra-op threads per thread,"
+            " layerwise=%s, %d buckets)",
             self.backward_threads,
             self.max_in_flight,
+            self.intra_op_threads,
             self.config.layerwise,
             len(self.updater.buckets),
         )
+
+    def _intra_op_threads(self, backward_threads: int, max_in_flight: int, explicit: int | None) -> int:
+        """Intra-op threads for each engine thread: explicit, the user's setting, or the core budget."""
+        chosen = explicit or self.config.intra_op_threads
+        if chosen is not None:
+            return chosen
+        return intra_op_threads_per_thread(self._saved_num_threads, backward_threads, max_in_flight)
 
     def start_exchange(self, group: Any) -> None:
         """Several devices: make the replicas identical (as DDP does), then exchange updates in the background."""
@@ -268,15 +281,17 @@ class FitSession:
     def _apply_candidate(self, candidate: Candidate) -> None:
         """Switch thread counts between two steps: drained, so no update is lost or reordered."""
         self.engine.drain()
-        torch.set_num_threads(candidate.intra_op_threads or self._saved_num_threads)
         self.plain_steps = candidate.synchronous
-        if candidate.synchronous:
+        if candidate.synchronous:  # the plain step: one thread with every core, as plain Lightning
+            torch.set_num_threads(candidate.intra_op_threads or self._saved_num_threads)
             return
         threads = candidate.backward_threads
         in_flight = self.config.max_in_flight or threads
-        if (threads, in_flight) != (self.backward_threads, self.max_in_flight):
-            self.engine.reconfigure(threads, in_flight)
-            self.backward_threads, self.max_in_flight = threads, in_flight
+        intra_op = self._intra_op_threads(threads, in_flight, candidate.intra_op_threads)
+        torch.set_num_threads(intra_op)
+        if (threads, in_flight, intra_op) != (self.backward_threads, self.max_in_flight, self.intra_op_threads):
+            self.engine.reconfigure(threads, in_flight, partial(torch.set_num_threads, intra_op))
+            self.backward_threads, self.max_in_flight, self.intra_op_threads = threads, in_flight, intra_op
             self._streams = streams.StreamPool(self._device, in_flight)
 
     def autotune_candidates(self, world_size: int) -> list[Candidate]:
@@ -284,19 +299,27 @@ class FitSession:
 
     # ------------------------------------------------------------------------------------------- metrics
     def log_metrics(self, module: Any) -> None:
-        """Log the engine's window of statistics on the steps Lightning writes to its loggers.
+        """Log the engine's window of statistics when Lightning writes to its loggers, and on each epoch's last batch.
 
-        ``self.log`` costs about a millisecond per call here, so it runs only when Lightning will write
-        (``log_every_n_steps``); the window covers every step since the previous write.
+        ``self.log`` costs tens of microseconds per key, so it runs only when Lightning will write
+        (``log_every_n_steps``) or an epoch ends (so short runs get metrics too), and ``metrics="basic"`` keeps
+        to a handful of keys; the window covers every step since the previous write.
         """
         trainer = getattr(module, "_trainer", None)
-        if trainer is None or (trainer.global_step + 1) % trainer.log_every_n_steps != 0:
+        level = self.config.metrics
+        if trainer is None or level == "off":
+            return
+        if (trainer.global_step + 1) % trainer.log_every_n_steps != 0 and not trainer.is_last_batch:
             return
         metrics = self.metrics()
-        on_bar = {key: metrics.pop(key) for key in (SAMPLES_PER_SECOND, STALENESS_MEAN) if key in metrics}
+        if level == "basic":  # plus the gradient norm when asked for by name (`log_grad_norm=True`)
+            metrics = {key: value for key, value in metrics.items() if key in BASIC_METRICS or key == GRAD_NORM}
+        shown = PROGRESS_BAR_METRICS if self.config.metrics_on_progress_bar else ()
+        on_bar = {key: metrics.pop(key) for key in shown if key in metrics}
         logger = bool(trainer.loggers)
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=logger)
-        module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
+        if on_bar:
+            module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
 
     def metrics(self) -> dict[str, float]:
         """The statistics of the window since the previous call, under their ``pdasgd/`` names."""

@@ -33,7 +33,7 @@ from lightning_pdasgd import _internals, checks, preemption
 from lightning_pdasgd.callbacks import EngineDrain
 from lightning_pdasgd.claiming import claim_batches, new_claim_key
 from lightning_pdasgd.collectives import AsyncAwareCollectives
-from lightning_pdasgd.config import PDASGDConfig
+from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine
 from lightning_pdasgd.metrics import EngineStats
 from lightning_pdasgd.processes import OneProcessPerDevice
@@ -60,7 +60,8 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
             D-ASGD ablation: one whole-model update at the end of each backward.
         wait_timeout: seconds any wait of the engine (a free in-flight slot, a drain, thread shutdown) may take
             before it fails with an error that names it.
-        intra_op_threads: ``torch.set_num_threads`` while fitting; ``None`` leaves torch's setting alone.
+        intra_op_threads: intra-op threads of each engine thread (forward and backward). ``None``: the core budget,
+            the cores torch would use (``torch.get_num_threads()``) split over the threads that compute at once.
         log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's full gradient, which
             replaces gradient-norm logging from ``on_before_optimizer_step``.
         exchange_interval: with several devices, least seconds between the starts of two rounds of the replica
@@ -74,6 +75,11 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
             ``trainer.fit(..., ckpt_path="hpc")`` resumes from it (automatically under SLURM).
         autotune_steps: training steps timed per candidate when a thread count is ``"auto"``.
         autotune_max_staleness: the bound on mean staleness a candidate must respect to be chosen.
+        bucket_numel: parameters updated together in one optimizer call: a module's parameters always, and
+            consecutive modules until a bucket holds at least this many elements (``0``: one bucket per module).
+        metrics: the ``pdasgd/*`` metrics logged every ``log_every_n_steps`` and at epoch ends: ``"basic"``
+            (throughput, staleness, queue depth, wall time), ``"full"`` (every figure of the engine) or ``"off"``.
+        metrics_on_progress_bar: show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean`` on the bar.
     """
 
     strategy_name = "pdasgd"
@@ -92,6 +98,9 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         checkpoint_on_preemption: bool = True,
         autotune_steps: int = 6,
         autotune_max_staleness: float = 4.0,
+        bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        metrics: str = "basic",
+        metrics_on_progress_bar: bool = True,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -123,6 +132,9 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
             checkpoint_on_preemption=checkpoint_on_preemption,
             autotune_steps=autotune_steps,
             autotune_max_staleness=float(autotune_max_staleness),
+            bucket_numel=bucket_numel,
+            metrics=metrics,
+            metrics_on_progress_bar=metrics_on_progress_bar,
         )
         self._stats = EngineStats()
         self._session: Optional[FitSession] = None  # exists while fit trains; the strategy stays picklable
