@@ -6,12 +6,15 @@ Run it from the repository root (or any folder whose Python modules the config n
     lightning-pdasgd fit --config examples/configs/digits_cli.yaml --trainer.strategy.init_args.backward_threads 3
     lightning-pdasgd fit --print_config                         # every argument with its default, as yaml
     lightning-pdasgd fit --trainer.strategy.help PDASGDStrategy # the strategy's arguments with help and defaults
-    lightning-pdasgd report lightning_logs/digits --out report  # PNG plots of a run's CSVLogger metrics
+    lightning-pdasgd report lightning_logs/digits --out report  # PNG plots of a run (CSVLogger or TensorBoard)
+    lightning-pdasgd report lightning_logs/digits --baseline lightning_logs/plain  # ... beside a baseline run
     python -m lightning_pdasgd ...                              # the same, without the console script
 
 Why a command of its own: a yaml file names its model and datamodule by ``class_path``, so any LightningModule
 trains under PD-ASGD without a script. The current working directory is put on ``sys.path`` first (as
 ``python -m`` does), so ``class_path: examples.digits.DigitsClassifier`` resolves when run from the repository root.
+A wrong key or value is reported in a few lines naming the key, the value and what is allowed (``cli_errors.py``),
+and ``--trainer.strategy pdasgd`` takes arguments (``cli_aliases.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ DESCRIPTION = (
     " the datamodule by class_path in a yaml config; modules in the current directory are importable, so run the"
     " repository's examples from its root. The strategy's arguments, with help and defaults:"
     " `lightning-pdasgd fit --trainer.strategy.help PDASGDStrategy`. Also: `lightning-pdasgd report LOG_DIR"
-    " [--out DIR]` plots a run's CSVLogger metrics.csv."
+    " [--out DIR] [--baseline LOG_DIR]` plots a run's CSVLogger or TensorBoard logs."
 )
 
 

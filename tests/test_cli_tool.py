@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import shutil
 import subprocess
@@ -198,3 +199,23 @@ def test_models_in_the_working_directory_resolve_by_class_path(
     assert exit_info.value.code == 0
     assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"] == "my_models_for_cli_test.MyModel"
     sys.modules.pop("my_models_for_cli_test", None)
+
+
+def test_short_error_parser_in_a_plain_lightning_cli_script(tmp_path: Path) -> None:
+    """What docs/cli-and-report.md offers to any LightningCLI script: `parser_class=ShortErrorParser`."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from lightning.pytorch.cli import LightningCLI\n"
+        "from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel\n"
+        "from lightning_pdasgd.cli_errors import ShortErrorParser\n"
+        "LightningCLI(BoringModel, BoringDataModule, parser_class=ShortErrorParser)\n"
+    )
+    command = [sys.executable, str(script), "fit", "--trainer.strategy", "PDASGDStrategy",
+               "--trainer.strategy.layerwize", "true"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 8 and "usage:" not in result.stderr, result.stderr
+    assert lines[0] == f"{script.name} fit: error: unknown key `trainer.strategy.init_args.layerwize` = true"
+    assert "did you mean `trainer.strategy.init_args.layerwise`?" in result.stderr
