@@ -23,7 +23,7 @@ STRATEGY_ALIAS = "pdasgd"
 FULL_CLASS_PATH = "lightning_pdasgd.PDASGDStrategy"
 
 
-class pdasgd(PDASGDStrategy):  # noqa: N801 - the lower-case name is the alias users type
+class pdasgd(PDASGDStrategy):  # lower-case on purpose: it is the name users type
     """PD-ASGD strategy: ``PDASGDStrategy`` under the name LightningCLI users type.
 
     It exists so that jsonargparse resolves ``--trainer.strategy pdasgd`` followed by strategy arguments; it adds

@@ -203,7 +203,7 @@ def _meaningful_lines(message: str) -> list[str]:
     lines = []
     for raw in message.splitlines():
         line = raw.strip()
-        if not line or any(line.startswith(prefix) or line.startswith(f"- {prefix}") for prefix in _BOILERPLATE):
+        if not line or any(line.startswith((prefix, f"- {prefix}")) for prefix in _BOILERPLATE):
             continue
         if _PARSER_KEY.match(line) or _CLASS_PATH.search(line):
             continue

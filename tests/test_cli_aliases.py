@@ -62,15 +62,20 @@ def assert_trained_with_three_backward_threads(result: subprocess.CompletedProce
     assert "RESULT True 3 4" in result.stdout, result.stdout[-2000:]
 
 
-@pytest.mark.parametrize("flag", ["--trainer.strategy.backward_threads", "--trainer.strategy.init_args.backward_threads"])
+@pytest.mark.parametrize(
+    "flag", ["--trainer.strategy.backward_threads", "--trainer.strategy.init_args.backward_threads"]
+)
 def test_short_name_with_arguments_after_importing_the_alias_module(tmp_path: Path, flag: str) -> None:
-    result = run_plain_cli(tmp_path, "import lightning_pdasgd.cli_aliases", "--trainer.strategy", "pdasgd", flag, "3")
+    result = run_plain_cli(
+        tmp_path, "import lightning_pdasgd.cli_aliases", "--trainer.strategy", "pdasgd", flag, "3"
+    )
     assert_trained_with_three_backward_threads(result)
 
 
 def test_saved_config_of_the_short_spelling_runs_again(tmp_path: Path) -> None:
     """LightningCLI saves the resolved class path; a fresh process must be able to import it."""
-    first = run_plain_cli(tmp_path, "import lightning_pdasgd", "--trainer.strategy", "lightning_pdasgd.cli_aliases.pdasgd",
+    alias_path = "lightning_pdasgd.cli_aliases.pdasgd"
+    first = run_plain_cli(tmp_path, "import lightning_pdasgd", "--trainer.strategy", alias_path,
                           "--trainer.strategy.backward_threads", "3")  # fmt: skip
     assert_trained_with_three_backward_threads(first)
     (saved,) = tmp_path.rglob("config.yaml")
@@ -79,7 +84,8 @@ def test_saved_config_of_the_short_spelling_runs_again(tmp_path: Path) -> None:
     assert strategy["init_args"]["backward_threads"] == 3
     rerun_dir = tmp_path / "rerun"
     rerun_dir.mkdir()
-    assert_trained_with_three_backward_threads(run_plain_cli(rerun_dir, "import lightning_pdasgd", "--config", str(saved)))
+    rerun = run_plain_cli(rerun_dir, "import lightning_pdasgd", "--config", str(saved))
+    assert_trained_with_three_backward_threads(rerun)
 
 
 def test_class_name_spelling_works_without_the_alias(tmp_path: Path) -> None:
@@ -89,7 +95,9 @@ def test_class_name_spelling_works_without_the_alias(tmp_path: Path) -> None:
     assert_trained_with_three_backward_threads(result)
 
 
-def test_short_name_with_arguments_after_import_lightning_pdasgd(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_short_name_with_arguments_after_import_lightning_pdasgd(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """The goal: ``import lightning_pdasgd`` is all a script needs. Until ``__init__.py`` imports
     ``lightning_pdasgd.cli_aliases`` this must fail (strict xfail), which also shows that the alias is what makes
     the short spelling work."""
