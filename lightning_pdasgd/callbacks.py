@@ -16,6 +16,12 @@ class EngineDrain(Callback):
     several devices, identical replicas). It holds no state, so checkpoints keep the keys of a plain run.
     """
 
+    @classmethod
+    def attach(cls, trainer: pl.Trainer) -> None:
+        """Insert one instance first in ``trainer.callbacks`` (before any callback's epoch-end hook)."""
+        if not any(isinstance(callback, cls) for callback in trainer.callbacks):
+            trainer.callbacks.insert(0, cls())
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         if idx == 0 and trainer.world_size > 1:
             show_estimated_epoch_length(trainer)

@@ -96,6 +96,18 @@ class PDASGDConfig:
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
             raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
 
+    def ineffective_settings(self) -> list[str]:
+        """Warnings for settings that would silently do nothing."""
+        warnings = []
+        if not self.autotune and self.max_in_flight is not None and self.backward_threads > self.max_in_flight:
+            warnings.append(
+                f"PDASGDStrategy: `backward_threads={self.backward_threads}` with `max_in_flight={self.max_in_flight}`:"
+                f" at most {self.max_in_flight} backward passes exist at once, so"
+                f" {self.backward_threads - self.max_in_flight} backward thread(s) will always be idle. Raise"
+                f" `max_in_flight` to at least {self.backward_threads} (or leave it unset) to use them."
+            )
+        return warnings
+
     @property
     def in_flight(self) -> int:
         """The bound on live graphs: ``max_in_flight``, or one per backward thread."""

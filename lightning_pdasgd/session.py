@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd import _internals, streams
-from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates
+from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
 from lightning_pdasgd.budget import intra_op_threads_per_thread
 from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
@@ -99,16 +99,15 @@ class FitSession:
         self._started_at = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------- lifecycle
-    def start(self, autotune_candidates: list[Candidate] | None = None) -> None:
+    def start(self, autotune: tuple[list[Candidate], int] | None = None) -> None:
         # backward threads need the GIL for every update; Python's default 5 ms switch interval would make each
         # one wait behind the loop thread's Python work
         sys.setswitchinterval(min(self._saved_switch_interval or _SWITCH_INTERVAL_S, _SWITCH_INTERVAL_S))
         torch.set_num_threads(self.intra_op_threads)  # the forward thread's share of the cores
         self.engine.start()
-        if autotune_candidates is not None:
-            self.tuner = ThreadAutotuner(
-                autotune_candidates, self.config.autotune_steps, self.config.autotune_max_staleness
-            )
+        if autotune is not None:
+            candidates, steps_per_trial = autotune
+            self.tuner = ThreadAutotuner(candidates, steps_per_trial, self.config.autotune_max_staleness)
         log.debug(
             "FitSession: engine started (%d backward threads, max_in_flight=%d, %d intra-op threads per thread,"
             " layerwise=%s, %d buckets)",
@@ -294,8 +293,20 @@ class FitSession:
             self.backward_threads, self.max_in_flight, self.intra_op_threads = threads, in_flight, intra_op
             self._streams = streams.StreamPool(self._device, in_flight)
 
-    def autotune_candidates(self, world_size: int) -> list[Candidate]:
-        return default_candidates(self._device, allow_synchronous=world_size == 1)
+    def plan_autotune(self, world_size: int, run_steps: float) -> tuple[list[Candidate], int] | None:
+        """The trials for this run (``None``: too short to tune, the configured threads are kept)."""
+        candidates = default_candidates(self._device, allow_synchronous=world_size == 1)
+        return plan_trials(candidates, self.config.autotune_steps, run_steps)
+
+    def describe(self, world_size: int) -> str:
+        """One line with the engine's configuration, logged when fit starts."""
+        tuning = f", autotuning {len(self.tuner.candidates)} candidates" if self.tuner is not None else ""
+        ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+        return (
+            f"PD-ASGD: 1 forward : {self.backward_threads} backward threads{ranks}, max_in_flight={self.max_in_flight},"
+            f" {self.intra_op_threads} intra-op thread(s) per engine thread, {len(self.updater.buckets)} update"
+            f" buckets ({'layer-wise' if self.config.layerwise else 'whole-model'} updates){tuning}"
+        )
 
     # ------------------------------------------------------------------------------------------- metrics
     def log_metrics(self, module: Any) -> None:

@@ -23,7 +23,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
@@ -140,6 +140,8 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         self._session: Optional[FitSession] = None  # exists while fit trains; the strategy stays picklable
         self._claim_key: Optional[tuple[int, str]] = None  # (seed, store key prefix), agreed by all ranks
         self.autotune_report: Optional[str] = None
+        for warning in self._config.ineffective_settings():
+            rank_zero_warn(warning)
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -201,14 +203,15 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         self.setup_precision_plugin()
         if fitting:
             _internals.optimizers_to_device(self.optimizers, self.root_device)
-            if self.world_size > 1:
-                checks.check_multi_device_settings(trainer)
-            checks.check_trainer_settings(trainer, self.lightning_module, self.optimizers)
-            checks.warn_gradient_hooks(self.lightning_module, trainer.callbacks)
-            if not any(isinstance(callback, EngineDrain) for callback in trainer.callbacks):
-                trainer.callbacks.insert(0, EngineDrain())
+            checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.world_size)
+            EngineDrain.attach(trainer)
             if self.world_size > 1:
                 self._claim_key = self.broadcast(new_claim_key())
+
+    @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        with checks.one_optimizer_advice():
+            super().setup_optimizers(trainer)
 
     # ------------------------------------------------------------------------------------------- fit lifecycle
     @override
@@ -221,7 +224,11 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         self._stats = EngineStats()
         session = FitSession(self._config, module, self.optimizers[0], self.root_device, self._stats, clip)
         self._session = session
-        session.start(session.autotune_candidates(self.world_size) if self._config.autotune else None)
+        plan = session.plan_autotune(self.world_size, trainer.estimated_stepping_batches) if self._config.autotune else None
+        if self._config.autotune and plan is None:
+            rank_zero_info("PD-ASGD: the run is too short for autotuning; keeping the configured thread counts.")
+        session.start(plan)
+        rank_zero_info(session.describe(self.world_size))
         if self.world_size > 1:
             session.start_exchange(self.background_group)
             preemption.watch_sigterm_through_exchange(trainer, session)
