@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -38,7 +38,7 @@ class MatrixNet(LightningModule):
         lr: float = 0.1,
         hidden: int = 32,
         batch_norm: bool = False,
-        scheduler: Optional[Callable[[torch.optim.Optimizer], Any]] = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         momentum: float = 0.9,
     ) -> None:
         super().__init__()
@@ -75,7 +75,10 @@ class MatrixNet(LightningModule):
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
 
 def fit(
@@ -83,10 +86,10 @@ def fit(
     model_factory: Callable[[], LightningModule] = MatrixNet,
     callbacks: Iterable[Any] = (),
     epochs: int = 3,
-    batches: int | float = 10,
+    batches: float = 10,
     batch_size: int = 32,
     seed: int = 7,
-    data: Optional[L.LightningDataModule] = None,
+    data: L.LightningDataModule | None = None,
     **overrides: Any,
 ) -> tuple[LightningModule, L.Trainer]:
     """One seeded fit on the digits (``batches`` training batches per epoch, validation at every epoch end)."""
@@ -141,7 +144,7 @@ class Row:
     strategy: str
     expected: str = "same"
     checks: list[dict[str, Any]] = field(default_factory=list)
-    result: Optional[str] = None
+    result: str | None = None
     note: str = ""
 
     def compare(self, what: str, plain: Any, pdasgd: Any, tolerance: float = 0.0) -> bool:
@@ -150,12 +153,14 @@ class Row:
             ok = abs(float(plain) - float(pdasgd)) <= tolerance
         else:
             ok = plain == pdasgd
-        self.checks.append(dict(what=what, plain=_jsonable(plain), pdasgd=_jsonable(pdasgd), tolerance=tolerance, ok=ok))
+        self.checks.append(
+            {"what": what, "plain": _jsonable(plain), "pdasgd": _jsonable(pdasgd), "tolerance": tolerance, "ok": ok}
+        )
         return ok
 
     def require(self, what: str, value: Any, ok: bool) -> bool:
         """Record a check of the pdasgd run alone (e.g. 'the backbone changed')."""
-        self.checks.append(dict(what=what, plain=None, pdasgd=_jsonable(value), tolerance=None, ok=bool(ok)))
+        self.checks.append({"what": what, "plain": None, "pdasgd": _jsonable(value), "tolerance": None, "ok": bool(ok)})
         return bool(ok)
 
     def expect_refusal(self, run: Callable[[], Any], *names: str) -> None:
@@ -189,15 +194,15 @@ class Row:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(
-            feature=self.feature,
-            outcome=self.outcome,
-            strategy=self.strategy,
-            expected=self.expected,
-            result=self.result or "DIFFERENT",
-            checks=self.checks,
-            note=self.note,
-        )
+        return {
+            "feature": self.feature,
+            "outcome": self.outcome,
+            "strategy": self.strategy,
+            "expected": self.expected,
+            "result": self.result or "DIFFERENT",
+            "checks": self.checks,
+            "note": self.note,
+        }
 
 
 def _jsonable(value: Any) -> Any:

@@ -27,7 +27,6 @@ class _Uninstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
         if any(fullname == name or fullname.startswith(name + ".") for name in self.names):
             raise ModuleNotFoundError(f"No module named {fullname!r} (hidden by the test)", name=fullname)
-        return None
 
 
 def _digits() -> Any:
@@ -59,21 +58,28 @@ def _fit(package: Any, strategy: Any) -> dict[str, Any]:
     package.seed_everything(3, verbose=False)
     model = Net()
     trainer = package.Trainer(
-        strategy=strategy, max_epochs=2, limit_train_batches=8, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        strategy=strategy,
+        max_epochs=2,
+        limit_train_batches=8,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, _digits())
     stats = getattr(trainer.strategy, "stats", None)
-    return dict(
-        weights=[p.detach().flatten().tolist() for p in model.parameters()],
-        global_step=trainer.global_step,
-        strategy_class=f"{type(trainer.strategy).__module__}.{type(trainer.strategy).__qualname__}",
-        is_package_parallel_strategy=isinstance(trainer.strategy, package.strategies.ParallelStrategy),
-        updates=getattr(stats, "total_updates", None),
-        pdasgd_warnings=[str(w.message)[:200] for w in caught if "PD-ASGD" in str(w.message)],
-    )
+    return {
+        "weights": [p.detach().flatten().tolist() for p in model.parameters()],
+        "global_step": trainer.global_step,
+        "strategy_class": f"{type(trainer.strategy).__module__}.{type(trainer.strategy).__qualname__}",
+        "is_package_parallel_strategy": isinstance(trainer.strategy, package.strategies.ParallelStrategy),
+        "updates": getattr(stats, "total_updates", None),
+        "pdasgd_warnings": [str(w.message)[:200] for w in caught if "PD-ASGD" in str(w.message)],
+    }
 
 
 def main() -> None:
@@ -110,7 +116,10 @@ def main() -> None:
             del pdasgd["weights"]
             result["fits"][name] = pdasgd
         except Exception as error:  # noqa: BLE001 - reported to the test
-            result["fits"][name] = {"error": f"{type(error).__name__}: {error}"[:400], "trace": traceback.format_exc()[-800:]}
+            result["fits"][name] = {
+                "error": f"{type(error).__name__}: {error}"[:400],
+                "trace": traceback.format_exc()[-800:],
+            }
     result["loaded"] = {name: name in sys.modules for name in ("lightning", "pytorch_lightning", "lightning_fabric")}
     print("RESULT " + json.dumps(result))
 

@@ -12,19 +12,37 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_table_lists_every_recorded_row_with_its_numbers(tmp_path: Path) -> None:
     rows = {
-        "Timer": dict(feature="Timer", outcome="stops after step 1", strategy="max_in_flight=1", expected="same",
-                      result="same", checks=[dict(what="global_step", plain=1, pdasgd=1, tolerance=0.0, ok=True)]),
-        "ModelPruning": dict(feature="ModelPruning", outcome="accuracy", strategy="max_in_flight=1", expected="same",
-                             result="DIFFERENT",
-                             checks=[dict(what="validation accuracy", plain=0.85, pdasgd=0.1, tolerance=0.0, ok=False)]),
-        "GradientAccumulationScheduler": dict(feature="GradientAccumulationScheduler", outcome="refused",
-                                              strategy="default", expected="refused", result="refused",
-                                              checks=[dict(what="error names", plain=None, pdasgd="msg", ok=True)]),
+        "Timer": {
+            "feature": "Timer",
+            "outcome": "stops after step 1",
+            "strategy": "max_in_flight=1",
+            "expected": "same",
+            "result": "same",
+            "checks": [{"what": "global_step", "plain": 1, "pdasgd": 1, "tolerance": 0.0, "ok": True}],
+        },
+        "ModelPruning": {
+            "feature": "ModelPruning",
+            "outcome": "accuracy",
+            "strategy": "max_in_flight=1",
+            "expected": "same",
+            "result": "DIFFERENT",
+            "checks": [{"what": "validation accuracy", "plain": 0.85, "pdasgd": 0.1, "tolerance": 0.0, "ok": False}],
+        },
+        "GradientAccumulationScheduler": {
+            "feature": "GradientAccumulationScheduler",
+            "outcome": "refused",
+            "strategy": "default",
+            "expected": "refused",
+            "result": "refused",
+            "checks": [{"what": "error names", "plain": None, "pdasgd": "msg", "ok": True}],
+        },
     }
     source = tmp_path / "rows.json"
     source.write_text(json.dumps(rows))
     out = tmp_path / "table.md"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "compat_table.py"), str(source), "--out", str(out)], check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "compat_table.py"), str(source), "--out", str(out)], check=True
+    )
     table = out.read_text().splitlines()
     body = [line for line in table if line.startswith("| ") and not line.startswith("| Feature") and "---" not in line]
     assert [line.split(" | ")[0] for line in body] == ["| ModelPruning", "| GradientAccumulationScheduler", "| Timer"]
@@ -36,5 +54,7 @@ def test_table_lists_every_recorded_row_with_its_numbers(tmp_path: Path) -> None
 def test_empty_results_are_an_error(tmp_path: Path) -> None:
     source = tmp_path / "rows.json"
     source.write_text("{}")
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "compat_table.py"), str(source)], capture_output=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "compat_table.py"), str(source)], capture_output=True, check=False
+    )
     assert done.returncode == 1 and b"no rows" in done.stderr

@@ -23,6 +23,8 @@ from tests.compat_helpers import MatrixNet, accuracy, fit, max_difference, snaps
 
 EXACT = 1e-5
 ACCURACY = 0.06
+# default-settings runs compare accuracies: long enough (4 x 30 steps) that stale gradients do not show in them
+BATCHES_FOR_ACCURACY = 30
 WAIT = 60.0
 
 
@@ -86,7 +88,8 @@ def test_unfreeze_and_add_param_group_matches_plain() -> None:
 def test_backbone_finetuning_trains_the_backbone_with_default_settings() -> None:
     def run(strategy: Any) -> tuple[float, float]:
         start = initial()
-        model, _ = fit(strategy, callbacks=[cb.BackboneFinetuning(unfreeze_backbone_at_epoch=1)], epochs=4)
+        finetuning = cb.BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+        model, _ = fit(strategy, callbacks=[finetuning], epochs=4, batches=BATCHES_FOR_ACCURACY)
         return (snapshot(model)["backbone.0.weight"] - start["backbone.0.weight"]).abs().max().item(), accuracy(model)
 
     plain_moved, plain_accuracy = run("auto")
@@ -143,8 +146,9 @@ def test_requires_grad_switched_on_after_start() -> None:
 
 
 # ------------------------------------------------------------------------------------------- pruning
-def _pruned_fit(strategy: Any) -> tuple[nn.Module, float]:
-    model, _ = fit(strategy, callbacks=[cb.ModelPruning("l1_unstructured", amount=0.3, verbose=0)], epochs=4)
+def _pruned_fit(strategy: Any, batches: int = 10) -> tuple[nn.Module, float]:
+    pruning = cb.ModelPruning("l1_unstructured", amount=0.3, verbose=0)
+    model, _ = fit(strategy, callbacks=[pruning], epochs=4, batches=batches)
     weights = [model.backbone[0].weight, model.head.weight]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     return model, zeros
@@ -161,8 +165,8 @@ def test_model_pruning_matches_plain_with_one_in_flight() -> None:
 
 @pytest.mark.xfail(strict=True, reason="issue #12: after pruning re-parametrizes `weight`, the engine does not follow")
 def test_model_pruning_accuracy_near_plain_with_default_settings() -> None:
-    plain, plain_zeros = _pruned_fit("auto")
-    pdasgd, pdasgd_zeros = _pruned_fit(default())
+    plain, plain_zeros = _pruned_fit("auto", BATCHES_FOR_ACCURACY)
+    pdasgd, pdasgd_zeros = _pruned_fit(default(), BATCHES_FOR_ACCURACY)
     assert abs(pdasgd_zeros - plain_zeros) < 0.02
     assert accuracy(pdasgd) >= accuracy(plain) - ACCURACY, (accuracy(pdasgd), accuracy(plain))
 
@@ -180,8 +184,8 @@ class NewHeadAtEpoch1(MatrixNet):
 
 @pytest.mark.xfail(strict=True, reason="issue #12: a replaced layer and a re-created optimizer are not followed")
 def test_layer_replaced_and_optimizer_recreated() -> None:
-    plain, plain_trainer = fit("auto", model_factory=NewHeadAtEpoch1)
-    pdasgd, pdasgd_trainer = fit(one_in_flight(), model_factory=NewHeadAtEpoch1)
+    plain, _plain_trainer = fit("auto", model_factory=NewHeadAtEpoch1)
+    pdasgd, _pdasgd_trainer = fit(one_in_flight(), model_factory=NewHeadAtEpoch1)
     torch.manual_seed(11)
     fresh_head = nn.Linear(32, 10).weight.detach()
     assert (pdasgd.head.weight.detach() - fresh_head).abs().max().item() > 1e-3, "the new head must train"
@@ -206,11 +210,13 @@ def test_layer_replaced_into_new_param_group_keeps_momentum() -> None:
     plain, plain_trainer = fit("auto", model_factory=NewHeadIntoParamGroup)
     pdasgd, pdasgd_trainer = fit(one_in_flight(), model_factory=NewHeadIntoParamGroup)
     # the momentum carried into the change is the same, and is still there afterwards
-    assert max_difference(
-        {"m": plain.backbone_momentum_before}, {"m": pdasgd.backbone_momentum_before}
-    ) <= EXACT
+    assert max_difference({"m": plain.backbone_momentum_before}, {"m": pdasgd.backbone_momentum_before}) <= EXACT
     plain_buffers, pdasgd_buffers = momentum_buffers(plain_trainer, plain), momentum_buffers(pdasgd_trainer, pdasgd)
-    assert sorted(pdasgd_buffers) == sorted(plain_buffers) == ["backbone.0.bias", "backbone.0.weight", "head.bias", "head.weight"]
+    assert (
+        sorted(pdasgd_buffers)
+        == sorted(plain_buffers)
+        == ["backbone.0.bias", "backbone.0.weight", "head.bias", "head.weight"]
+    )
     assert max_difference(plain_buffers, pdasgd_buffers) <= EXACT
     assert max_difference(snapshot(plain), snapshot(pdasgd)) <= EXACT
 
@@ -242,12 +248,14 @@ class SwitchesToLBFGS(MatrixNet):
 
 def test_lbfgs_switch_trains_plainly() -> None:
     """The plain half of the next test: the switch itself is valid Lightning, so a refusal is PD-ASGD's."""
-    model, trainer = fit("auto", model_factory=SwitchesToLBFGS)
+    _model, trainer = fit("auto", model_factory=SwitchesToLBFGS)
     assert isinstance(trainer.optimizers[0], torch.optim.LBFGS)
     assert trainer.current_epoch == 3
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: an optimizer re-created mid-fit is not checked; training goes on with the old one")
+@pytest.mark.xfail(
+    strict=True, reason="issue #12: an optimizer re-created mid-fit is not checked; training goes on with the old one"
+)
 def test_optimizer_switched_to_one_it_cannot_run_is_refused_by_name() -> None:
     with pytest.raises(MisconfigurationException, match="LBFGS"):
         fit(one_in_flight(), model_factory=SwitchesToLBFGS)
