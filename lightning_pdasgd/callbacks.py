@@ -26,6 +26,16 @@ class EngineDrain(Callback):
         if idx == 0 and trainer.world_size > 1:
             show_estimated_epoch_length(trainer)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """With ``max_in_flight=1``, every batch-end hook sees the batch's update applied, as in a plain step.
+
+        (The next forward would wait for that backward anyway: draining here costs only the overlap of the
+        backward with fetching the next batch.) Callbacks that read the weights at batch end, such as
+        ``EMAWeightAveraging``, then average exactly what a plain run averages.
+        """
+        if getattr(trainer.strategy, "max_in_flight", None) == 1:
+            trainer.strategy.drain()
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reach = getattr(trainer.strategy, "reach_consistent_point", None)
         if reach is not None:

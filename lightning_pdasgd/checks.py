@@ -78,6 +78,15 @@ def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, opti
             "PD-ASGD applies each parameter's update without a closure; `torch.optim.LBFGS` re-evaluates the loss"
             " through one. Use an element-wise optimizer (SGD, Adam, AdamW, RMSprop, ...)."
         )
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler) and any(f != 1 for f in callback.scheduling.values()):
+            raise MisconfigurationException(
+                f"`GradientAccumulationScheduler({callback.scheduling})` would make PD-ASGD accumulate gradients,"
+                " but PD-ASGD applies every backward's gradient as soon as it is ready and cannot accumulate."
+                " Remove the callback and raise the batch size (or the learning rate) instead."
+            )
     if trainer.accumulate_grad_batches != 1:
         raise MisconfigurationException(
             f"PD-ASGD applies every backward's gradient as soon as it is ready, so"

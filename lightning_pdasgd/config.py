@@ -99,7 +99,9 @@ class PDASGDConfig:
     def ineffective_settings(self) -> list[str]:
         """Warnings for settings that would silently do nothing."""
         warnings = []
-        if not self.autotune and self.max_in_flight is not None and self.backward_threads > self.max_in_flight:
+        idle = self.max_in_flight is not None and self.backward_threads > self.max_in_flight
+        # `max_in_flight=1` with the default thread count is the plain-equivalence mode: nothing to warn about
+        if idle and not self.autotune and (self.max_in_flight != 1 or self.backward_threads > DEFAULT_BACKWARD_THREADS):
             warnings.append(
                 f"PDASGDStrategy: `backward_threads={self.backward_threads}` with `max_in_flight={self.max_in_flight}`:"
                 f" at most {self.max_in_flight} backward passes exist at once, so"

@@ -41,7 +41,7 @@ from lightning_pdasgd.parameters import ParameterBucket
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.05
-CONSISTENT_POINT_KINDS = ("validation", "checkpoint", "epoch_end", "fit_end", "preempt")
+CONSISTENT_POINT_KINDS = ("validation", "checkpoint", "epoch_end", "fit_end", "preempt", "rebuild")
 
 
 class RankFailedError(RuntimeError):

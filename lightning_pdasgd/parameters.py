@@ -111,21 +111,24 @@ class ParameterBucket:
             self._ready_event.record()
 
 
-def make_buckets(module: nn.Module, optimizer: torch.optim.Optimizer, bucket_numel: int) -> list[ParameterBucket]:
+def make_buckets(
+    module: nn.Module, optimizer: torch.optim.Optimizer, bucket_numel: int, detached: frozenset[int] = frozenset()
+) -> list[ParameterBucket]:
     """Group the optimizer's trainable parameters into buckets, in the order their gradients usually arrive.
 
     Backward produces gradients roughly in reverse registration order, so parameters are walked from the last
     one. A module's parameters (a layer's weight and bias) always share a bucket; consecutive modules join it
     until it holds at least ``bucket_numel`` elements (``0``: one bucket per module). A bucket never spans two
     param groups, dtypes or devices. Frozen parameters get none: the forward reads them live and nothing updates
-    them.
+    them. ``detached``: ids of parameters that left the module during fit (a replaced layer whose old parameters
+    are still in the optimizer); like a plain step, which never sees a gradient for them, they are left alone.
     """
     names = {id(param): name for name, param in module.named_parameters()}
     ordered: list[tuple[int, str, nn.Parameter]] = []
     seen: set[int] = set()
     for group_index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
-            if not param.requires_grad or id(param) in seen:
+            if not param.requires_grad or id(param) in seen or (id(param) in detached and id(param) not in names):
                 continue
             seen.add(id(param))
             if id(param) not in names:

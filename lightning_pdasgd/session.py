@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from lightning_pdasgd import _internals, streams
 from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
 from lightning_pdasgd.budget import intra_op_threads_per_thread
+from lightning_pdasgd.changes import ParameterSetFingerprint
 from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
@@ -71,15 +72,8 @@ class FitSession:
         self.stats = stats
         self.backward_threads = config.backward_threads
         self.max_in_flight = config.in_flight
-        self.updater = LayerwiseUpdater(
-            module,
-            optimizer,
-            layerwise=config.layerwise,
-            clip_value=clip_value,
-            log_grad_norm=config.log_grad_norm,
-            nonfinite=config.nonfinite,
-            bucket_numel=config.bucket_numel,
-        )
+        self._clip_value = clip_value
+        self.updater = self._build_updater(optimizer)
         self._streams = streams.StreamPool(device, self.max_in_flight)
         self._saved_num_threads = torch.get_num_threads()
         self.intra_op_threads = self._intra_op_threads(self.backward_threads, self.max_in_flight, None)
@@ -91,6 +85,7 @@ class FitSession:
             thread_setup=partial(torch.set_num_threads, self.intra_op_threads),
         )
         self.exchange: ReplicaExchange | None = None
+        self._exchange_group: Any = None
         self.tuner: ThreadAutotuner | None = None
         self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
         self.in_sync = True  # with several devices: replicas identical (no step since the last consistent point)
@@ -125,8 +120,47 @@ class FitSession:
             return chosen
         return intra_op_threads_per_thread(self._saved_num_threads, backward_threads, max_in_flight)
 
+    def _build_updater(self, optimizer: Optimizer, detached: frozenset[int] = frozenset()) -> LayerwiseUpdater:
+        config = self.config
+        updater = LayerwiseUpdater(
+            self._module,
+            optimizer,
+            layerwise=config.layerwise,
+            clip_value=self._clip_value,
+            log_grad_norm=config.log_grad_norm,
+            nonfinite=config.nonfinite,
+            bucket_numel=config.bucket_numel,
+            detached=detached,
+        )
+        self._fingerprint = ParameterSetFingerprint(self._module, optimizer, updater.buckets)
+        return updater
+
+    def parameter_set_change(self, optimizer: Optimizer) -> str | None:
+        """What changed in the trained parameters since the engine was built (``None``: nothing)."""
+        return self._fingerprint.difference(optimizer)
+
+    def rebuild(self, optimizer: Optimizer) -> None:
+        """Follow a changed parameter set: drain, rebuild buckets, stashes and per-bucket optimizers.
+
+        Optimizer state lives in the user's optimizer, keyed by parameter, so it carries over. With several
+        devices every rank must make the same change (callbacks and hooks run on every rank): the ranks meet at a
+        consistent point, the exchange stops, and a new one starts over the new buckets.
+        """
+        exchanging = self.exchange is not None
+        if exchanging:
+            self.reach_consistent_point("rebuild", stop=True)
+            self.exchange.join(self.config.wait_timeout)  # type: ignore[union-attr]
+            self.exchange = None
+        self.drain()
+        self._optimizer = optimizer
+        trained_before = frozenset(id(param) for bucket in self.updater.buckets for param in bucket.params)
+        self.updater = self._build_updater(optimizer, detached=trained_before)
+        if exchanging:
+            self.start_exchange(self._exchange_group)
+
     def start_exchange(self, group: Any) -> None:
         """Several devices: make the replicas identical (as DDP does), then exchange updates in the background."""
+        self._exchange_group = group
         for tensor in [*self._module.parameters(), *self._module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
         self.exchange = ReplicaExchange(
@@ -212,6 +246,7 @@ class FitSession:
 
     def forward(self, run: Callable[[], Any], batch_size: int) -> Any:
         """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot."""
+        self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self.plain_steps:
             started = time.perf_counter()
             output = run()

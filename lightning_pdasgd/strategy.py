@@ -280,9 +280,20 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         session = self._session
         if session is None:
             return super().training_step(*args, **kwargs)
+        self._follow_parameter_changes(session)
         output = session.forward(lambda: super(PDASGDStrategy, self).training_step(*args, **kwargs), _batch_size(args))
         session.log_metrics(self.lightning_module)
         return output
+
+    def _follow_parameter_changes(self, session: FitSession) -> None:
+        """Fine-tuning, pruning, ``requires_grad`` toggles, a re-created optimizer: rebuild before this forward."""
+        change = session.parameter_set_change(self.optimizers[0]) if len(self.optimizers) == 1 else "optimizers"
+        if change is None:
+            return
+        module = self.lightning_module
+        checks.check_trainer_settings(module.trainer, module, self.optimizers)
+        log.debug("PD-ASGD: %s; rebuilding the engine's buckets", change)
+        session.rebuild(self.optimizers[0])
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:

@@ -37,6 +37,7 @@ class LayerwiseUpdater:
         log_grad_norm: bool = False,
         nonfinite: str = "error",
         bucket_numel: int = 0,
+        detached: frozenset[int] = frozenset(),
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -46,7 +47,7 @@ class LayerwiseUpdater:
         self.clip_value = clip_value
         self.log_grad_norm = log_grad_norm
         self._model_lock = threading.Lock()
-        self.buckets = make_buckets(module, optimizer, bucket_numel)
+        self.buckets = make_buckets(module, optimizer, bucket_numel, detached)
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
         self._pool = StashPool(self.buckets, self._on_gradient if layerwise else None)
 

@@ -369,11 +369,6 @@ def test_stochastic_weight_averaging(matrix: Callable[..., Row]) -> None:
     _swa(matrix("StochasticWeightAveraging", "averaged weights after fit (SWA from epoch 2)", ONE), batch_norm=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #12: SWA's BatchNorm-statistics epoch skips backward, the forward's in-flight slot is never"
-    " released, and the next forward waits `wait_timeout` (EngineTimeoutError; 600 s by default)",
-)
 def test_stochastic_weight_averaging_batch_norm(matrix: Callable[..., Row]) -> None:
     row = matrix(
         "StochasticWeightAveraging + BatchNorm", "averaged weights and the BatchNorm statistics epoch after fit", ONE
@@ -381,7 +376,7 @@ def test_stochastic_weight_averaging_batch_norm(matrix: Callable[..., Row]) -> N
     _swa(row, batch_norm=True, wait_timeout=5.0)  # a step takes milliseconds: 5 s without one is a deadlock
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: weight averaging reads weights mid-update at on_train_batch_end")
+
 @pytest.mark.parametrize("averaging", ["EMAWeightAveraging", "WeightAveraging"])
 def test_weight_averaging(matrix: Callable[..., Row], averaging: str) -> None:
     if not hasattr(cb, averaging):
@@ -396,7 +391,7 @@ def test_weight_averaging(matrix: Callable[..., Row], averaging: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- parameter-set changes
-@pytest.mark.xfail(strict=True, reason="issue #12: the engine never steps parameters unfrozen during fit")
+
 def test_backbone_finetuning(matrix: Callable[..., Row]) -> None:
     row = matrix("BackboneFinetuning", "backbone frozen for epoch 0, unfrozen at epoch 1: final weights", ONE)
 
@@ -414,9 +409,6 @@ def test_backbone_finetuning(matrix: Callable[..., Row]) -> None:
     row.finish()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue #12: the engine never steps parameters added by unfreeze_and_add_param_group"
-)
 def test_base_finetuning(matrix: Callable[..., Row]) -> None:
     row = matrix("BaseFinetuning", "custom freeze/unfreeze_and_add_param_group at epoch 1: final weights", ONE)
 
@@ -434,11 +426,6 @@ def test_base_finetuning(matrix: Callable[..., Row]) -> None:
     row.finish()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #12: pruning re-parametrizes `weight` into `weight_orig` * mask mid-fit; the engine"
-    " does not follow (accuracy at chance level)",
-)
 def test_model_pruning(matrix: Callable[..., Row]) -> None:
     row = matrix("ModelPruning", "L1-unstructured pruning (30%) at every epoch end: final weights and accuracy", ONE)
 
@@ -453,9 +440,6 @@ def test_model_pruning(matrix: Callable[..., Row]) -> None:
     row.finish()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue #12: accumulate_grad_batches set by the callback after setup is not refused"
-)
 def test_gradient_accumulation_scheduler(matrix: Callable[..., Row]) -> None:
     row = matrix("GradientAccumulationScheduler", "refused: PD-ASGD cannot accumulate gradients", DEFAULT)
     row.expect_refusal(

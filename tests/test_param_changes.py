@@ -68,7 +68,7 @@ class UnfreezeBackboneAt(cb.BaseFinetuning):
 
 
 # ------------------------------------------------------------------------------------------- fine-tuning
-@pytest.mark.xfail(strict=True, reason="issue #12: parameters added by unfreeze_and_add_param_group are never stepped")
+
 def test_unfreeze_and_add_param_group_matches_plain() -> None:
     start = initial()
     plain, plain_trainer = fit("auto", callbacks=[UnfreezeBackboneAt()])
@@ -84,7 +84,7 @@ def test_unfreeze_and_add_param_group_matches_plain() -> None:
     assert max_difference(momentum_buffers(plain_trainer, plain), momentum_buffers(pdasgd_trainer, pdasgd)) <= EXACT
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: the backbone unfrozen by BackboneFinetuning is never stepped")
+
 def test_backbone_finetuning_trains_the_backbone_with_default_settings() -> None:
     def run(strategy: Any) -> tuple[float, float]:
         start = initial()
@@ -110,7 +110,7 @@ class FreezeHeadForEpoch1(MatrixNet):
         self.seen.append(self.head.weight.detach().clone())
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: a parameter frozen mid-fit keeps being updated from its stash copy")
+
 def test_requires_grad_switched_off_and_on_between_epochs() -> None:
     plain, _ = fit("auto", model_factory=FreezeHeadForEpoch1)
     pdasgd, _ = fit(one_in_flight(), model_factory=FreezeHeadForEpoch1)
@@ -135,7 +135,7 @@ class UnfreezeHeadAtEpoch1(MatrixNet):
             self.head.requires_grad_(True)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: a parameter frozen at train start is never stepped after unfreezing")
+
 def test_requires_grad_switched_on_after_start() -> None:
     start = initial(UnfreezeHeadAtEpoch1)
     plain, _ = fit("auto", model_factory=UnfreezeHeadAtEpoch1)
@@ -154,7 +154,7 @@ def _pruned_fit(strategy: Any, batches: int = 10) -> tuple[nn.Module, float]:
     return model, zeros
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: after pruning re-parametrizes `weight`, the engine does not follow")
+
 def test_model_pruning_matches_plain_with_one_in_flight() -> None:
     plain, plain_zeros = _pruned_fit("auto")
     pdasgd, pdasgd_zeros = _pruned_fit(one_in_flight())
@@ -163,7 +163,7 @@ def test_model_pruning_matches_plain_with_one_in_flight() -> None:
     assert max_difference(snapshot(plain), snapshot(pdasgd)) <= EXACT
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: after pruning re-parametrizes `weight`, the engine does not follow")
+
 def test_model_pruning_accuracy_near_plain_with_default_settings() -> None:
     plain, plain_zeros = _pruned_fit("auto", BATCHES_FOR_ACCURACY)
     pdasgd, pdasgd_zeros = _pruned_fit(default(), BATCHES_FOR_ACCURACY)
@@ -182,7 +182,7 @@ class NewHeadAtEpoch1(MatrixNet):
             self.trainer.strategy.setup_optimizers(self.trainer)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: a replaced layer and a re-created optimizer are not followed")
+
 def test_layer_replaced_and_optimizer_recreated() -> None:
     plain, _plain_trainer = fit("auto", model_factory=NewHeadAtEpoch1)
     pdasgd, _pdasgd_trainer = fit(one_in_flight(), model_factory=NewHeadAtEpoch1)
@@ -205,7 +205,7 @@ class NewHeadIntoParamGroup(MatrixNet):
             self.trainer.optimizers[0].add_param_group({"params": list(self.head.parameters()), "lr": 0.05})
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: parameters of a param group added mid-fit are never stepped")
+
 def test_layer_replaced_into_new_param_group_keeps_momentum() -> None:
     plain, plain_trainer = fit("auto", model_factory=NewHeadIntoParamGroup)
     pdasgd, pdasgd_trainer = fit(one_in_flight(), model_factory=NewHeadIntoParamGroup)
@@ -253,9 +253,6 @@ def test_lbfgs_switch_trains_plainly() -> None:
     assert trainer.current_epoch == 3
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue #12: an optimizer re-created mid-fit is not checked; training goes on with the old one"
-)
 def test_optimizer_switched_to_one_it_cannot_run_is_refused_by_name() -> None:
     with pytest.raises(MisconfigurationException, match="LBFGS"):
         fit(one_in_flight(), model_factory=SwitchesToLBFGS)
