@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
+from lightning_pdasgd.compensation import resolve as resolve_compensation
 from lightning_pdasgd.updates import NONFINITE_POLICIES
 
 ThreadCount = Union[int, Literal["auto"]]
@@ -46,6 +48,7 @@ class PDASGDConfig:
     bucket_numel: int = DEFAULT_BUCKET_NUMEL
     metrics: str = "basic"
     metrics_on_progress_bar: bool = True
+    staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION
 
     @classmethod
     def from_arguments(
@@ -91,6 +94,7 @@ class PDASGDConfig:
             raise ValueError(
                 f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {self.exchange_interval!r}."
             )
+        resolve_compensation(self.staleness_compensation)  # a ValueError names the allowed values
         if self.metrics not in METRICS_LEVELS:
             raise ValueError(f"PDASGDStrategy: `metrics` must be one of {METRICS_LEVELS}, got {self.metrics!r}.")
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:

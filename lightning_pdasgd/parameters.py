@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from lightning_pdasgd import _internals
 
+Fill = Callable[[list[Tensor], Sequence[Tensor], int], None]
+
 
 class ParameterBucket:
     """Parameters of one param group, dtype and device that share a lock, a version and a CUDA event.
@@ -60,23 +62,30 @@ class ParameterBucket:
         return self.params[0].dtype
 
     # ------------------------------------------------------------------------------------------- the three accesses
-    def read_into(self, leaves: Sequence[Tensor]) -> int:
-        """Copy the live values into a forward's stash leaves (no torn reads); returns the version read."""
+    def read_into(self, leaves: Sequence[Tensor], fill: Fill | None = None) -> int:
+        """Write the weights a forward reads into its stash leaves (no torn reads); returns the version read.
+
+        ``fill(aliases, leaves, version)`` may write something other than an exact copy (weight prediction).
+        """
         with self._lock:
             self._wait_for_last_write()
             with torch.no_grad():
-                _internals.foreach_copy_(leaves, self.aliases)
+                if fill is None:
+                    _internals.foreach_copy_(leaves, self.aliases)
+                else:
+                    fill(self.aliases, leaves, self._version)
             return self._version
 
-    def update(self, read_version: int, step: Callable[[], None]) -> int:
-        """Run ``step`` (which writes the live values) as one update; returns its staleness.
+    def update(self, read_version: int, step: Callable[[int, int], None]) -> int:
+        """Run ``step(staleness, version)`` (which writes the live values) as one update; returns its staleness.
 
-        Staleness is the number of updates this bucket received between the forward's read and this update.
+        Staleness is the number of updates this bucket received between the forward's read and this update;
+        ``version`` counts the updates before this one.
         """
         with self._lock:
             self._wait_for_last_write()
             staleness = self._version - read_version
-            step()
+            step(staleness, self._version)
             self._version += 1
             self._local_updates += 1
             self._record_write()

@@ -23,6 +23,7 @@ from lightning_pdasgd import _internals, streams
 from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
 from lightning_pdasgd.budget import intra_op_threads_per_thread
 from lightning_pdasgd.changes import ParameterSetFingerprint
+from lightning_pdasgd.compensation import resolve as resolve_compensation
 from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
@@ -73,6 +74,7 @@ class FitSession:
         self.backward_threads = config.backward_threads
         self.max_in_flight = config.in_flight
         self._clip_value = clip_value
+        self._compensation = resolve_compensation(config.staleness_compensation)  # fresh state for each fit
         self.updater = self._build_updater(optimizer)
         self._streams = streams.StreamPool(device, self.max_in_flight)
         self._saved_num_threads = torch.get_num_threads()
@@ -131,6 +133,7 @@ class FitSession:
             nonfinite=config.nonfinite,
             bucket_numel=config.bucket_numel,
             detached=detached,
+            compensation=self._compensation,
         )
         self._fingerprint = ParameterSetFingerprint(self._module, optimizer, updater.buckets)
         return updater
@@ -256,12 +259,13 @@ class FitSession:
         engine.acquire_slot()
         self.in_sync = False
         try:
+            started = time.perf_counter()
             stash = self.updater.stash()
             stream = self._streams.next()
-            started = time.perf_counter()
+            stashed = time.perf_counter()
             with streams.forward_on(stream), _internals.reparametrized(self._module, stash.tensors):
                 output = run()
-            self.stats.record_forward(time.perf_counter() - started, batch_size)
+            self.stats.record_forward(time.perf_counter() - stashed, batch_size, stashed - started)
         except BaseException:
             engine.release_slot()
             raise
@@ -287,9 +291,11 @@ class FitSession:
                 )
             self.stats.record_skipped_loss(self.updater.num_parameters)
             return  # `end_step` releases the slot of a loss that was not handed off
+        started = time.perf_counter()
         stash.hyperparameters = hyperparameter_snapshot(self._optimizer)
         self.engine.submit(BackwardWork(loss=loss, context=(stash, stream)))
         self._current = None  # the slot now belongs to the queued work
+        self.stats.record_handoff(time.perf_counter() - started)
 
     def end_step(self) -> None:
         """After the closure: give back the slot of a forward whose loss was never handed off."""

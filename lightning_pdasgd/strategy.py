@@ -33,6 +33,7 @@ from lightning_pdasgd import _internals, checks, preemption
 from lightning_pdasgd.callbacks import EngineDrain
 from lightning_pdasgd.claiming import claim_batches, new_claim_key
 from lightning_pdasgd.collectives import AsyncAwareCollectives
+from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
 from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine
 from lightning_pdasgd.metrics import EngineStats
@@ -80,6 +81,10 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         metrics: the ``pdasgd/*`` metrics logged every ``log_every_n_steps`` and at epoch ends: ``"basic"``
             (throughput, staleness, queue depth, wall time), ``"full"`` (every figure of the engine) or ``"off"``.
         metrics_on_progress_bar: show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean`` on the bar.
+        staleness_compensation: how updates correct for their staleness so hyperparameters tuned for plain
+            Lightning keep working (``compensation.py``, ``docs/convergence.md``): ``"predict+momentum"``
+            (default), ``"predict"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a
+            ``StalenessCompensation``. Updates of staleness 0 are never changed (``max_in_flight=1`` stays plain).
     """
 
     strategy_name = "pdasgd"
@@ -101,6 +106,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
         metrics: str = "basic",
         metrics_on_progress_bar: bool = True,
+        staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -135,6 +141,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
             bucket_numel=bucket_numel,
             metrics=metrics,
             metrics_on_progress_bar=metrics_on_progress_bar,
+            staleness_compensation=staleness_compensation,
         )
         self._stats = EngineStats()
         self._session: Optional[FitSession] = None  # exists while fit trains; the strategy stays picklable
