@@ -60,3 +60,35 @@ def test_progress_bars_show_throughput_and_staleness(tmp_path: Path, bar: type) 
     shown = trainer.progress_bar_callback.get_metrics(trainer, trainer.lightning_module)
     assert "pdasgd/samples_per_sec" in shown and "pdasgd/staleness_mean" in shown
     assert "pdasgd/backward_ms" not in shown  # the rest stays in the loggers
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        ("off", set()),
+        ("basic", {"pdasgd/samples_per_sec", "pdasgd/staleness_mean", "pdasgd/staleness_max",
+                   "pdasgd/queue_depth", "pdasgd/wall_time_s", "pdasgd/skipped_updates"}),
+    ],
+)
+def test_metrics_level_controls_what_is_logged(tmp_path: Path, level: str, expected: set[str]) -> None:
+    trainer = L.Trainer(strategy=PDASGDStrategy(metrics=level), max_epochs=1, log_every_n_steps=5,
+                        **trainer_kwargs())
+    trainer.fit(DigitsClassifier(), DigitsData(batch_size=32))
+    logged = {key for key in trainer.callback_metrics if key.startswith("pdasgd/")}
+    assert logged == expected, logged ^ expected
+
+
+def test_short_runs_get_metrics_and_the_bar_can_be_kept_clean(tmp_path: Path) -> None:
+    """A run shorter than `log_every_n_steps` still logs at its epoch's last batch."""
+    strategy = PDASGDStrategy(metrics_on_progress_bar=False)
+    trainer = L.Trainer(strategy=strategy, max_epochs=1, limit_train_batches=7, log_every_n_steps=50,
+                        callbacks=[TQDMProgressBar()], **trainer_kwargs(enable_progress_bar=True))
+    trainer.fit(DigitsClassifier(), DigitsData(batch_size=32))
+    assert "pdasgd/samples_per_sec" in trainer.callback_metrics
+    shown = trainer.progress_bar_callback.get_metrics(trainer, trainer.lightning_module)
+    assert not any(key.startswith("pdasgd/") for key in shown), shown
+
+
+def test_bad_metrics_level_is_refused() -> None:
+    with pytest.raises(ValueError, match="`metrics` must be one of"):
+        PDASGDStrategy(metrics="verbose")
