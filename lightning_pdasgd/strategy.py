@@ -287,7 +287,8 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         session = self._session
         if session is None:
             return super().training_step(*args, **kwargs)
-        self._follow_parameter_changes(session)
+        if not session.plain_steps:  # the plain step (chosen by "auto") reads the parameter set as it is
+            self._follow_parameter_changes(session)
         output = session.forward(lambda: super(PDASGDStrategy, self).training_step(*args, **kwargs), _batch_size(args))
         session.log_metrics(self.lightning_module)
         return output

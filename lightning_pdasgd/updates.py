@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from lightning_pdasgd import _internals
 from lightning_pdasgd.compensation import StalenessCompensation
 from lightning_pdasgd.optimizers import BucketOptimizer
-from lightning_pdasgd.parameters import ParameterBucket, make_buckets
+from lightning_pdasgd.parameters import make_buckets
 from lightning_pdasgd.stash import StashBuffers, StashPool, WeightStash
 
 NONFINITE_POLICIES = ("error", "skip", "off")

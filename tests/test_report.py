@@ -6,13 +6,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_pdasgd import cli, report
+from lightning_pdasgd import PDASGDStrategy, cli, report
 from tests.helpers import trainer_kwargs
 from tests.models import DigitsClassifier, DigitsData
 
@@ -22,8 +23,9 @@ ORANGE = np.array([1.0, 0.498, 0.055])  # matplotlib's tab:orange, the baseline'
 EPOCHS = 2
 
 
-def fit_digits(save_dir: Path, logger_class: type, strategy: str = "pdasgd") -> Path:
-    """A real 2-epoch run on the digits, logged every 5 steps; returns the logger's save_dir."""
+def fit_digits(save_dir: Path, logger_class: type, strategy: Any = None) -> Path:
+    """A real 2-epoch run on the digits, logged every 5 steps (every engine metric); returns the logger's save_dir."""
+    strategy = PDASGDStrategy(metrics="full") if strategy is None else strategy
     logger = logger_class(save_dir, name="digits")
     trainer = Trainer(**trainer_kwargs(strategy=strategy, max_epochs=EPOCHS, log_every_n_steps=5, logger=logger))
     trainer.fit(DigitsClassifier(), DigitsData())
