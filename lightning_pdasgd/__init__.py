@@ -1,16 +1,21 @@
 """lightning-pdasgd: Partial Decoupled Asynchronous SGD as a PyTorch Lightning strategy.
 
-``import lightning_pdasgd`` registers ``Trainer(strategy="pdasgd")``.
+``import lightning_pdasgd`` registers ``Trainer(strategy="pdasgd")`` with ``lightning`` and with the standalone
+``pytorch_lightning``, whichever the program imports (before or after this package), and imports neither itself.
+
+``PDASGDStrategy``, ``EngineDrain`` and ``Straggler`` are resolved on first access: the ``pytorch_lightning`` classes
+(``lightning_pdasgd.pl``) when only ``pytorch_lightning`` is imported, else the ``lightning`` ones (importing
+``lightning`` if nothing is imported yet; ``pytorch_lightning`` if ``lightning`` is not installed). With both
+imported, either strategy class is accepted by either Trainer. See ``_flavor.py``.
 """
 
-from lightning.pytorch.strategies import StrategyRegistry
+from __future__ import annotations
 
-from lightning_pdasgd.callbacks import EngineDrain
+from typing import Any
+
+from lightning_pdasgd import _flavor
 from lightning_pdasgd.engine import EngineTimeoutError
 from lightning_pdasgd.exchange import ConsistentPointMismatchError, RankFailedError
-from lightning_pdasgd.straggler import Straggler
-from lightning_pdasgd.strategy import PDASGDStrategy
-from lightning_pdasgd import cli_aliases  # noqa: F401,E402 - LightningCLI: `--trainer.strategy pdasgd` with arguments
 from lightning_pdasgd.updates import NonFiniteError
 
 __all__ = [
@@ -24,5 +29,23 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-if PDASGDStrategy.strategy_name not in StrategyRegistry:
-    PDASGDStrategy.register_strategies(StrategyRegistry)
+_LIGHTNING_CLASSES = {"PDASGDStrategy": "strategy", "EngineDrain": "callbacks", "Straggler": "straggler"}
+
+
+def __getattr__(name: str) -> Any:
+    """The Lightning classes, of the flavour the program uses (looked up once, then kept)."""
+    module = _LIGHTNING_CLASSES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    flavor = _flavor.preferred()
+    _flavor.activate(flavor)
+    value = getattr(flavor.ours(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+_flavor.install()

@@ -1,19 +1,40 @@
 """Every private Lightning or torch internal this package touches, in one place.
 
-Read from torch 2.14.1 and lightning 2.6.6. When either moves, this is the only module to re-check.
+Read from torch 2.14.1, lightning 2.6.6 and pytorch-lightning 2.6.6. When either moves, this is the only module to
+re-check.
+
+Flavour-aware: like the other Lightning-facing modules it loads once per Lightning package (``_flavor.py``), and
+reads Lightning's helpers from the package its copy was loaded for (``lightning.fabric`` or ``lightning_fabric``),
+only inside the function that needs them, so the copy that Lightning-free modules import (for the torch helpers)
+imports no Lightning package.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import ModuleType
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_pdasgd import _flavor
+
 TORCH_VERSION_READ = "2.14.1"
 LIGHTNING_VERSION_READ = "2.6.6"
+PYTORCH_LIGHTNING_VERSION_READ = "2.6.6"
+
+
+def _fabric(module: str) -> ModuleType:
+    """``lightning.fabric.<module>`` or ``lightning_fabric.<module>``: the flavour this copy was loaded for."""
+    return importlib.import_module(f"{_flavor.for_module(__name__).fabric}.{module}")
+
+
+def _pytorch(module: str) -> ModuleType:
+    """``lightning.pytorch.<module>`` or ``pytorch_lightning.<module>``: the flavour this copy was loaded for."""
+    return importlib.import_module(f"{_flavor.for_module(__name__).pytorch}.{module}")
 
 
 # ----------------------------------------------------------------------------------------------- torch's foreach ops
@@ -85,11 +106,24 @@ def mark_optimizer_stepped(optimizer: Optimizer) -> None:
     optimizer._opt_called = True  # type: ignore[attr-defined]
 
 
-def subprocess_script_launcher(cluster_environment: object, num_processes: int, num_nodes: int) -> object:
-    """Lightning's launcher that re-runs the user's script once per local device (what ``strategy="ddp"`` uses)."""
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+def subprocess_script_launcher_class() -> type:
+    """Lightning's launcher that re-runs the user's script once per local device (what ``strategy="ddp"`` uses).
 
-    return _SubprocessScriptLauncher(cluster_environment, num_processes, num_nodes)  # type: ignore[arg-type]
+    The Trainer kills the child processes on Ctrl-C only if ``isinstance(launcher, _SubprocessScriptLauncher)`` of
+    its own package (``trainer/call.py``), so ``processes.py`` subclasses this flavour's class.
+    """
+    return _pytorch("strategies.launchers.subprocess_script")._SubprocessScriptLauncher  # type: ignore[no-any-return]
+
+
+def register_virtual_subclasses(trainer_flavor: _flavor.Flavor, strategy: type, launcher: type) -> None:
+    """Make ``trainer_flavor``'s Trainer accept a strategy (and its launcher) built on the other package.
+
+    Both base classes are ABCs, so ``register`` makes ``isinstance`` true for the accelerator connector's
+    ``Strategy`` check, ``trainer.distributed_sampler_kwargs``' ``ParallelStrategy`` check and ``call.py``'s launcher
+    check; every check of our own reads the Trainer's flavour (``_flavor.every_imported``). Verified exact on 2.6.6.
+    """
+    trainer_flavor.module("strategies").ParallelStrategy.register(strategy)
+    trainer_flavor.module("strategies.launchers.subprocess_script")._SubprocessScriptLauncher.register(launcher)
 
 
 def init_process_group(cluster_environment: object, backend: str, timeout: object, device: object) -> None:
@@ -100,13 +134,11 @@ def init_process_group(cluster_environment: object, backend: str, timeout: objec
     gloo's connect (reproduced on torch 2.14.1 with plain ``init_process_group`` + ``new_group``). Giving the
     default group a store prefixed by the attempt number keeps every attempt's keys apart.
     """
-    from lightning.fabric.utilities.distributed import _init_dist_connection
-
     kwargs: dict[str, object] = {"timeout": timeout, "device_id": device}
     store = _elastic_attempt_store(timeout)
     if store is not None:
         kwargs["store"] = store
-    _init_dist_connection(cluster_environment, backend, **kwargs)  # type: ignore[arg-type]
+    _fabric("utilities.distributed")._init_dist_connection(cluster_environment, backend, **kwargs)
 
 
 def init_process_groups(
@@ -144,22 +176,25 @@ def _elastic_attempt_store(timeout: object) -> object | None:
 
 def sync_ddp_if_available(tensor: torch.Tensor, group: object, reduce_op: object) -> torch.Tensor:
     """Lightning's all-reduce for ``self.log(..., sync_dist=True)`` (what ``DDPStrategy.reduce`` calls)."""
-    from lightning.fabric.utilities.distributed import _sync_ddp_if_available
+    return _fabric("utilities.distributed")._sync_ddp_if_available(  # type: ignore[no-any-return]
+        tensor, group, reduce_op=reduce_op
+    )
 
-    return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)  # type: ignore[arg-type]
+
+def distributed_is_initialized() -> bool:
+    """Lightning's check that torch.distributed is available and its default group initialised."""
+    return bool(_fabric("utilities.distributed")._distributed_is_initialized())
 
 
 def default_process_group_backend(device: torch.device) -> str:
-    from lightning.fabric.utilities.distributed import _get_default_process_group_backend_for_device
-
-    return _get_default_process_group_backend_for_device(device)
+    return _fabric("utilities.distributed")._get_default_process_group_backend_for_device(  # type: ignore[no-any-return]
+        device
+    )
 
 
 def optimizers_to_device(optimizers: list[Optimizer], device: torch.device) -> None:
     """Move optimizer state to the device, as every Lightning strategy's ``setup`` does."""
-    from lightning.fabric.utilities.optimizer import _optimizers_to_device
-
-    _optimizers_to_device(optimizers, device)
+    _fabric("utilities.optimizer")._optimizers_to_device(optimizers, device)
 
 
 def default_store() -> object:

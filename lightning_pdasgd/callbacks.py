@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning_pdasgd import _flavor
+
+from ._lightning import Callback
+from ._lightning import pytorch as pl
 
 
 class EngineDrain(Callback):
@@ -51,7 +53,8 @@ def show_estimated_epoch_length(trainer: pl.Trainer) -> None:
     The claiming sampler has no length (see ``claiming.py``), so Lightning's bars start without a total; the
     estimate is the epoch's batches over the ranks (a fast rank may go past it).
     """
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    RichProgressBar = _flavor.every_imported("callbacks.RichProgressBar")  # the Trainer may be either package's
+    TQDMProgressBar = _flavor.every_imported("callbacks.TQDMProgressBar")
 
     sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
     estimate = getattr(sampler, "estimated_batches", None)

@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import LBFGS, Optimizer
+
+from lightning_pdasgd import _flavor
+
+from ._lightning import Callback, MisconfigurationException, rank_zero_warn
+from ._lightning import pytorch as pl
 
 # Hooks that in a synchronous step see the whole model's gradient in `.grad`; under PD-ASGD no such moment exists.
 GRADIENT_HOOKS = ("on_after_backward", "on_before_optimizer_step")
@@ -78,8 +79,7 @@ def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, opti
             "PD-ASGD applies each parameter's update without a closure; `torch.optim.LBFGS` re-evaluates the loss"
             " through one. Use an element-wise optimizer (SGD, Adam, AdamW, RMSprop, ...)."
         )
-    from lightning.pytorch.callbacks import GradientAccumulationScheduler
-
+    GradientAccumulationScheduler = _flavor.every_imported("callbacks.GradientAccumulationScheduler")
     for callback in trainer.callbacks:
         if isinstance(callback, GradientAccumulationScheduler) and any(f != 1 for f in callback.scheduling.values()):
             raise MisconfigurationException(
@@ -113,13 +113,13 @@ def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -
     overridden = [
         f"{type(module).__name__}.{name}"
         for name in MODULE_GRADIENT_HOOKS
-        if getattr(type(module), name, None) is not getattr(pl.LightningModule, name)
+        if getattr(type(module), name, None) not in _flavor.inherited("LightningModule", name)
     ]
     overridden += [
         f"{type(callback).__name__}.{name}"
         for callback in callbacks
         for name in GRADIENT_HOOKS
-        if getattr(type(callback), name, None) is not getattr(Callback, name)
+        if getattr(type(callback), name, None) not in _flavor.inherited("callbacks.Callback", name)
     ]
     if overridden:
         rank_zero_warn(
@@ -132,7 +132,7 @@ def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -
 
 def check_multi_device_settings(trainer: pl.Trainer) -> None:
     """With several devices, ranks run at different speeds: refuse what assumes they reach step N together."""
-    from lightning.pytorch.callbacks import Timer
+    Timer = _flavor.every_imported("callbacks.Timer")  # the Trainer may be either package's
 
     if trainer.max_steps not in (-1, None):
         raise MisconfigurationException(

@@ -163,7 +163,7 @@ def claim_batches(dataloader: object, claim_key: tuple[int, str] | None, world_s
     seed, prefix = claim_key
     claiming = claiming_dataloader(dataloader, seed, _internals.default_store(), prefix, world_size)
     if claiming is None:
-        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+        from lightning_utilities.core.rank_zero import rank_zero_warn  # the one both Lightning packages re-export
 
         rank_zero_warn(
             "PD-ASGD: the training dataloader (an iterable dataset or a custom batch sampler) cannot be shared"

@@ -13,11 +13,16 @@ underscore): jsonargparse ignores classes whose import path contains ``._``.
 
 Without arguments, ``--trainer.strategy pdasgd`` stays the plain string that Lightning's registry resolves to
 ``PDASGDStrategy``; the spelling that works everywhere is ``--trainer.strategy lightning_pdasgd.PDASGDStrategy``.
+
+Like the strategy, this module loads once per Lightning package (``_flavor.py``): jsonargparse looks among the
+subclasses of the CLI's own ``Strategy``, so ``pytorch_lightning.cli.LightningCLI`` finds
+``lightning_pdasgd.pl.cli_aliases.pdasgd``. ``import lightning_pdasgd`` imports no Lightning package: the alias of a
+package loads when that package is imported (before or after ``lightning_pdasgd``).
 """
 
 from __future__ import annotations
 
-from lightning_pdasgd.strategy import PDASGDStrategy
+from .strategy import PDASGDStrategy
 
 STRATEGY_ALIAS = "pdasgd"
 FULL_CLASS_PATH = "lightning_pdasgd.PDASGDStrategy"

@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
-from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_pdasgd import _internals
+from . import _internals
+from ._internals import distributed_is_initialized as _distributed_is_initialized
 
 
 class AsyncAwareCollectives:

@@ -15,16 +15,18 @@ import signal
 import threading
 from typing import Any
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from lightning_pdasgd import _internals
+from lightning_pdasgd import _flavor
 from lightning_pdasgd.session import FitSession
+
+from . import _internals
+from ._lightning import FLAVOR
 
 log = logging.getLogger(__name__)
 
 
 def is_preemption(exception: BaseException) -> bool:
-    return isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+    """SIGTERM (either Lightning package's ``SIGTERMException``: the Trainer's loop raises its own) or Ctrl-C."""
+    return isinstance(exception, (*_flavor.every_imported("utilities.exceptions.SIGTERMException"), KeyboardInterrupt))
 
 
 def next_hpc_checkpoint_path(directory: str) -> str:
@@ -63,12 +65,14 @@ def watch_sigterm_through_exchange(trainer: Any, session: FitSession) -> None:
         if session.exchange is not None:
             session.exchange.sigterm_flag.set()
 
+    sigterm_exception = (_flavor.of(trainer) or FLAVOR).attribute("utilities.exceptions.SIGTERMException")
+
     def check() -> None:
         exchange = session.exchange
         if exchange is None or not exchange.sigterm_seen.is_set():
             return
         session.reach_consistent_point("preempt", stop=True)
-        raise SIGTERMException()
+        raise sigterm_exception()  # the Trainer's own package's, which its loop and users catch
 
     _internals.replace_sigterm_broadcast(trainer, check)
     if threading.current_thread() is threading.main_thread():

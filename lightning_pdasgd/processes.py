@@ -12,14 +12,18 @@ from datetime import timedelta
 from typing import Any, Optional
 
 import torch
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import ParallelStrategy
 from typing_extensions import override
 
-from lightning_pdasgd import _internals
+from . import _internals
+from ._lightning import Accelerator, CheckpointIO, ClusterEnvironment, ParallelStrategy, Precision, default_pg_timeout
+
+
+class OneProcessPerDeviceLauncher(_internals.subprocess_script_launcher_class()):  # type: ignore[misc]
+    """Lightning's script launcher (what ``strategy="ddp"`` uses), as a class of ours.
+
+    With both Lightning packages imported it is registered as a virtual subclass of the other package's launcher
+    too, so either Trainer recognises it and kills the child processes on Ctrl-C (``_flavor.py``).
+    """
 
 
 class OneProcessPerDevice(ParallelStrategy):
@@ -85,9 +89,7 @@ class OneProcessPerDevice(ParallelStrategy):
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         if self.num_nodes * self.num_processes > 1:
-            self._launcher = _internals.subprocess_script_launcher(
-                self.cluster_environment, self.num_processes, self.num_nodes
-            )  # type: ignore[assignment]
+            self._launcher = OneProcessPerDeviceLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     @override
     def setup_environment(self) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from ._lightning import Callback
+from ._lightning import pytorch as pl
 
 
 class Straggler(Callback):

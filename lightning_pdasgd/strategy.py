@@ -16,30 +16,36 @@ from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
 import torch
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_pdasgd import _internals, checks, preemption
-from lightning_pdasgd.callbacks import EngineDrain
 from lightning_pdasgd.claiming import claim_batches, new_claim_key
-from lightning_pdasgd.collectives import AsyncAwareCollectives
 from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
 from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine
 from lightning_pdasgd.metrics import EngineStats
-from lightning_pdasgd.processes import OneProcessPerDevice
 from lightning_pdasgd.session import FitSession
 from lightning_pdasgd.updates import LayerwiseUpdater
+
+from . import _internals, checks, preemption  # relative: the Lightning-facing modules of this flavour (_flavor.py)
+from ._lightning import (
+    STEP_OUTPUT,
+    Accelerator,
+    CheckpointIO,
+    ClusterEnvironment,
+    LightningModule,
+    Precision,
+    Trainer,
+    TrainerFn,
+    default_pg_timeout,
+    extract_batch_size,
+    rank_zero_info,
+    rank_zero_warn,
+)
+from .callbacks import EngineDrain
+from .collectives import AsyncAwareCollectives
+from .processes import OneProcessPerDevice
 
 log = logging.getLogger(__name__)
 

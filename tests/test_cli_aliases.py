@@ -31,8 +31,15 @@ print(f"RESULT {{isinstance(strategy, PDASGDStrategy)}} {{strategy.backward_thre
 
 
 def _hook_in_package() -> bool:
-    """Whether ``import lightning_pdasgd`` alone imports the alias (the hook line in ``__init__.py``)."""
-    code = "import sys, lightning_pdasgd; print('lightning_pdasgd.cli_aliases' in sys.modules)"
+    """Whether ``import lightning_pdasgd`` imports the alias in a script that imported Lightning's CLI first.
+
+    ``import lightning_pdasgd`` alone imports no Lightning package (issue #12); the alias of a package loads when
+    that package is imported, as ``PLAIN_SCRIPT`` does before its ``{imports}``.
+    """
+    code = (
+        "import sys; import lightning.pytorch.cli; import lightning_pdasgd;"
+        " print('lightning_pdasgd.cli_aliases' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip() == "True"

@@ -20,7 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PL = "pytorch_lightning"
 LIGHTNING = "lightning.pytorch"
-NOT_YET = "issue #12: lightning_pdasgd is built on `lightning` only; pytorch_lightning refuses its strategy"
 
 pytestmark = pytest.mark.skipif(
     any(__import__("importlib").util.find_spec(name) is None for name in ("pytorch_lightning", "lightning")),
@@ -75,35 +74,28 @@ def test_lightning_only_installed_by_name() -> None:
 
 
 # ------------------------------------------------------------------------------------------- pytorch_lightning
-@pytest.mark.xfail(strict=True, reason=NOT_YET + ' ("invalid strategy name")')
 def test_pytorch_lightning_only_imported_by_name() -> None:
     result = probe("pytorch_lightning,lightning_pdasgd", PL, strategy="name")
     assert_trained(result["fits"][PL], PL, exact=False)
 
 
-@pytest.mark.xfail(
-    strict=True, reason=NOT_YET + " (a lightning.pytorch Strategy instance is not a pytorch_lightning one)"
-)
 def test_pytorch_lightning_only_imported_instance_matches_plain() -> None:
     result = probe("pytorch_lightning,lightning_pdasgd", PL, strategy="instance")
     assert_trained(result["fits"][PL], PL, exact=True)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: `import lightning_pdasgd` imports `lightning` unconditionally")
 def test_pytorch_lightning_program_does_not_import_lightning() -> None:
     result = probe("pytorch_lightning,lightning_pdasgd", PL, strategy="instance")
     assert result["imports"]["lightning_pdasgd"] == "ok"
     assert not result["loaded"]["lightning"], "'lightning' in sys.modules after a pytorch_lightning-only fit"
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: `import lightning_pdasgd` fails without the `lightning` package")
 def test_pytorch_lightning_only_installed() -> None:
     result = probe("pytorch_lightning,lightning_pdasgd", PL, strategy="name", uninstalled="lightning")
     assert result["imports"]["lightning_pdasgd"] == "ok", result["imports"]["lightning_pdasgd"]
     assert_trained(result["fits"][PL], PL, exact=False)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET + " (no registration when pytorch_lightning is imported later)")
 def test_pytorch_lightning_imported_after_lightning_pdasgd() -> None:
     """``import lightning_pdasgd`` first, ``import pytorch_lightning`` later: the name must still resolve."""
     result = probe("lightning_pdasgd,pytorch_lightning", PL, strategy="name", uninstalled="lightning")
@@ -111,16 +103,234 @@ def test_pytorch_lightning_imported_after_lightning_pdasgd() -> None:
 
 
 # ------------------------------------------------------------------------------------------- both
-@pytest.mark.xfail(strict=True, reason=NOT_YET)
 def test_both_imported_each_trainer_by_name() -> None:
     result = probe("lightning,pytorch_lightning,lightning_pdasgd", f"{LIGHTNING},{PL}", strategy="name")
     assert_trained(result["fits"][LIGHTNING], LIGHTNING, exact=False)
     assert_trained(result["fits"][PL], PL, exact=False)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET)
 def test_both_imported_one_class_for_either_trainer() -> None:
     """``lightning_pdasgd.PDASGDStrategy(...)`` is accepted by both Trainers and reproduces each plain run."""
     result = probe("pytorch_lightning,lightning,lightning_pdasgd", f"{LIGHTNING},{PL}", strategy="instance")
     assert_trained(result["fits"][LIGHTNING], LIGHTNING, exact=True)
     assert_trained(result["fits"][PL], PL, exact=True)
+
+
+def test_pytorch_lightning_cli_short_name_with_arguments(tmp_path: Path) -> None:
+    """``pytorch_lightning.cli.LightningCLI``: ``--trainer.strategy pdasgd --trainer.strategy.<arg>`` resolves to the
+    pytorch_lightning alias class, and the program still never imports ``lightning``."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\n"
+        "import lightning_pdasgd\n"
+        "from pytorch_lightning.cli import LightningCLI\n"
+        "from pytorch_lightning.demos.boring_classes import BoringDataModule, BoringModel\n"
+        "cli = LightningCLI(BoringModel, BoringDataModule, save_config_kwargs={'overwrite': True})\n"
+        "strategy = cli.trainer.strategy\n"
+        "print('RESULT', type(strategy).__module__, strategy.backward_threads, cli.trainer.global_step,"
+        " 'lightning' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [
+        sys.executable, str(script), "fit", "--trainer.strategy", "pdasgd", "--trainer.strategy.backward_threads", "3",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    lines = [line.split() for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    assert lines[-1][1:] == ["lightning_pdasgd.pl.cli_aliases", "3", "4", "False"]
+
+
+TWO_RANK_SCRIPT = """
+import sys
+import pytorch_lightning as pl
+import lightning_pdasgd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def training_step(self, batch, idx):
+        return nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+pl.seed_everything(0)
+x = torch.randn(256, 8)
+trainer = pl.Trainer(strategy="pdasgd", accelerator="cpu", devices=2, max_epochs=2, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(Net(), DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16))
+print("RESULT", trainer.global_rank, type(trainer.strategy).__module__, trainer.global_step,
+      trainer.strategy.stats.total_updates, "lightning" in sys.modules, flush=True)
+"""
+
+
+def test_pytorch_lightning_two_ranks_share_epochs(tmp_path: Path) -> None:
+    """Two processes under pytorch_lightning only: its launcher, sampler and collectives with our strategy."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=280, cwd=tmp_path,
+                          env=env)  # fmt: skip
+    rows = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    assert done.returncode == 0 and len(rows) == 2, done.stderr[-3000:]
+    assert [row[0] for row in rows] == ["0", "1"]
+    assert all(row[1] == "lightning_pdasgd.pl.strategy" and row[4] == "False" for row in rows), rows
+    steps = sum(int(row[2]) for row in rows)
+    assert steps == 2 * 256 // 16, f"the ranks share each epoch's 16 batches dynamically: {rows}"
+    assert all(int(row[3]) > 0 for row in rows)
+
+
+def test_mixed_lightning_class_under_pytorch_lightning_trainer_uses_its_checks() -> None:
+    """Both packages imported first: ``lightning_pdasgd.PDASGDStrategy`` (the ``lightning`` class) meets a
+    pytorch_lightning Trainer's Timer, SIGTERMException, launcher and refusals as that package's."""
+    code = """
+import pytorch_lightning as pl, lightning, lightning_pdasgd, json, torch
+from lightning_fabric.plugins.environments import LightningEnvironment
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning_pdasgd import checks, preemption
+out = {"class": lightning_pdasgd.PDASGDStrategy.__module__}
+try:
+    checks.check_multi_device_settings(pl.Trainer(max_time="00:00:01:00", logger=False))
+except MisconfigurationException as error:
+    out["timer"] = "max_time" in str(error)
+out["sigterm"] = preemption.is_preemption(SIGTERMException())
+strategy = lightning_pdasgd.PDASGDStrategy(parallel_devices=[torch.device("cpu")] * 2,
+                                           cluster_environment=LightningEnvironment())
+strategy._configure_launcher()
+out["launcher"] = isinstance(strategy.launcher, _SubprocessScriptLauncher)
+print("RESULT " + json.dumps(out))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert result == {"class": "lightning_pdasgd.strategy", "timer": True, "sigterm": True, "launcher": True}
+
+
+# ------------------------------------------------------------------------------------------- our own checks, in-process
+# Both packages are imported in pytest's interpreter; ``lightning_pdasgd.pl`` is the pytorch_lightning flavour.
+def _pl_module(override_gradient_hook: bool = False) -> Any:
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 2)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    if override_gradient_hook:
+
+        class Hooked(Net):
+            def on_after_backward(self) -> None:
+                pass
+
+        return Hooked()
+    return Net()
+
+
+def _pl_data() -> Any:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(torch.randn(32, 4)), batch_size=4)
+
+
+def test_only_lightning_facing_modules_load_twice() -> None:
+    import lightning_pdasgd.pl  # noqa: F401
+    from lightning_pdasgd import _flavor
+
+    loaded = {name.rsplit(".", 1)[1] for name in sys.modules if name.startswith("lightning_pdasgd.pl.")}
+    assert loaded <= set(_flavor.FLAVOURED), f"Lightning-free modules must load once: {loaded - set(_flavor.FLAVOURED)}"
+
+
+def test_pytorch_lightning_refusal_is_its_misconfiguration_exception() -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    trainer = pl.Trainer(strategy="pdasgd", accumulate_grad_batches=2, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=2"):
+        trainer.fit(_pl_module(), _pl_data())
+    assert type(trainer.strategy).__module__ == "lightning_pdasgd.pl.strategy"
+
+
+def test_pytorch_lightning_timer_refused_with_several_devices() -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from lightning_pdasgd.pl.checks import check_multi_device_settings
+
+    with pytest.raises(MisconfigurationException, match="max_time"):
+        check_multi_device_settings(pl.Trainer(max_time="00:00:01:00", logger=False))
+
+
+def test_pytorch_lightning_gradient_hook_warning_names_real_overrides_only() -> None:
+    import warnings
+
+    from lightning_pdasgd.pl.checks import warn_gradient_hooks
+
+    with pytest.warns(UserWarning, match=r"Hooked\.on_after_backward"):
+        warn_gradient_hooks(_pl_module(override_gradient_hook=True), [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_gradient_hooks(_pl_module(), [])
+
+
+def test_pytorch_lightning_sigterm_is_preemption() -> None:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from lightning_pdasgd.pl.preemption import is_preemption
+
+    assert is_preemption(SIGTERMException()) and is_preemption(KeyboardInterrupt())
+    assert not is_preemption(RuntimeError())
+
+
+def test_pytorch_lightning_launcher_is_recognised_by_its_call_module() -> None:
+    import torch
+    from lightning_fabric.plugins.environments import LightningEnvironment
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    from lightning_pdasgd.pl import PDASGDStrategy
+
+    strategy = PDASGDStrategy(parallel_devices=[torch.device("cpu")] * 2, cluster_environment=LightningEnvironment())
+    strategy._configure_launcher()
+    assert isinstance(strategy.launcher, _SubprocessScriptLauncher)
+
+
+def test_pytorch_lightning_progress_bar_gets_the_estimate() -> None:
+    import pytorch_lightning as pl
+
+    from lightning_pdasgd.pl.callbacks import show_estimated_epoch_length
+
+    totals: list[Any] = []
+
+    class Estimate(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, idx: int) -> None:
+            if idx == 0:
+                trainer.train_dataloader.batch_sampler.estimated_batches = 3
+                show_estimated_epoch_length(trainer)
+                totals.append(trainer.progress_bar_callback.train_progress_bar.total)
+
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=5, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, callbacks=[Estimate()])  # fmt: skip
+    trainer.fit(_pl_module(), _pl_data())
+    assert totals == [3]
