@@ -4,6 +4,11 @@ A fixed per-rank shard (Lightning's ``DistributedSampler``) makes every fast ran
 until the slowest one finishes its shard. Here every rank walks the same permutation of the epoch and claims
 batch ``k`` with an atomic ``store.add`` on torch.distributed's key-value store, so a fast rank simply processes
 more batches, every sample is used exactly once per epoch, and the epoch ends when the data is consumed.
+
+Given its rank, a sampler keeps batch ``rank`` of every epoch for itself (the counter hands out the rest), so every
+rank trains at least one batch per epoch and reaches that epoch's validation and epoch-end consistent points, however
+fast the others are. The epoch may be cut short: ``max_batches`` (``limit_train_batches`` over all ranks) and
+``budget`` (what ``max_steps`` leaves, see ``steps.py``).
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
@@ -40,6 +45,7 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         store: Any,
         key_prefix: str,
         world_size: int = 1,
+        rank: Optional[int] = None,
     ) -> None:
         if num_samples <= 0 or batch_size <= 0:
             raise ValueError(f"ClaimingBatchSampler: nothing to claim ({num_samples} samples, batch {batch_size}).")
@@ -51,6 +57,9 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         self.store = store
         self.key_prefix = key_prefix
         self.world_size = world_size
+        self.rank = rank  # None: no reserved batch (every batch through the counter)
+        self.max_batches: Optional[int] = None  # batches per epoch, all ranks together (limit_train_batches)
+        self.budget: Optional[Callable[[], int]] = None  # batches this epoch may still have (max_steps)
         self.epoch = 0
         self.claimed: list[int] = []  # batch indices this rank claimed in the current epoch
         # Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler` only
@@ -66,8 +75,16 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         return math.ceil(self.num_samples / self.batch_size)
 
     @property
+    def epoch_batches(self) -> int:
+        """Batches in one epoch, all ranks together: the dataset's, or fewer under ``limit_train_batches``."""
+        return self.num_batches if self.max_batches is None else min(self.num_batches, self.max_batches)
+
+    @property
     def estimated_batches(self) -> int:
-        return math.ceil(self.num_batches / max(self.world_size, 1))
+        return math.ceil(self.epoch_batches / max(self.world_size, 1))
+
+    def _limit(self) -> int:
+        return self.epoch_batches if self.budget is None else min(self.epoch_batches, self.budget())
 
     def _permutation(self) -> list[int]:
         if not self.shuffle:
@@ -77,15 +94,18 @@ class ClaimingBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._permutation()
-        num_batches = self.num_batches
         key = f"{self.key_prefix}/epoch{self.epoch}"
+        reserved = self.rank is not None and 0 <= self.rank < self.world_size
         self.claimed = []
+        index = self.rank if reserved else None
         while True:
-            index = int(self.store.add(key, 1)) - 1
-            if index >= num_batches:
+            if index is None:  # read the limit at every claim: max_steps' budget is known only once the epoch starts
+                index = int(self.store.add(key, 1)) - 1 + (self.world_size if reserved else 0)
+            if index >= self._limit():
                 return
             self.claimed.append(index)
             yield order[index * self.batch_size : (index + 1) * self.batch_size]
+            index = None
 
 
 class _EpochForwarder:
@@ -106,7 +126,7 @@ def _is_shuffled(dataloader: DataLoader) -> bool:
 
 
 def claiming_dataloader(
-    dataloader: DataLoader, seed: int, store: Any, key_prefix: str, world_size: int
+    dataloader: DataLoader, seed: int, store: Any, key_prefix: str, world_size: int, rank: Optional[int] = None
 ) -> DataLoader | None:
     """Rebuild ``dataloader`` around a :class:`ClaimingBatchSampler`; ``None`` if it cannot be shared this way.
 
@@ -129,6 +149,7 @@ def claiming_dataloader(
         store=store,
         key_prefix=key_prefix,
         world_size=world_size,
+        rank=rank,
     )
     workers = dataloader.num_workers
     return DataLoader(
@@ -156,12 +177,14 @@ def new_claim_key() -> tuple[int, str]:
     return torch.initial_seed() % (2**31 - 1), f"pdasgd/claims/{time.time_ns()}-{os.getpid()}"
 
 
-def claim_batches(dataloader: object, claim_key: tuple[int, str] | None, world_size: int) -> object:
+def claim_batches(
+    dataloader: object, claim_key: tuple[int, str] | None, world_size: int, rank: Optional[int] = None
+) -> object:
     """The training dataloader shared dynamically between ``world_size`` ranks, or as it is when it cannot be."""
     if not isinstance(dataloader, DataLoader) or claim_key is None:
         return dataloader
     seed, prefix = claim_key
-    claiming = claiming_dataloader(dataloader, seed, _internals.default_store(), prefix, world_size)
+    claiming = claiming_dataloader(dataloader, seed, _internals.default_store(), prefix, world_size, rank)
     if claiming is None:
         from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 

@@ -88,6 +88,8 @@ class FitSession:
         self.tuner: ThreadAutotuner | None = None
         self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
         self.in_sync = True  # with several devices: replicas identical (no step since the last consistent point)
+        # called after every consistent point the ranks met at (several devices), with its kind: step accounting
+        self.on_consistent: Callable[[str], None] | None = None
         self._current: tuple[WeightStash, Any] | None = None  # the forward whose loss is not handed off yet
         self._saved_num_threads = torch.get_num_threads()
         self._saved_switch_interval: float | None = sys.getswitchinterval()
@@ -113,8 +115,11 @@ class FitSession:
             len(self.updater.buckets),
         )
 
-    def start_exchange(self, group: Any) -> None:
-        """Several devices: make the replicas identical (as DDP does), then exchange updates in the background."""
+    def start_exchange(self, group: Any, local_batches: Callable[[], int] = lambda: 0) -> None:
+        """Several devices: make the replicas identical (as DDP does), then exchange updates in the background.
+
+        ``local_batches`` is this rank's count of trained batches, which the exchange sums over the ranks.
+        """
         for tensor in [*self._module.parameters(), *self._module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
         self.exchange = ReplicaExchange(
@@ -125,6 +130,7 @@ class FitSession:
             interval_s=self.config.exchange_interval,
             timeout_s=self.config.wait_timeout,
             on_error=self.engine.fail,
+            local_batches=local_batches,
         )
         self.in_sync = True
         self.exchange.start()
@@ -178,6 +184,8 @@ class FitSession:
             return
         self.exchange.consistent_point(kind, stop, self.engine.raise_if_failed)
         self.in_sync = True
+        if self.on_consistent is not None:
+            self.on_consistent(kind)
 
     # ------------------------------------------------------------------------------------------- the step
     def before_step(self) -> str | None:

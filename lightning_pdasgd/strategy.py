@@ -29,9 +29,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_pdasgd import _internals, checks, preemption
+from lightning_pdasgd import _internals, checks, preemption, steps
 from lightning_pdasgd.callbacks import EngineDrain
-from lightning_pdasgd.claiming import claim_batches, new_claim_key
+from lightning_pdasgd.claiming import claim_batches
 from lightning_pdasgd.collectives import AsyncAwareCollectives
 from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine
@@ -126,7 +126,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         )
         self._stats = EngineStats()
         self._session: Optional[FitSession] = None  # exists while fit trains; the strategy stays picklable
-        self._claim_key: Optional[tuple[int, str]] = None  # (seed, store key prefix), agreed by all ranks
+        self._steps: Optional[steps.StepAccounting] = None  # several devices, fitting: the global step count
         self.autotune_report: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------- properties
@@ -167,13 +167,21 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
     def _asynchronous(self) -> bool:
         return self._session is not None and self._session.asynchronous
 
+    @property
+    def step_accounting(self) -> Optional[steps.StepAccounting]:
+        return self._steps  # several devices, while fitting: Lightning's step count over all ranks (`steps.py`)
+
     @override
     def process_dataloader(self, dataloader: object) -> object:
         """With several devices, share the training epoch dynamically (see ``claiming.py``)."""
-        module = self.lightning_module
-        if self.world_size <= 1 or module is None or module._trainer is None or not module.trainer.training:
+        if self._steps is None or not self._steps.trainer.training:  # several devices, fitting (not validation)
             return dataloader
-        return claim_batches(dataloader, self._claim_key, self.world_size)
+        return claim_batches(dataloader, self._steps.claim_key, self.world_size, self.global_rank)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._steps = steps.prepare_fit(self)  # before the user's `setup`, which may load the data
 
     # ------------------------------------------------------------------------------------------- setup
     @override
@@ -189,14 +197,10 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         self.setup_precision_plugin()
         if fitting:
             _internals.optimizers_to_device(self.optimizers, self.root_device)
-            if self.world_size > 1:
-                checks.check_multi_device_settings(trainer)
             checks.check_trainer_settings(trainer, self.lightning_module, self.optimizers)
             checks.warn_gradient_hooks(self.lightning_module, trainer.callbacks)
             if not any(isinstance(callback, EngineDrain) for callback in trainer.callbacks):
                 trainer.callbacks.insert(0, EngineDrain())
-            if self.world_size > 1:
-                self._claim_key = self.broadcast(new_claim_key())
 
     # ------------------------------------------------------------------------------------------- fit lifecycle
     @override
@@ -211,7 +215,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         self._session = session
         session.start(session.autotune_candidates(self.world_size) if self._config.autotune else None)
         if self.world_size > 1:
-            session.start_exchange(self.background_group)
+            steps.start_exchange(session, self.background_group, self._steps)
             preemption.watch_sigterm_through_exchange(trainer, session)
 
     @override
@@ -242,6 +246,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
 
     def _shutdown(self, raise_timeout: bool = True) -> None:
         session, self._session = self._session, None
+        self._steps = self._steps.uninstall() if self._steps is not None else None  # gives Lightning's loops back
         if session is not None:
             session.shutdown(raise_timeout)
 
@@ -329,6 +334,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         state = super().__getstate__()
         state["_session"] = None
         state["_stats"] = None
+        state["_steps"] = None
         return state
 
     @override
