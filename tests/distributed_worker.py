@@ -112,14 +112,16 @@ class DieInEpoch(Callback):
 class ProcessedBatches(Callback):
     """Sums the batches this rank really trained on, and saves the replica when fit is interrupted."""
 
-    def __init__(self, out: Path, signal_rank: int | None = None, signal_step: int = 8) -> None:
-        self.out, self.signal_rank, self.signal_step = out, signal_rank, signal_step
+    def __init__(self, out: Path, signal_rank: int | None = None, signal_batch: int = 8) -> None:
+        self.out, self.signal_rank, self.signal_batch = out, signal_rank, signal_batch
         self.total: torch.Tensor | None = None
+        self.batches = 0  # this rank's own (global_step counts every rank's batches)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
         (x,) = batch
         self.total = x.sum(dim=0) if self.total is None else self.total + x.sum(dim=0)
-        if trainer.global_rank == self.signal_rank and trainer.global_step == self.signal_step:
+        self.batches += 1
+        if trainer.global_rank == self.signal_rank and self.batches == self.signal_batch:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
