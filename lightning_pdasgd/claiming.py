@@ -8,7 +8,8 @@ more batches, every sample is used exactly once per epoch, and the epoch ends wh
 Given its rank, a sampler keeps batch ``rank`` of every epoch for itself (the counter hands out the rest), so every
 rank trains at least one batch per epoch and reaches that epoch's validation and epoch-end consistent points, however
 fast the others are. The epoch may be cut short: ``max_batches`` (``limit_train_batches`` over all ranks) and
-``budget`` (what ``max_steps`` leaves, see ``steps.py``).
+``budget`` (given the epoch's batches, how many this epoch's claims may still take: what ``max_steps`` leaves, less
+what a mid-epoch checkpoint already trained; see ``steps.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
@@ -45,7 +46,7 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         store: Any,
         key_prefix: str,
         world_size: int = 1,
-        rank: Optional[int] = None,
+        rank: int | None = None,
     ) -> None:
         if num_samples <= 0 or batch_size <= 0:
             raise ValueError(f"ClaimingBatchSampler: nothing to claim ({num_samples} samples, batch {batch_size}).")
@@ -58,8 +59,8 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         self.key_prefix = key_prefix
         self.world_size = world_size
         self.rank = rank  # None: no reserved batch (every batch through the counter)
-        self.max_batches: Optional[int] = None  # batches per epoch, all ranks together (limit_train_batches)
-        self.budget: Optional[Callable[[], int]] = None  # batches this epoch may still have (max_steps)
+        self.max_batches: int | None = None  # batches per epoch, all ranks together (limit_train_batches)
+        self.budget: Callable[[int], int] | None = None  # epoch's batches -> claims it may still take
         self.epoch = 0
         self.claimed: list[int] = []  # batch indices this rank claimed in the current epoch
         # Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler` only
@@ -84,7 +85,7 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         return math.ceil(self.epoch_batches / max(self.world_size, 1))
 
     def _limit(self) -> int:
-        return self.epoch_batches if self.budget is None else min(self.epoch_batches, self.budget())
+        return self.epoch_batches if self.budget is None else self.budget(self.epoch_batches)
 
     def _permutation(self) -> list[int]:
         if not self.shuffle:
@@ -126,7 +127,7 @@ def _is_shuffled(dataloader: DataLoader) -> bool:
 
 
 def claiming_dataloader(
-    dataloader: DataLoader, seed: int, store: Any, key_prefix: str, world_size: int, rank: Optional[int] = None
+    dataloader: DataLoader, seed: int, store: Any, key_prefix: str, world_size: int, rank: int | None = None
 ) -> DataLoader | None:
     """Rebuild ``dataloader`` around a :class:`ClaimingBatchSampler`; ``None`` if it cannot be shared this way.
 
@@ -178,7 +179,7 @@ def new_claim_key() -> tuple[int, str]:
 
 
 def claim_batches(
-    dataloader: object, claim_key: tuple[int, str] | None, world_size: int, rank: Optional[int] = None
+    dataloader: object, claim_key: tuple[int, str] | None, world_size: int, rank: int | None = None
 ) -> object:
     """The training dataloader shared dynamically between ``world_size`` ranks, or as it is when it cannot be."""
     if not isinstance(dataloader, DataLoader) or claim_key is None:

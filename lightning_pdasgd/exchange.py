@@ -244,8 +244,9 @@ class ReplicaExchange:
         if len(asked) != 1:
             raise ConsistentPointMismatchError(
                 f"PD-ASGD: ranks reached different consistent points {asked}: their Lightning loops diverged."
-                " With several devices, stop on epochs (`max_epochs`), validate at epoch ends"
-                " (`val_check_interval=1.0`) and save step-based checkpoints only from rank 0's view."
+                " With several devices, stop with `max_epochs` or `max_steps`, validate at epoch ends"
+                " (`val_check_interval=1.0`) and save checkpoints at epoch ends or after validation; a callback that"
+                " stops or validates one rank mid-epoch (`trainer.should_stop` from a batch hook) cannot work."
             )
         return True, asked[0], values[1] > 0
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
@@ -36,9 +36,6 @@ from lightning_pdasgd import _internals, checks
 from lightning_pdasgd.claiming import ClaimingBatchSampler, new_claim_key
 
 log = logging.getLogger(__name__)
-
-_NO_BUDGET = 2**62
-
 
 class StepMismatchError(RuntimeError):
     """Ranks disagree on the step count at a consistent point: a bug in the step accounting, never a setting."""
@@ -57,8 +54,8 @@ class StepAccounting:
         self._trainer = trainer
         self._world_size = world_size
         self.claim_key = claim_key
-        self._user_limit: Union[int, float, None] = None  # limit_train_batches, applied to all ranks together
-        self._undo: Optional[Callable[[], None]] = None
+        self._user_limit: int | float | None = None  # limit_train_batches, applied to all ranks together
+        self._undo: Callable[[], None] | None = None
         self._remote: Callable[[], int] = lambda: 0
         self.active = False
         self.local_batches = 0  # batches this rank trained in this fit (the exchange sums them)
@@ -66,6 +63,7 @@ class StepAccounting:
         self._counted = 0  # global_step after the last update here: what Lightning adds on top is local
         self._remote_counted = 0  # other ranks' batches already in global_step
         self._epoch_start_step = 0  # exact global_step at the current epoch's start
+        self._resumed_in_epoch = 0  # batches of the current epoch a mid-epoch checkpoint had already trained
         self._epoch_remote_start = 0  # other ranks' batches before the current epoch
         self._epoch_remote_in_batches = 0  # other ranks' batches of this epoch added to the batch counters
         self.adopted = 0  # consistent points at which a scheduler state had to be taken from rank 0
@@ -99,7 +97,8 @@ class StepAccounting:
         trainer = self._trainer
         step = _internals.global_step(trainer)
         self._start_step = self._counted = step
-        self._epoch_start_step = step - _internals.epoch_batches_ready(trainer)  # a mid-epoch checkpoint's epoch
+        self._resumed_in_epoch = _internals.epoch_batches_ready(trainer)  # a mid-epoch checkpoint's, or 0
+        self._epoch_start_step = step - self._resumed_in_epoch
         self.local_batches = self._remote_counted = self._epoch_remote_start = self._epoch_remote_in_batches = 0
         self._remote = remote_batches
         self.active = True
@@ -110,11 +109,12 @@ class StepAccounting:
         if not self.active:
             return
         self._epoch_start_step = _internals.global_step(self._trainer)
+        self._resumed_in_epoch = 0
         self._epoch_remote_start = self._remote_counted
         self._epoch_remote_in_batches = 0
 
     # ------------------------------------------------------------------------------------------- the epoch's batches
-    def _claiming_sampler(self) -> Optional[ClaimingBatchSampler]:
+    def _claiming_sampler(self) -> ClaimingBatchSampler | None:
         loader = getattr(self._trainer.fit_loop, "_combined_loader", None)
         flattened = loader.flattened if loader is not None else []
         if len(flattened) != 1 or not isinstance(flattened[0], DataLoader):
@@ -141,13 +141,17 @@ class StepAccounting:
             )
         _internals.set_num_training_batches(self._trainer, sampler.epoch_batches)
 
-    def _budget(self) -> int:
-        """Batches the current epoch may still have under ``max_steps`` (all ranks together)."""
+    def _budget(self, epoch_batches: int) -> int:
+        """How many claims the current epoch may still take (all ranks together).
+
+        ``max_steps`` leaves ``max_steps`` minus the exact count at the epoch's start; an epoch resumed from a
+        mid-epoch checkpoint already trained some of its batches (and re-claims from the start, as a single device
+        restarts a dataloader that cannot resume), so only the rest of its length is claimed.
+        """
         max_steps = self._trainer.max_steps
-        if max_steps is None or max_steps < 0:
-            return _NO_BUDGET
         start = self._epoch_start_step if self.active else _internals.global_step(self._trainer)
-        return max(max_steps - start, 0)
+        length = epoch_batches if max_steps is None or max_steps < 0 else min(epoch_batches, max_steps - start)
+        return max(length - (self._resumed_in_epoch if self.active else 0), 0)
 
     def _check_last_epoch_of_max_steps(self) -> None:
         """Every rank must train a batch in the epoch ``max_steps`` cuts short, or the ranks' epochs cannot meet."""
@@ -284,21 +288,21 @@ class StepAccounting:
 
 
 def _plain(value: Any) -> Any:
-    """The comparable part of a state dict: numbers, strings and containers of them (no functions, no tensors)."""
+    """The comparable part of a state dict: numbers, strings and containers of them (functions, tensors dropped)."""
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in sorted(value.items(), key=lambda pair: str(pair[0]))
-                if _plain(item) is not _SKIP}
+        items = {str(key): _plain(item) for key, item in value.items()}
+        return {key: item for key, item in sorted(items.items()) if item is not _SKIP}
     if isinstance(value, (list, tuple)):
-        return [item for item in (_plain(item) for item in value) if item is not _SKIP]
+        return [item for item in map(_plain, value) if item is not _SKIP]
     return _SKIP
 
 
 _SKIP: Any = object()
 
 
-def prepare_fit(strategy: Any) -> Optional[StepAccounting]:
+def prepare_fit(strategy: Any) -> StepAccounting | None:
     """In ``setup_environment`` (several devices, fitting): agree the claim key and wrap the loops.
 
     Before the user's ``setup`` and ``configure_optimizers``, either of which may load the training data (through
@@ -316,7 +320,7 @@ def prepare_fit(strategy: Any) -> Optional[StepAccounting]:
     return accounting
 
 
-def start_exchange(session: Any, group: Any, accounting: Optional[StepAccounting]) -> None:
+def start_exchange(session: Any, group: Any, accounting: StepAccounting | None) -> None:
     """Start the session's exchange with this rank's batch count in its rounds, and count steps from its totals."""
     session.start_exchange(group, (lambda: accounting.local_batches) if accounting is not None else (lambda: 0))
     if accounting is None:

@@ -206,7 +206,9 @@ def test_one_step_count_schedule_and_best_checkpoint_on_every_rank(tmp_path: Pat
     assert steps == [45, 45, 90, 90, 135, 135]  # (validation, epoch end) per epoch, as on one device
     assert all(point[4] == epoch_batches for point in first["points"])  # the epoch's batches, all ranks
     assert sorted(first["claimed"] + second["claimed"]) == list(range(epoch_batches))  # last epoch: claimed
-    assert first["files"] == ["epoch=1-step=90.ckpt", "epoch=2-step=135.ckpt", "last.ckpt"]
+    # top-2 by val_acc: which epochs depends on timing, their names do not (step = all ranks' batches so far)
+    saved = [re.fullmatch(r"epoch=(\d+)-step=(\d+)\.ckpt", name) for name in first["files"] if name != "last.ckpt"]
+    assert len(saved) == 2 and all(match and int(match[2]) == 45 * (int(match[1]) + 1) for match in saved), saved
     assert "differed between ranks" not in result.stderr
     if factor != "0":  # estimated_stepping_batches in configure_optimizers left claiming on: rank 0 took more
         assert first["batches"] > 1.3 * second["batches"], (first["batches"], second["batches"])
