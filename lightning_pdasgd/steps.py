@@ -115,11 +115,8 @@ class StepAccounting:
 
     # ------------------------------------------------------------------------------------------- the epoch's batches
     def _claiming_sampler(self) -> ClaimingBatchSampler | None:
-        loader = getattr(self._trainer.fit_loop, "_combined_loader", None)
-        flattened = loader.flattened if loader is not None else []
-        if len(flattened) != 1 or not isinstance(flattened[0], DataLoader):
-            return None
-        sampler = flattened[0].batch_sampler
+        loader = self._trainer.train_dataloader  # one DataLoader, or a collection (not claimed)
+        sampler = loader.batch_sampler if isinstance(loader, DataLoader) else None
         return sampler if isinstance(sampler, ClaimingBatchSampler) else None
 
     def _after_setup_data(self) -> None:
