@@ -127,6 +127,12 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
         plan = WorkloadPlan("digits-mlp", 2, ("plain", "pdasgd-1:2", f"ddp-x{n}", f"pdasgd-1:2-x{n}"))
         return Suite("smoke", "every code path once (1 repeat, 2 short epochs): the default test suite's check",
                      (plan,), repeats=1, straggler_workload="digits-mlp", peak_repeats=2, run_timeout_s=180.0)
+    if name == "speed":  # issue #10's goals: >= 5 ms workloads and the digits ones, medians of 3, interleaved
+        rows = ("plain", "pdasgd-1:2", "pdasgd-mif1", "pdasgd-auto", f"ddp-x{n}", f"pdasgd-1:2-x{n}")
+        plans = tuple(WorkloadPlan(w, 3, rows) for w in ("wide-mlp", "cnn32", "digits-mlp", "digits-cnn"))
+        return Suite("speed", "samples/s of plain, PD-ASGD 1:2, max_in_flight=1 and auto, DDP and PD-ASGD on 2"
+                     " devices, on two >= 5 ms workloads and the digits ones", plans, repeats=3,
+                     straggler_workload=None, peak_repeats=3, run_timeout_s=300.0)
     if name == "quick":
         essential = ("plain", "pdasgd-1:2", "pdasgd-auto")
         extra = (f"ddp-x{n}", f"pdasgd-1:2-x{n}") + _straggler_rows(n, (1.0,))
@@ -144,6 +150,9 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
         )
         cnn = WorkloadPlan("digits-cnn", 4, ("plain", f"ddp-x{n}") + ratios
                            + ("dasgd-1:2", "pdasgd-auto", f"pdasgd-1:2-x{n}"))
+        heavy = ("plain", "pdasgd-1:2", "pdasgd-mif1", "pdasgd-auto", f"ddp-x{n}", f"pdasgd-1:2-x{n}")
+        wide = WorkloadPlan("wide-mlp", 3, heavy)
+        cnn32 = WorkloadPlan("cnn32", 3, heavy)
         resnet_rows = ("plain", f"ddp-x{n}", "pdasgd-1:2", f"pdasgd-1:2-x{n}")
         if accelerator == "gpu":
             resnet = WorkloadPlan("cifar10-resnet18", 8, resnet_rows + ("pdasgd-1:1", "pdasgd-1:3", "dasgd-1:2"),
@@ -152,9 +161,9 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
             resnet = WorkloadPlan("cifar10-resnet18", 2, resnet_rows, train_limit=1024, val_limit=1000,
                                   target_accuracy=0.20)
         return Suite("full", "digits MLP (every row and the straggler sweep), digits CNN, ResNet-18 if CIFAR-10 is"
-                     " present", (mlp, cnn, resnet), repeats=3, straggler_workload="digits-mlp", peak_repeats=10,
+                     " present", (mlp, cnn, wide, cnn32, resnet), repeats=3, straggler_workload="digits-mlp", peak_repeats=10,
                      run_timeout_s=600.0)
-    raise ValueError(f"unknown suite {name!r}; choose smoke, quick or full")
+    raise ValueError(f"unknown suite {name!r}; choose one of {SUITES}")
 
 
-SUITES = ("smoke", "quick", "full")
+SUITES = ("smoke", "quick", "speed", "full")

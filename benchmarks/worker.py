@@ -63,6 +63,18 @@ def _time_to_target(validations: list[dict[str, float]], target: float) -> tuple
     return None, None
 
 
+def _overhead(stats: Any) -> Optional[dict[str, float]]:
+    """The engine's own cost per step from its counters: copying weights, handing off, applying updates."""
+    if stats is None or not getattr(stats, "total_forwards", 0):
+        return None
+    steps = stats.total_forwards
+    return {
+        "stash": 1000.0 * stats.total_stash_seconds / steps,
+        "handoff": 1000.0 * stats.total_handoff_seconds / steps,
+        "update": 1000.0 * stats.total_update_seconds / max(stats.total_backwards, 1),
+    }
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     config = Config.from_dict(spec["config"])
     workload = workloads.get(spec["workload"])
@@ -116,6 +128,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         staleness_max=float(stats.total_staleness_max) if stats is not None else None,
         parameter_updates=stats.total_updates if stats is not None else None,
         straggler_sleep_s=straggler.total_sleep_s if straggler is not None else None,
+        overhead_ms_per_step=_overhead(stats),
         peak_rss_mib=measure.peak_rss_mib(),
     )
     return result

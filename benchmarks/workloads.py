@@ -29,6 +29,7 @@ class Workload:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     needs_cifar10: bool = False
+    synthetic: Optional[tuple[tuple[int, ...], int, int]] = None  # (input shape, train size, val size)
 
     def datasets(
         self,
@@ -42,7 +43,11 @@ class Workload:
             if folder is None:
                 raise FileNotFoundError(self.unavailable_reason(cifar10_dir) or "CIFAR-10 not found")
             return models.cifar10_datasets(folder, train_limit, val_limit)
-        train, val = models.digits_datasets(seed)
+        if self.synthetic is not None:
+            shape, train_size, val_size = self.synthetic
+            train, val = models.synthetic_datasets(shape, train_size, val_size, seed)
+        else:
+            train, val = models.digits_datasets(seed)
         if train_limit is not None:
             train = TensorDataset(*(t[:train_limit] for t in train.tensors))
         if val_limit is not None:
@@ -74,6 +79,26 @@ WORKLOADS: dict[str, Workload] = {
             description="CNN conv32-conv64-pool-fc128 with BatchNorm on scikit-learn digits (8x8 images)",
             build_model=models.digits_cnn,
             target_accuracy=0.97,
+        ),
+        Workload(
+            name="wide-mlp",
+            description="MLP 784-1024-1024-10 on synthetic learnable 784-dim data (8,192 train / 1,024 val),"
+            " batch 128: ~10 ms of compute per step on 2 CPU cores",
+            build_model=models.wide_mlp,
+            target_accuracy=0.90,
+            batch_size=128,
+            lr=0.02,
+            synthetic=((784,), 8192, 1024),
+        ),
+        Workload(
+            name="cnn32",
+            description="CNN conv32-pool-conv64-pool-fc128 with BatchNorm on synthetic learnable 3x32x32 images"
+            " (4,096 train / 1,024 val), batch 64: several ms of compute per step on 2 CPU cores",
+            build_model=models.small_cnn32,
+            target_accuracy=0.90,
+            batch_size=64,
+            lr=0.02,
+            synthetic=((3, 32, 32), 4096, 1024),
         ),
         Workload(
             name="cifar10-resnet18",

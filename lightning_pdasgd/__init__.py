@@ -10,6 +10,7 @@ from lightning_pdasgd.engine import EngineTimeoutError
 from lightning_pdasgd.exchange import ConsistentPointMismatchError, RankFailedError
 from lightning_pdasgd.straggler import Straggler
 from lightning_pdasgd.strategy import PDASGDStrategy
+from lightning_pdasgd import cli_aliases  # noqa: F401,E402 - LightningCLI: `--trainer.strategy pdasgd` with arguments
 from lightning_pdasgd.updates import NonFiniteError
 
 __all__ = [

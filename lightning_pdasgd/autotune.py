@@ -20,7 +20,11 @@ import torch
 
 @dataclass(frozen=True)
 class Candidate:
-    """``backward_threads == 0`` means the plain synchronous step; ``intra_op_threads`` None leaves torch's."""
+    """``backward_threads == 0`` means the plain synchronous step; ``intra_op_threads`` None: the core budget.
+
+    The core budget splits the cores over the engine threads that compute at once (``budget.py``); the plain
+    step uses every core, as a plain Lightning loop does.
+    """
 
     backward_threads: int
     intra_op_threads: int | None
@@ -41,6 +45,7 @@ class Trial:
     started_at: float | None = None  # end of the first step: it absorbs the switch and is not timed
     seconds: float = 0.0
     staleness: float = 0.0
+    dropped: bool = False  # ended before `steps_per_trial` because it was clearly slower than the best so far
 
     @property
     def steps_per_second(self) -> float:
@@ -52,15 +57,37 @@ def default_candidates(device: torch.device, allow_synchronous: bool, max_backwa
     """Candidates worth timing on ``device``.
 
     On CPU the backward threads compete with torch's intra-op threads for the same cores, so each thread count is
-    tried with one intra-op thread and with torch's default; on a GPU intra-op threads barely matter.
+    tried with the core budget and with every core per thread; on a GPU intra-op threads barely matter.
     """
     cores = torch.get_num_threads() or os.cpu_count() or 1
     candidates: list[Candidate] = [Candidate(0, None)] if allow_synchronous else []
     for threads in range(1, max_backward_threads + 1):
-        if device.type == "cpu" and cores > 1:
-            candidates.append(Candidate(threads, 1))
         candidates.append(Candidate(threads, None))
+        if device.type == "cpu" and cores > 1:
+            candidates.append(Candidate(threads, cores))
     return candidates
+
+
+DROP_BELOW = 0.5  # a trial running at less than this fraction of the best rate so far ends early
+TRIAL_SHARE = 0.1  # the most of a run's steps the trials may take
+
+
+def plan_trials(
+    candidates: list[Candidate], steps_per_trial: int, run_steps: float
+) -> tuple[list[Candidate], int] | None:
+    """Fit the trials into ``TRIAL_SHARE`` of a run of ``run_steps`` steps (``inf``: unknown, no limit).
+
+    Fewer steps per trial first (down to 2), then only the core-budget candidates; ``None`` when even that does
+    not fit: the run is too short to be worth tuning.
+    """
+    if run_steps == float("inf"):
+        return candidates, steps_per_trial
+    allowed = TRIAL_SHARE * run_steps
+    for pool in (candidates, [candidate for candidate in candidates if candidate.intra_op_threads is None]):
+        steps = min(steps_per_trial, int(allowed // max(len(pool), 1)))
+        if steps >= 2:
+            return pool, steps
+    return None
 
 
 @dataclass
@@ -99,9 +126,10 @@ class ThreadAutotuner:
             if trial.completed == 1:
                 trial.started_at = now
                 self._staleness_mark = staleness_so_far
-            if trial.completed < self.steps_per_trial:
+            if trial.completed < self.steps_per_trial and not self._clearly_slower(trial, now):
                 return None
             assert trial.started_at is not None
+            trial.dropped = trial.completed < self.steps_per_trial
             trial.seconds = now - trial.started_at
             trial.staleness = self._staleness_since(trial, staleness_so_far)
         if len(self.trials) < len(self.candidates):
@@ -109,6 +137,14 @@ class ThreadAutotuner:
             return self.trials[-1].candidate
         self.chosen = self._choose()
         return self.chosen
+
+    def _clearly_slower(self, trial: Trial, now: float) -> bool:
+        """After two timed steps, a candidate at less than half the best finished trial's rate is dropped."""
+        timed = trial.completed - 1
+        if timed < 2 or trial.started_at is None or now <= trial.started_at:
+            return False
+        best = max((other.steps_per_second for other in self.trials[:-1]), default=0.0)
+        return timed / (now - trial.started_at) < DROP_BELOW * best
 
     def _staleness_since(self, trial: Trial, now: tuple[int, int]) -> float:
         total, count = now[0] - self._staleness_mark[0], now[1] - self._staleness_mark[1]
@@ -124,6 +160,6 @@ class ThreadAutotuner:
             mark = "*" if trial.candidate == self.chosen else " "
             lines.append(
                 f" {mark} {str(trial.candidate):<32} {trial.steps_per_second:9.1f} steps/s"
-                f"   staleness {trial.staleness:.2f}"
+                f"   staleness {trial.staleness:.2f}" + ("   (dropped early: clearly slower)" if trial.dropped else "")
             )
         return "\n".join(lines)

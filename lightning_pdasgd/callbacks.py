@@ -19,6 +19,12 @@ class EngineDrain(Callback):
     several devices, identical replicas). It holds no state, so checkpoints keep the keys of a plain run.
     """
 
+    @classmethod
+    def attach(cls, trainer: pl.Trainer) -> None:
+        """Insert one instance first in ``trainer.callbacks`` (before any callback's epoch-end hook)."""
+        if not any(isinstance(callback, cls) for callback in trainer.callbacks):
+            trainer.callbacks.insert(0, cls())
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         accounting = getattr(trainer.strategy, "step_accounting", None)
         if accounting is not None:  # several devices: the epoch's step schedule counts from its exact start
@@ -34,6 +40,16 @@ class EngineDrain(Callback):
         reach = getattr(trainer.strategy, "reach_consistent_point", None)
         if reach is not None and trainer.state.fn == "fit":
             reach("validation")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """With ``max_in_flight=1``, every batch-end hook sees the batch's update applied, as in a plain step.
+
+        (The next forward would wait for that backward anyway: draining here costs only the overlap of the
+        backward with fetching the next batch.) Callbacks that read the weights at batch end, such as
+        ``EMAWeightAveraging``, then average exactly what a plain run averages.
+        """
+        if getattr(trainer.strategy, "max_in_flight", None) == 1:
+            trainer.strategy.drain()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reach = getattr(trainer.strategy, "reach_consistent_point", None)

@@ -5,6 +5,9 @@ Each error says which setting is the problem and what to use instead, before any
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -19,19 +22,53 @@ GRADIENT_HOOKS = ("on_after_backward", "on_before_optimizer_step")
 MODULE_GRADIENT_HOOKS = (*GRADIENT_HOOKS, "backward", "configure_gradient_clipping")
 
 
+ONE_OPTIMIZER_ADVICE = (
+    " PD-ASGD steps exactly one optimizer, bucket by bucket. Put parameters that need other hyperparameters into"
+    " param groups of one optimizer, e.g. `torch.optim.Adam([{'params': self.encoder.parameters(), 'lr': 1e-4},"
+    " {'params': self.head.parameters()}], lr=1e-3)`. Training that alternates optimizers by hand (GANs) needs"
+    " manual optimization, which PD-ASGD does not support: use `strategy='auto'` or `'ddp'` for it."
+)
+
+
+@contextmanager
+def one_optimizer_advice() -> Iterator[None]:
+    """Turn Lightning's "multiple optimizers need manual optimization" into PD-ASGD's advice.
+
+    Lightning suggests `automatic_optimization = False`, which PD-ASGD then refuses: the user would go round in a
+    loop between two refusals. Its error stays attached as the cause.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if "multiple optimizers" not in str(error):
+            raise
+        raise MisconfigurationException(
+            "`configure_optimizers` returned multiple optimizers." + ONE_OPTIMIZER_ADVICE
+        ) from error
+
+
+def check_fit_configuration(
+    trainer: pl.Trainer, module: pl.LightningModule, optimizers: list[Optimizer], world_size: int
+) -> None:
+    """Every setup-time check of a fit, before any thread starts."""
+    if world_size > 1:
+        check_multi_device_settings(trainer)
+    check_trainer_settings(trainer, module, optimizers)
+    warn_gradient_hooks(module, trainer.callbacks)
+
+
 def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, optimizers: list[Optimizer]) -> None:
     """Raise for every setting whose meaning needs a synchronous whole-model step."""
     if not module.automatic_optimization:
         raise MisconfigurationException(
             "PD-ASGD replaces the optimizer step of automatic optimization, but this LightningModule sets"
             " `self.automatic_optimization = False` (manual optimization). Use automatic optimization, or train"
-            " this module with `strategy='auto'` or `'ddp'`."
+            " this module with `strategy='auto'` or `'ddp'`." + ONE_OPTIMIZER_ADVICE
         )
     if len(optimizers) != 1 or not any(group["params"] for group in optimizers[0].param_groups):
         raise MisconfigurationException(
             f"PD-ASGD needs exactly one optimizer from `configure_optimizers`, got {len(optimizers)}"
-            " (or one without parameters). Return a single torch.optim optimizer; put parameters that need other"
-            " hyperparameters into its param groups."
+            " (or one without parameters)." + ONE_OPTIMIZER_ADVICE
         )
     optimizer = optimizers[0]
     if type(optimizer).__name__ == "_MockOptimizer":
@@ -43,6 +80,15 @@ def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, opti
             "PD-ASGD applies each parameter's update without a closure; `torch.optim.LBFGS` re-evaluates the loss"
             " through one. Use an element-wise optimizer (SGD, Adam, AdamW, RMSprop, ...)."
         )
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler) and any(f != 1 for f in callback.scheduling.values()):
+            raise MisconfigurationException(
+                f"`GradientAccumulationScheduler({callback.scheduling})` would make PD-ASGD accumulate gradients,"
+                " but PD-ASGD applies every backward's gradient as soon as it is ready and cannot accumulate."
+                " Remove the callback and raise the batch size (or the learning rate) instead."
+            )
     if trainer.accumulate_grad_batches != 1:
         raise MisconfigurationException(
             f"PD-ASGD applies every backward's gradient as soon as it is ready, so"

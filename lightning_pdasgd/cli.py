@@ -6,12 +6,15 @@ Run it from the repository root (or any folder whose Python modules the config n
     lightning-pdasgd fit --config examples/configs/digits_cli.yaml --trainer.strategy.init_args.backward_threads 3
     lightning-pdasgd fit --print_config                         # every argument with its default, as yaml
     lightning-pdasgd fit --trainer.strategy.help PDASGDStrategy # the strategy's arguments with help and defaults
-    lightning-pdasgd report lightning_logs/digits --out report  # PNG plots of a run's CSVLogger metrics
+    lightning-pdasgd report lightning_logs/digits --out report  # PNG plots of a run (CSVLogger or TensorBoard)
+    lightning-pdasgd report lightning_logs/digits --baseline lightning_logs/plain  # ... beside a baseline run
     python -m lightning_pdasgd ...                              # the same, without the console script
 
 Why a command of its own: a yaml file names its model and datamodule by ``class_path``, so any LightningModule
 trains under PD-ASGD without a script. The current working directory is put on ``sys.path`` first (as
 ``python -m`` does), so ``class_path: examples.digits.DigitsClassifier`` resolves when run from the repository root.
+A wrong key or value is reported in a few lines naming the key, the value and what is allowed (``cli_errors.py``),
+and ``--trainer.strategy pdasgd`` takes arguments (``cli_aliases.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any, Optional
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_pdasgd  # noqa: F401 - registers strategy="pdasgd"
+from lightning_pdasgd import cli_aliases  # noqa: F401 - `--trainer.strategy pdasgd --trainer.strategy.<arg> V`
+from lightning_pdasgd.cli_errors import ConfigurationError, ShortErrorParser, instantiation_problem
 
 PROG = "lightning-pdasgd"
 REPORT_COMMAND = "report"
@@ -33,7 +38,7 @@ DESCRIPTION = (
     " the datamodule by class_path in a yaml config; modules in the current directory are importable, so run the"
     " repository's examples from its root. The strategy's arguments, with help and defaults:"
     " `lightning-pdasgd fit --trainer.strategy.help PDASGDStrategy`. Also: `lightning-pdasgd report LOG_DIR"
-    " [--out DIR]` plots a run's CSVLogger metrics.csv."
+    " [--out DIR] [--baseline LOG_DIR]` plots a run's CSVLogger or TensorBoard logs."
 )
 
 
@@ -48,21 +53,46 @@ def main(args: Optional[list[str]] = None) -> int:
         from lightning_pdasgd import report
 
         return report.main(argv[1:], prog=f"{PROG} {REPORT_COMMAND}")
-    cli = run_cli(None if args is None else argv)
+    try:
+        cli = run_cli(None if args is None else argv)
+    except ConfigurationError as error:
+        print(error, file=sys.stderr)
+        return 2
     print_final_accuracy(cli)
     return 0
+
+
+class PDASGDCLI(LightningCLI):
+    """LightningCLI whose configuration errors are a few lines naming the key, the value and what is allowed.
+
+    Parse errors (unknown key, wrong type) go through ``ShortErrorParser``; a value that a class rejects when it is
+    built (``backward_threads: 0``) is raised by jsonargparse as a long chained error, turned here into a
+    ``ConfigurationError`` whose message is the short form (the original stays its ``__cause__``).
+    """
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            if os.environ.get("JSONARGPARSE_DEBUG"):
+                raise
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            prog = f"{PROG} {self.subcommand}" if self.subcommand else PROG
+            problem = instantiation_problem(error, config)
+            raise ConfigurationError("\n".join(problem.lines(prog))) from error
 
 
 def run_cli(args: Optional[list[str]] = None) -> LightningCLI:
     """Parse ``args`` (``sys.argv[1:]`` when ``None``), build the classes and run the subcommand."""
     add_working_directory_to_path()
-    return LightningCLI(
+    return PDASGDCLI(
         model_class=None,
         datamodule_class=None,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={"strategy": dict(DEFAULT_STRATEGY)},
         save_config_kwargs={"overwrite": True},
+        parser_class=ShortErrorParser,
         parser_kwargs={"prog": PROG, "description": DESCRIPTION},
         args=args,
     )

@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
+from lightning_pdasgd.compensation import resolve as resolve_compensation
 from lightning_pdasgd.updates import NONFINITE_POLICIES
 
 ThreadCount = Union[int, Literal["auto"]]
 
 DEFAULT_BACKWARD_THREADS = 2
+DEFAULT_BUCKET_NUMEL = 1 << 16
+METRICS_LEVELS = ("off", "basic", "full")
 
 
 def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
@@ -41,7 +45,10 @@ class PDASGDConfig:
     checkpoint_on_preemption: bool = True
     autotune_steps: int = 6
     autotune_max_staleness: float = 4.0
-    bucket_numel: int = 0
+    bucket_numel: int = DEFAULT_BUCKET_NUMEL
+    metrics: str = "basic"
+    metrics_on_progress_bar: bool = True
+    staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION
 
     @classmethod
     def from_arguments(
@@ -87,8 +94,25 @@ class PDASGDConfig:
             raise ValueError(
                 f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {self.exchange_interval!r}."
             )
+        resolve_compensation(self.staleness_compensation)  # a ValueError names the allowed values
+        if self.metrics not in METRICS_LEVELS:
+            raise ValueError(f"PDASGDStrategy: `metrics` must be one of {METRICS_LEVELS}, got {self.metrics!r}.")
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
             raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
+
+    def ineffective_settings(self) -> list[str]:
+        """Warnings for settings that would silently do nothing."""
+        warnings = []
+        idle = self.max_in_flight is not None and self.backward_threads > self.max_in_flight
+        # `max_in_flight=1` with the default thread count is the plain-equivalence mode: nothing to warn about
+        if idle and not self.autotune and (self.max_in_flight != 1 or self.backward_threads > DEFAULT_BACKWARD_THREADS):
+            warnings.append(
+                f"PDASGDStrategy: `backward_threads={self.backward_threads}` with `max_in_flight={self.max_in_flight}`:"
+                f" at most {self.max_in_flight} backward passes exist at once, so"
+                f" {self.backward_threads - self.max_in_flight} backward thread(s) will always be idle. Raise"
+                f" `max_in_flight` to at least {self.backward_threads} (or leave it unset) to use them."
+            )
+        return warnings
 
     @property
     def in_flight(self) -> int:

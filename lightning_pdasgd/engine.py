@@ -51,8 +51,10 @@ class BackwardEngine:
         max_in_flight: int,
         wait_timeout: float,
         name: str = "pdasgd",
+        thread_setup: Callable[[], None] | None = None,
     ) -> None:
         self._run_backward = run_backward
+        self._thread_setup = thread_setup  # runs first on every backward thread (its intra-op thread count)
         self._num_threads = backward_threads
         self._max_in_flight = max_in_flight
         self.wait_timeout = wait_timeout
@@ -78,10 +80,13 @@ class BackwardEngine:
             self._threads.append(thread)
         log.debug("%s: started %d backward threads", type(self).__name__, self._num_threads)
 
-    def reconfigure(self, backward_threads: int, max_in_flight: int) -> None:
+    def reconfigure(
+        self, backward_threads: int, max_in_flight: int, thread_setup: Callable[[], None] | None = None
+    ) -> None:
         """Restart with another thread count and in-flight bound (the autotuner's trials); drains first."""
         self.drain()
         self.stop()
+        self._thread_setup = thread_setup
         self._num_threads = backward_threads
         self._max_in_flight = max_in_flight
         self._queue = queue.Queue(maxsize=max_in_flight)
@@ -200,6 +205,12 @@ class BackwardEngine:
 
     # ----------------------------------------------------------------------------------------------- workers
     def _worker(self) -> None:
+        if self._thread_setup is not None:
+            try:
+                self._thread_setup()
+            except BaseException as error:  # noqa: BLE001 - surfaced in the driving thread
+                self.fail(error)
+                return
         while not self._stop.is_set():
             try:
                 work = self._queue.get(timeout=_POLL_SECONDS)

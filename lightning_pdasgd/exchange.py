@@ -36,12 +36,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd import _internals
+from lightning_pdasgd.metrics import REPLICA_DIVERGENCE
 from lightning_pdasgd.parameters import ParameterBucket
 
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.05
-CONSISTENT_POINT_KINDS = ("validation", "checkpoint", "epoch_end", "fit_end", "preempt")
+CONSISTENT_POINT_KINDS = ("validation", "checkpoint", "epoch_end", "fit_end", "preempt", "rebuild")
 
 
 class RankFailedError(RuntimeError):
@@ -140,6 +141,8 @@ class ReplicaExchange:
         self.sigterm_seen = threading.Event()  # some rank got SIGTERM
         self.rounds = 0
         self.round_seconds = 0.0
+        self.cpu_seconds = 0.0  # CPU time of the exchange thread (its share of the core budget)
+        self._started_at = time.monotonic()
         self.divergence = 0.0
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -165,9 +168,10 @@ class ReplicaExchange:
     def metrics(self) -> dict[str, float]:
         rounds = max(self.rounds, 1)
         return {
-            "pdasgd/replica_divergence": self.divergence,
+            REPLICA_DIVERGENCE: self.divergence,
             "pdasgd/exchange_rounds": float(self.rounds),
             "pdasgd/exchange_ms": 1000.0 * self.round_seconds / rounds,
+            "pdasgd/exchange_cpu_frac": self.cpu_seconds / max(time.monotonic() - self._started_at, 1e-9),
         }
 
     # ----------------------------------------------------------------------------------------------- consistent points
@@ -204,6 +208,7 @@ class ReplicaExchange:
                         return
                     self.rounds += 1
                     self.round_seconds += time.monotonic() - started
+                    self.cpu_seconds = time.thread_time()
                     rest = self._interval_s - (time.monotonic() - started)
                     if rest > 0 and self._request is None and not self._abort.is_set():
                         time.sleep(rest)

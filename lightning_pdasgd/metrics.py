@@ -23,6 +23,16 @@ FORWARD_BUSY = "pdasgd/forward_busy"
 BACKWARD_BUSY = "pdasgd/backward_busy"
 WALL_TIME = "pdasgd/wall_time_s"
 BACKWARD_THREADS = "pdasgd/backward_threads"  # 0: the plain synchronous step (chosen by the autotuner)
+REPLICA_DIVERGENCE = "pdasgd/replica_divergence"
+# the engine's own cost per step, in milliseconds: copying the weights, handing the loss off, applying updates
+STASH_MS = "pdasgd/stash_ms"
+HANDOFF_MS = "pdasgd/handoff_ms"
+UPDATE_MS = "pdasgd/update_ms"
+# `metrics="basic"` (the default) logs these; "full" logs every metric; "off" none
+BASIC_METRICS = frozenset(
+    {SAMPLES_PER_SECOND, STALENESS_MEAN, STALENESS_MAX, QUEUE_DEPTH, WALL_TIME, SKIPPED_UPDATES, REPLICA_DIVERGENCE}
+)
+PROGRESS_BAR_METRICS = (SAMPLES_PER_SECOND, STALENESS_MEAN)
 # staleness histogram: the fraction of updates whose staleness falls in each bucket (any logger can plot scalars)
 STALENESS_BUCKETS: tuple[tuple[int, int, str], ...] = (
     (0, 0, "0"),
@@ -48,6 +58,7 @@ class BackwardRecord:
     staleness_max: int = 0
     grad_sq_sum: float = 0.0
     seconds: float = 0.0
+    update_seconds: float = 0.0  # checks, clipping and optimizer steps of this backward's buckets
     skipped: int = 0  # parameter updates dropped for a non-finite gradient (policy "skip")
     histogram: list[int] = field(default_factory=lambda: [0] * len(STALENESS_BUCKETS))
 
@@ -74,6 +85,9 @@ class StatsWindow:
     samples: int = 0
     grad_sq_sum: float = 0.0
     skipped: int = 0
+    stash_seconds: float = 0.0
+    handoff_seconds: float = 0.0
+    update_seconds: float = 0.0
     histogram: list[int] = field(default_factory=lambda: [0] * len(STALENESS_BUCKETS))
     started_at: float = field(default_factory=time.perf_counter)
 
@@ -95,8 +109,11 @@ class StatsWindow:
                 metrics[f"pdasgd/staleness_frac_{label}"] = count / self.updates
         if self.forwards:
             metrics[FORWARD_MS] = 1000.0 * self.forward_seconds / self.forwards
+            metrics[STASH_MS] = 1000.0 * self.stash_seconds / self.forwards
+            metrics[HANDOFF_MS] = 1000.0 * self.handoff_seconds / self.forwards
         if self.backwards:
             metrics[BACKWARD_MS] = 1000.0 * self.backward_seconds / self.backwards
+            metrics[UPDATE_MS] = 1000.0 * self.update_seconds / self.backwards
             if log_grad_norm:
                 metrics[GRAD_NORM] = (self.grad_sq_sum / self.backwards) ** 0.5
         return metrics
@@ -113,6 +130,10 @@ class EngineStats:
         self.total_staleness_sum = 0
         self.total_staleness_max = 0
         self.total_skipped = 0
+        self.total_forwards = 0
+        self.total_stash_seconds = 0.0  # the engine's own cost, for benchmarks' per-step overhead
+        self.total_handoff_seconds = 0.0
+        self.total_update_seconds = 0.0
 
     def record_skipped_loss(self, parameters: int) -> None:
         """A non-finite loss under policy "skip": none of its parameters' updates happen."""
@@ -130,6 +151,8 @@ class EngineStats:
             window.backward_seconds += record.seconds
             window.grad_sq_sum += record.grad_sq_sum
             window.skipped += record.skipped
+            window.update_seconds += record.update_seconds
+            self.total_update_seconds += record.update_seconds
             for index, count in enumerate(record.histogram):
                 window.histogram[index] += count
             self.total_skipped += record.skipped
@@ -138,11 +161,19 @@ class EngineStats:
             self.total_staleness_sum += record.staleness_sum
             self.total_staleness_max = max(self.total_staleness_max, record.staleness_max)
 
-    def record_forward(self, seconds: float, samples: int) -> None:
+    def record_forward(self, seconds: float, samples: int, stash_seconds: float = 0.0) -> None:
         with self._lock:
             self._window.forwards += 1
             self._window.forward_seconds += seconds
             self._window.samples += samples
+            self._window.stash_seconds += stash_seconds
+            self.total_forwards += 1
+            self.total_stash_seconds += stash_seconds
+
+    def record_handoff(self, seconds: float) -> None:
+        with self._lock:
+            self._window.handoff_seconds += seconds
+            self.total_handoff_seconds += seconds
 
     def take_window(self) -> StatsWindow:
         """Hand back the finished window and start a new one."""

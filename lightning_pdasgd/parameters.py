@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from lightning_pdasgd import _internals
 
+Fill = Callable[[list[Tensor], Sequence[Tensor], int], None]
+
 
 class ParameterBucket:
     """Parameters of one param group, dtype and device that share a lock, a version and a CUDA event.
@@ -60,23 +62,30 @@ class ParameterBucket:
         return self.params[0].dtype
 
     # ------------------------------------------------------------------------------------------- the three accesses
-    def read_into(self, leaves: Sequence[Tensor]) -> int:
-        """Copy the live values into a forward's stash leaves (no torn reads); returns the version read."""
+    def read_into(self, leaves: Sequence[Tensor], fill: Fill | None = None) -> int:
+        """Write the weights a forward reads into its stash leaves (no torn reads); returns the version read.
+
+        ``fill(aliases, leaves, version)`` may write something other than an exact copy (weight prediction).
+        """
         with self._lock:
             self._wait_for_last_write()
             with torch.no_grad():
-                _internals.foreach_copy_(leaves, self.aliases)
+                if fill is None:
+                    _internals.foreach_copy_(leaves, self.aliases)
+                else:
+                    fill(self.aliases, leaves, self._version)
             return self._version
 
-    def update(self, read_version: int, step: Callable[[], None]) -> int:
-        """Run ``step`` (which writes the live values) as one update; returns its staleness.
+    def update(self, read_version: int, step: Callable[[int, int], None]) -> int:
+        """Run ``step(staleness, version)`` (which writes the live values) as one update; returns its staleness.
 
-        Staleness is the number of updates this bucket received between the forward's read and this update.
+        Staleness is the number of updates this bucket received between the forward's read and this update;
+        ``version`` counts the updates before this one.
         """
         with self._lock:
             self._wait_for_last_write()
             staleness = self._version - read_version
-            step()
+            step(staleness, self._version)
             self._version += 1
             self._local_updates += 1
             self._record_write()
@@ -111,20 +120,24 @@ class ParameterBucket:
             self._ready_event.record()
 
 
-def make_buckets(module: nn.Module, optimizer: torch.optim.Optimizer, bucket_numel: int) -> list[ParameterBucket]:
+def make_buckets(
+    module: nn.Module, optimizer: torch.optim.Optimizer, bucket_numel: int, detached: frozenset[int] = frozenset()
+) -> list[ParameterBucket]:
     """Group the optimizer's trainable parameters into buckets, in the order their gradients usually arrive.
 
     Backward produces gradients roughly in reverse registration order, so parameters are walked from the last
-    one: consecutive parameters of one param group, dtype and device share a bucket until it holds at least
-    ``bucket_numel`` elements (``bucket_numel=0``: one parameter per bucket). Frozen parameters get none: the
-    forward reads them live and nothing updates them.
+    one. A module's parameters (a layer's weight and bias) always share a bucket; consecutive modules join it
+    until it holds at least ``bucket_numel`` elements (``0``: one bucket per module). A bucket never spans two
+    param groups, dtypes or devices. Frozen parameters get none: the forward reads them live and nothing updates
+    them. ``detached``: ids of parameters that left the module during fit (a replaced layer whose old parameters
+    are still in the optimizer); like a plain step, which never sees a gradient for them, they are left alone.
     """
     names = {id(param): name for name, param in module.named_parameters()}
     ordered: list[tuple[int, str, nn.Parameter]] = []
     seen: set[int] = set()
     for group_index, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
-            if not param.requires_grad or id(param) in seen:
+            if not param.requires_grad or id(param) in seen or (id(param) in detached and id(param) not in names):
                 continue
             seen.add(id(param))
             if id(param) not in names:
@@ -143,22 +156,27 @@ def make_buckets(module: nn.Module, optimizer: torch.optim.Optimizer, bucket_num
     ordered.sort(key=lambda item: -registration[item[1]])
     buckets: list[ParameterBucket] = []
     members: list[tuple[int, str, nn.Parameter]] = []
-
-    def close() -> None:
-        if members:
-            buckets.append(
-                ParameterBucket(len(buckets), [m[1] for m in members], [m[2] for m in members], members[0][0])
-            )
-            members.clear()
-
     for item in ordered:
-        if members and (
-            item[0] != members[0][0]
-            or item[2].dtype != members[0][2].dtype
-            or item[2].device != members[0][2].device
-            or sum(m[2].numel() for m in members) >= bucket_numel
-        ):
-            close()
+        if members and _starts_new_bucket(members, item, bucket_numel):
+            buckets.append(_bucket(len(buckets), members))
+            members = []
         members.append(item)
-    close()
+    buckets.append(_bucket(len(buckets), members))
     return buckets
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _starts_new_bucket(members: list[tuple[int, str, nn.Parameter]], item: tuple[int, str, nn.Parameter], bucket_numel: int) -> bool:
+    first, last = members[0], members[-1]
+    if item[0] != first[0] or item[2].dtype != first[2].dtype or item[2].device != first[2].device:
+        return True
+    if _owner(item[1]) == _owner(last[1]):
+        return False  # a module's parameters stay together
+    return sum(member[2].numel() for member in members) >= bucket_numel
+
+
+def _bucket(index: int, members: list[tuple[int, str, nn.Parameter]]) -> ParameterBucket:
+    return ParameterBucket(index, [m[1] for m in members], [m[2] for m in members], members[0][0])

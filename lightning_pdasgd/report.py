@@ -1,16 +1,26 @@
-"""``lightning-pdasgd report LOG_DIR [--out DIR]``: PNG plots of a run from its CSVLogger ``metrics.csv``.
+"""``lightning-pdasgd report LOG_DIR [--out DIR] [--baseline LOG_DIR]``: PNG plots of a run, beside a baseline.
 
-Why from ``metrics.csv``: it is the one log format every Lightning install can write and read back without extra
-services, and it holds every ``pdasgd/`` metric the strategy logs. Three plots, each skipped with a message when
-its columns are missing (a run without PD-ASGD, or without validation):
+Why these plots: whether PD-ASGD pays is a question of loss and accuracy against time, next to a plain run of the
+same model, and of how stale the applied gradients were while it trained. The report reads the two log formats
+Lightning writes without extra services -- CSVLogger's ``metrics.csv`` and TensorBoardLogger's event files
+(through ``tensorboard``'s own reader, imported only when such a file is found) -- and writes:
 
-- ``val_accuracy.png``: ``val_acc`` against wall time (``pdasgd/wall_time_s``), or against the step when the log has
-  no wall-time column (CSVLogger records none of its own);
-- ``throughput.png``: ``pdasgd/samples_per_sec`` against the step;
-- ``staleness.png``: histograms of ``pdasgd/staleness_mean`` and, when logged, ``pdasgd/staleness_max``.
+- ``loss.png``: the training loss against the step, with the baseline's;
+- ``val_accuracy.png``: ``val_acc`` against the step and, when the run has a clock, against wall time, with the
+  baseline's;
+- ``throughput.png``: ``pdasgd/samples_per_sec`` against the step, with its median;
+- ``staleness.png``: the staleness distribution over the run (the ``pdasgd/staleness_frac_*`` buckets, stacked),
+  with the mean staleness on the right axis.
 
-matplotlib is optional (the ``examples`` extra); the figures are drawn on the Agg canvas directly, so no GUI
-backend is needed and pyplot's global state is left alone.
+Every plot on a step axis has a dotted line at each epoch boundary, taken from the ``epoch`` value Lightning logs
+with every row. A plot whose metrics are missing is skipped with a message naming them.
+
+Wall time comes from ``pdasgd/wall_time_s`` (seconds since fit started, logged by the strategy) or, for a
+TensorBoard run without it (a plain Lightning baseline), from the events' own timestamps, counted from the first
+event. A CSV run without ``pdasgd/wall_time_s`` has no clock: it is plotted against the step only.
+
+matplotlib is optional (the ``examples`` extra), and so is tensorboard (the ``dev`` extra); the figures are drawn
+on the Agg canvas directly, so no GUI backend is needed and pyplot's global state is left alone.
 """
 
 from __future__ import annotations
@@ -18,26 +28,34 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import sys
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from lightning_pdasgd import metrics as names
-
 METRICS_FILE = "metrics.csv"
+EVENTS_GLOB = "events.out.tfevents.*"
 STEP = "step"
+EPOCH = "epoch"
 VAL_ACC = "val_acc"
 WALL_TIME = "pdasgd/wall_time_s"
-SAMPLES_PER_SEC = names.SAMPLES_PER_SECOND
-STALENESS_MEAN = names.STALENESS_MEAN
-STALENESS_MAX = names.STALENESS_MAX
+SAMPLES_PER_SEC = "pdasgd/samples_per_sec"
+STALENESS_MEAN = "pdasgd/staleness_mean"
+STALENESS_MAX = "pdasgd/staleness_max"
+STALENESS_FRACTION_PREFIX = "pdasgd/staleness_frac_"
+# the training loss under the names LightningModules commonly log it; the first one present is plotted
+LOSS_NAMES = ("train_loss", "train_loss_step", "loss", "train/loss", "training_loss", "train_loss_epoch")
 
 EXIT_OK = 0
 EXIT_NOTHING_PLOTTED = 1
 EXIT_NO_METRICS = 2
+
+RUN_COLOR = "tab:blue"
+BASELINE_COLOR = "tab:orange"
 
 
 class ReportError(Exception):
@@ -49,66 +67,130 @@ class ReportError(Exception):
 
 
 @dataclass
-class RunMetrics:
-    """The numeric cells of one ``metrics.csv``: its columns and one dict per row (empty cells left out)."""
+class Series:
+    """One metric: its values by step, in logging order, and the events' own clock when the log has one."""
 
-    path: Path
-    columns: list[str]
-    rows: list[dict[str, float]]
+    steps: np.ndarray
+    values: np.ndarray
+    event_times: Optional[np.ndarray] = None  # TensorBoard: seconds since the epoch (the Unix one) of each value
 
-    def has(self, *columns: str) -> bool:
-        return all(column in self.columns for column in columns)
 
-    def series(self, y: str, x: str = STEP) -> tuple[np.ndarray, np.ndarray]:
-        """``(x, y)`` over the rows where both are logged, in file order."""
-        pairs = [(row[x], row[y]) for row in self.rows if x in row and y in row]
-        xs, ys = zip(*pairs) if pairs else ((), ())
-        return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+@dataclass(eq=False)
+class Run:
+    """Every scalar of one run, whatever the log format."""
 
-    def values(self, column: str) -> np.ndarray:
-        return np.asarray([row[column] for row in self.rows if column in row], dtype=float)
+    source: Path  # the metrics.csv file, or the folder of the event files
+    log_format: str  # "csv" or "tensorboard"
+    series: dict[str, Series]
+    label: str = "run"
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.series)
+
+    def has(self, name: str) -> bool:
+        return name in self.series and len(self.series[name].values) > 0
+
+    def get(self, name: str) -> Series:
+        return self.series[name]
+
+    def clock(self, name: str) -> Optional[np.ndarray]:
+        """Seconds since the run started at each value of ``name``, or ``None`` when the log has no clock.
+
+        ``pdasgd/wall_time_s`` is preferred (it counts from the start of fit and is logged on training steps; other
+        rows get it interpolated by step); a TensorBoard log without it uses its events' timestamps.
+        """
+        series = self.series[name]
+        if self.has(WALL_TIME):
+            clock = self.series[WALL_TIME]
+            order = np.argsort(clock.steps, kind="stable")
+            return np.interp(series.steps, clock.steps[order], clock.values[order])
+        if series.event_times is not None:
+            return series.event_times - self.first_event_time()
+        return None
+
+    def first_event_time(self) -> float:
+        """The timestamp of the run's first logged event: its clock's zero when it has no ``pdasgd/wall_time_s``."""
+        times = [float(s.event_times.min()) for s in self.series.values() if s.event_times is not None and len(s.steps)]
+        return min(times) if times else 0.0
+
+    def epoch_boundaries(self) -> np.ndarray:
+        """The step at which each epoch after the first begins: the last step logged in the epoch before.
+
+        Lightning logs ``epoch`` with every row, and epoch-level metrics (validation, ``on_epoch=True``) at the
+        epoch's last step, so that step is the boundary.
+        """
+        if not self.has(EPOCH):
+            return np.asarray([], dtype=float)
+        epochs = self.series[EPOCH]
+        last_step: dict[int, float] = {}
+        for step, epoch in zip(epochs.steps, epochs.values):
+            last_step[int(epoch)] = max(last_step.get(int(epoch), -math.inf), float(step))
+        ordered = sorted(last_step)
+        return np.asarray([last_step[epoch] for epoch in ordered[:-1]], dtype=float)
 
 
 @dataclass
 class Report:
-    """What ``write_report`` did: the PNGs it wrote and a message for every plot it skipped."""
+    """What ``write_report`` did: the runs it read, the PNGs it wrote and a message for every plot it skipped."""
 
-    metrics_path: Path
+    run: Run
+    baseline: Optional[Run] = None
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------------------------------------- reading
-def find_metrics_csv(log_dir: Path) -> Path:
-    """The newest ``metrics.csv`` under ``log_dir`` (searched recursively; newest = last modified).
+# ------------------------------------------------------------------------------------------------- finding runs
+def find_run_source(log_dir: Path) -> tuple[Path, str]:
+    """The newest run under ``log_dir``: a ``metrics.csv`` or a folder of TensorBoard event files.
 
-    A CSVLogger writes ``<save_dir>/<name>/version_<n>/metrics.csv`` and every new run adds a version, so the last
-    modified file is the latest run, whatever the names and version numbers are.
+    Both loggers write ``<save_dir>/<name>/version_<n>/`` and every new run adds a version, so the most recently
+    modified log file is the latest run, whatever the names and version numbers are.
     """
-    if log_dir.is_file() and log_dir.name == METRICS_FILE:
-        return log_dir
+    if log_dir.is_file():
+        if log_dir.name == METRICS_FILE:
+            return log_dir, "csv"
+        if log_dir.match(EVENTS_GLOB):
+            return log_dir.parent, "tensorboard"
     if not log_dir.is_dir():
         raise ReportError(f"'{log_dir}' is not a directory: give the log folder of a run.", EXIT_NO_METRICS)
-    candidates = sorted(log_dir.rglob(METRICS_FILE), key=lambda path: (path.stat().st_mtime, str(path)))
+    candidates = [(path, "csv") for path in log_dir.rglob(METRICS_FILE)]
+    candidates += [(path, "tensorboard") for path in log_dir.rglob(EVENTS_GLOB)]
     if not candidates:
         raise ReportError(
-            f"No {METRICS_FILE} found under '{log_dir}'. Point the report at the save_dir of a run logged with"
-            " `lightning.pytorch.loggers.CSVLogger` (e.g. `--trainer.logger lightning.pytorch.loggers.CSVLogger`).",
+            f"No {METRICS_FILE} and no TensorBoard event file ({EVENTS_GLOB}) found under '{log_dir}'. Point the"
+            " report at the save_dir of a run logged with `lightning.pytorch.loggers.CSVLogger` or"
+            " `TensorBoardLogger` (e.g. `--trainer.logger lightning.pytorch.loggers.CSVLogger`).",
             EXIT_NO_METRICS,
         )
-    return candidates[-1]
+    path, log_format = max(candidates, key=lambda item: (item[0].stat().st_mtime, str(item[0])))
+    return (path, "csv") if log_format == "csv" else (path.parent, "tensorboard")
 
 
-def read_metrics(path: Path) -> RunMetrics:
-    """Parse a CSVLogger file; cells that are empty or not numbers are left out of their row."""
+def read_run(log_dir: Path, label: str = "run") -> Run:
+    """Read the newest run under ``log_dir`` in whichever format it was logged."""
+    source, log_format = find_run_source(log_dir)
+    series = read_csv(source) if log_format == "csv" else read_tensorboard(source)
+    return Run(source=source, log_format=log_format, series=series, label=label)
+
+
+def read_csv(path: Path) -> dict[str, Series]:
+    """CSVLogger's file: one row per logging call; empty cells and cells that are not finite numbers are skipped."""
+    steps: dict[str, list[float]] = defaultdict(list)
+    values: dict[str, list[float]] = defaultdict(list)
     with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = list(reader.fieldnames or [])
-        rows = [_numeric_cells(row) for row in reader]
-    return RunMetrics(path=path, columns=columns, rows=rows)
+        for row in csv.DictReader(handle):
+            cells = _numeric_cells(row)
+            if STEP not in cells:
+                continue
+            for name, value in cells.items():
+                if name != STEP:
+                    steps[name].append(cells[STEP])
+                    values[name].append(value)
+    return {name: Series(np.asarray(steps[name]), np.asarray(values[name])) for name in values}
 
 
-def _numeric_cells(row: dict[str, Any]) -> dict[str, float]:
+def _numeric_cells(row: dict[Any, Any]) -> dict[str, float]:
     cells = {}
     for key, text in row.items():
         try:
@@ -120,84 +202,213 @@ def _numeric_cells(row: dict[str, Any]) -> dict[str, float]:
     return cells
 
 
-# ------------------------------------------------------------------------------------------------- series
-def validation_accuracy_series(run: RunMetrics) -> tuple[np.ndarray, np.ndarray, str]:
-    """``val_acc`` against wall time in seconds when the run logged ``pdasgd/wall_time_s``, else against the step.
+def read_tensorboard(folder: Path) -> dict[str, Series]:
+    """Every scalar in the event files of ``folder``, with each event's timestamp, read by tensorboard itself."""
+    try:
+        import tensorboard  # noqa: F401 - the parent package first, so a missing tensorboard is caught here
+        from tensorboard.backend.event_processing import event_accumulator
+    except ImportError as error:
+        raise ReportError(
+            f"'{folder}' holds TensorBoard event files; reading them needs the `tensorboard` package, which cannot"
+            f" be imported ({error}). Install it with `pip install tensorboard`, or log with CSVLogger.",
+            EXIT_NOTHING_PLOTTED,
+        ) from error
+    accumulator = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    accumulator.Reload()
+    series = {}
+    for tag in accumulator.Tags().get(event_accumulator.SCALARS, []):
+        events = [event for event in accumulator.Scalars(tag) if math.isfinite(event.value)]
+        series[tag] = Series(
+            steps=np.asarray([event.step for event in events], dtype=float),
+            values=np.asarray([event.value for event in events], dtype=float),
+            event_times=np.asarray([event.wall_time for event in events], dtype=float),
+        )
+    return series
 
-    Validation rows rarely carry the wall time themselves (the strategy logs it on training steps), so a
-    validation row without it gets the wall time interpolated from the steps around it.
-    """
-    steps, accuracy = run.series(VAL_ACC)
-    if not run.has(WALL_TIME):
-        return steps, accuracy, f"step (no {WALL_TIME} column in {METRICS_FILE})"
-    clock_steps, clock = run.series(WALL_TIME)
-    if len(clock) == 0:
-        return steps, accuracy, f"step ({WALL_TIME} is never logged)"
-    order = np.argsort(clock_steps, kind="stable")
-    seconds = [
-        row[WALL_TIME] if WALL_TIME in row else float(np.interp(row[STEP], clock_steps[order], clock[order]))
-        for row in run.rows
-        if VAL_ACC in row and STEP in row
-    ]
-    return np.asarray(seconds, dtype=float), accuracy, "wall time (s)"
+
+def loss_name(run: Run) -> Optional[str]:
+    return next((name for name in LOSS_NAMES if run.has(name)), None)
 
 
-def _missing(run: RunMetrics, *columns: str) -> Optional[str]:
-    absent = [column for column in columns if column not in run.columns]
-    return f"no {', '.join(f'`{column}`' for column in absent)} column in {run.path}" if absent else None
+def staleness_fractions(run: Run) -> list[str]:
+    """The ``pdasgd/staleness_frac_<bucket>`` metrics, ordered by the bucket's lowest staleness (0, 1, 2, 3-4...)."""
+    names = [name for name in run.names if name.startswith(STALENESS_FRACTION_PREFIX) and run.has(name)]
+
+    def lowest(name: str) -> int:
+        match = re.match(r"\d+", name[len(STALENESS_FRACTION_PREFIX) :])
+        return int(match.group()) if match else 1 << 30
+
+    return sorted(names, key=lowest)
+
+
+# ------------------------------------------------------------------------------------------------- axes
+def validation_accuracy_series(run: Run, name: str = VAL_ACC) -> tuple[np.ndarray, np.ndarray, str]:
+    """``name`` against wall time in seconds when the run has a clock, else against the step (the label says)."""
+    series = run.get(name)
+    clock = run.clock(name)
+    if clock is None:
+        return series.steps, series.values, f"step (no {WALL_TIME} in {run.source.name}, no event times)"
+    return clock, series.values, "wall time (s)"
+
+
+def _epoch_lines(axes: Any, run: Run, to_x: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
+    """Dotted vertical lines at the run's epoch boundaries, labelled with the epoch they begin."""
+    boundaries = run.epoch_boundaries()
+    if to_x is not None and len(boundaries):
+        boundaries = to_x(boundaries)
+    for index, x in enumerate(boundaries):
+        axes.axvline(x, color="black", linestyle=":", linewidth=0.8, alpha=0.5,
+                     label="epoch boundary (n: epoch that starts)" if index == 0 else None)  # fmt: skip
+        if len(boundaries) <= 20:
+            axes.annotate(f"{index + 1}", (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                          textcoords="offset points", fontsize=7, color="dimgray")  # fmt: skip
+
+
+def _steps_to_seconds(run: Run) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """Map steps to the run's wall time (for epoch lines on a time axis), or ``None`` without a clock."""
+    reference = WALL_TIME if run.has(WALL_TIME) else next(iter(run.series), None)
+    if reference is None:
+        return None
+    clock = run.clock(reference)
+    if clock is None:
+        return None
+    steps = run.get(reference).steps
+    order = np.argsort(steps, kind="stable")
+    return lambda x: np.interp(x, steps[order], clock[order])
 
 
 # ------------------------------------------------------------------------------------------------- plots
-def plot_validation_accuracy(run: RunMetrics, path: Path) -> Path:
-    """The curve that shows whether asynchronous updates cost accuracy, and what they gain in time."""
-    x, y, xlabel = validation_accuracy_series(run)
+def plot_loss(run: Run, baseline: Optional[Run], path: Path) -> Path:
+    """The training loss, ours beside the baseline's: does asynchrony cost optimisation progress per step?"""
     figure, axes = _figure()
-    axes.plot(x, y, marker="o", color="tab:blue")
-    axes.set(xlabel=xlabel, ylabel=VAL_ACC, title=f"validation accuracy (last {y[-1]:.4f})" if len(y) else VAL_ACC)
-    axes.grid(alpha=0.3)
+    plotted = []
+    for each, color in _runs(run, baseline):
+        name = loss_name(each)
+        if name is None:
+            continue
+        series = each.get(name)
+        window = max(1, len(series.values) // 20)
+        axes.plot(series.steps, series.values, color=color, linewidth=0.8, alpha=0.3)
+        axes.plot(series.steps, _moving_average(series.values, window), color=color, linewidth=1.8,
+                  label=f"{each.label} ({name}, mean of {window} logged values)")  # fmt: skip
+        plotted.append(series.values)
+    _epoch_lines(axes, run)
+    values = np.concatenate(plotted)
+    if values.min() > 0 and values.max() / values.min() > 20:  # a loss that falls by decades reads better in log
+        axes.set_yscale("log")
+    axes.set(xlabel=STEP, ylabel="training loss", title="training loss")
+    _finish(axes)
     return _save(figure, path)
 
 
-def plot_throughput(run: RunMetrics, path: Path) -> Path:
+def plot_validation_accuracy(run: Run, baseline: Optional[Run], path: Path, name: str = VAL_ACC) -> Path:
+    """Accuracy by step (sample efficiency) and by wall time (what the user waits for), beside the baseline."""
+    timed = [(each, color) for each, color in _runs(run, baseline) if each.has(name) and each.clock(name) is not None]
+    figure, axes = _figure(columns=2 if timed else 1)
+    by_step, by_time = (axes[0], axes[1]) if timed else (axes, None)
+    for each, color in _runs(run, baseline):
+        if each.has(name):
+            series = each.get(name)
+            by_step.plot(series.steps, series.values, marker="o", markersize=3, color=color,
+                         label=f"{each.label} (last {series.values[-1]:.4f})")  # fmt: skip
+    _epoch_lines(by_step, run)
+    by_step.set(xlabel=STEP, ylabel=name, title=f"{name} by step")
+    _finish(by_step)
+    if by_time is not None:
+        for each, color in timed:
+            x, y, _ = validation_accuracy_series(each, name)
+            by_time.plot(x, y, marker="o", markersize=3, color=color, label=f"{each.label} (end {x[-1]:.1f} s)")
+        timed_runs = [id(each) for each, _ in timed]
+        untimed = [each.label for each, _ in _runs(run, baseline) if each.has(name) and id(each) not in timed_runs]
+        title = f"{name} by wall time" + (f" ({', '.join(untimed)}: no clock in its log)" if untimed else "")
+        converter = _steps_to_seconds(run)
+        if converter is not None and any(each is run for each, _ in timed):
+            _epoch_lines(by_time, run, converter)
+        by_time.set(xlabel="wall time since fit started (s)", ylabel=name, title=title)
+        _finish(by_time)
+    return _save(figure, path)
+
+
+def plot_throughput(run: Run, baseline: Optional[Run], path: Path) -> Path:
     """Samples per second per logging window: the speed PD-ASGD is for, and where it dips (validation, drains)."""
-    steps, samples = run.series(SAMPLES_PER_SEC)
+    series = run.get(SAMPLES_PER_SEC)
     figure, axes = _figure()
-    axes.plot(steps, samples, color="tab:green", label=SAMPLES_PER_SEC)
-    if len(samples):
-        axes.axhline(float(np.median(samples)), color="gray", linestyle="--", label=f"median {np.median(samples):.0f}")
+    axes.plot(series.steps, series.values, color="tab:green", label=SAMPLES_PER_SEC)
+    median = float(np.median(series.values))
+    axes.axhline(median, color="gray", linestyle="--", label=f"median {median:,.0f}")
+    if baseline is not None and baseline.has(SAMPLES_PER_SEC):
+        other = baseline.get(SAMPLES_PER_SEC)
+        axes.plot(other.steps, other.values, color=BASELINE_COLOR, label=f"{baseline.label}")
+    _epoch_lines(axes, run)
     axes.set(xlabel=STEP, ylabel="samples / s", title="training throughput")
-    axes.legend()
+    axes.set_ylim(bottom=0)
+    _finish(axes)
+    return _save(figure, path)
+
+
+def plot_staleness(run: Run, baseline: Optional[Run], path: Path) -> Path:
+    """How stale the applied gradients were, over the run: on top the share of updates in each staleness bucket,
+    stacked; below the mean staleness. Measured, because several backward threads do not bound it."""
+    fractions = staleness_fractions(run)
+    figure_class = _require_matplotlib()
+    figure = figure_class(figsize=(8.0, 5.6 if fractions else 3.6), layout="constrained")
+    if fractions:
+        shares, below = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+        steps = run.get(fractions[0]).steps
+        stack = [np.interp(steps, run.get(name).steps, run.get(name).values) for name in fractions]
+        labels = [f"staleness {name[len(STALENESS_FRACTION_PREFIX):]}" for name in fractions]
+        shares.stackplot(steps, *stack, labels=labels, colors=_bucket_colors(len(fractions)), alpha=0.9)
+        _epoch_lines(shares, run)
+        shares.set(ylim=(0, 1), ylabel="share of updates", title="staleness of the applied updates, per logging window")
+        handles, names = shares.get_legend_handles_labels()
+        shares.legend(handles[::-1], names[::-1], fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        below = figure.subplots()
+    if run.has(STALENESS_MEAN):
+        mean = run.get(STALENESS_MEAN)
+        below.plot(mean.steps, mean.values, color="black", linewidth=1.2,
+                   label=f"mean (over the run {mean.values.mean():.2f})")  # fmt: skip
+    if run.has(STALENESS_MAX):
+        most = run.get(STALENESS_MAX)
+        below.plot(most.steps, most.values, color="tab:red", linewidth=0.8, linestyle="--",
+                   label=f"max (over the run {most.values.max():.0f})")  # fmt: skip
+    _epoch_lines(below, run)
+    below.set(xlabel=STEP, ylabel="staleness (updates)")
+    below.set_ylim(bottom=0)
+    if not fractions:
+        below.set(title="staleness of the applied updates (updates of a parameter between its read and its update)")
+    below.grid(alpha=0.3)
+    below.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(figure, path)
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving mean (shorter at the ends): a per-step loss is too noisy to compare two runs by eye."""
+    if window <= 1 or len(values) < 2:
+        return values
+    kernel = np.ones(window)
+    return np.convolve(values, kernel, mode="same") / np.convolve(np.ones_like(values), kernel, mode="same")
+
+
+def _bucket_colors(count: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis_r"]
+    return [cmap(0.1 + 0.85 * index / max(count - 1, 1)) for index in range(count)]
+
+
+def _runs(run: Run, baseline: Optional[Run]) -> list[tuple[Run, str]]:
+    return [(run, RUN_COLOR)] + ([(baseline, BASELINE_COLOR)] if baseline is not None else [])
+
+
+def _finish(axes: Any) -> None:
     axes.grid(alpha=0.3)
-    return _save(figure, path)
-
-
-def plot_staleness(run: RunMetrics, path: Path) -> Path:
-    """How stale the applied gradients were: measured, because several backward threads do not bound it."""
-    from matplotlib.ticker import MaxNLocator
-
-    panels = [column for column in (STALENESS_MEAN, STALENESS_MAX) if len(run.values(column))]
-    figure, axes = _figure(columns=len(panels))
-    for ax, column, color in zip(np.atleast_1d(axes), panels, ("tab:orange", "tab:red")):
-        values = run.values(column)
-        bins = _bins(values)
-        ax.hist(values, bins=bins, color=color, edgecolor="black")
-        if not isinstance(bins, str):  # integer staleness: one bar per value, labelled by the value
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=min(len(bins), 12), integer=True, min_n_ticks=1))
-        ax.set(xlabel=column, ylabel="logging windows", title=f"mean {values.mean():.2f} over {len(values)} windows")
-    figure.suptitle("staleness (updates of a parameter between its read and its update)")
-    return _save(figure, path)
-
-
-def _bins(values: np.ndarray) -> Any:
-    """Integer-wide bins for integer data (staleness_max), automatic ones otherwise."""
-    if len(values) and np.all(values == np.round(values)):
-        return np.arange(values.min() - 0.5, values.max() + 1.5)
-    return "auto"
+    axes.legend(fontsize=8)
 
 
 def _figure(columns: int = 1) -> tuple[Any, Any]:
     figure_class = _require_matplotlib()
-    figure = figure_class(figsize=(6.4 * columns, 4.8), layout="constrained")
+    figure = figure_class(figsize=(6.4 * columns, 4.4), layout="constrained")
     axes = figure.subplots(1, columns) if columns > 1 else figure.subplots()
     return figure, axes
 
@@ -225,56 +436,86 @@ def _require_matplotlib() -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- report
-PLOTS = (  # file name, plot, the columns it needs
-    ("val_accuracy.png", plot_validation_accuracy, (VAL_ACC,)),
-    ("throughput.png", plot_throughput, (SAMPLES_PER_SEC,)),
-    ("staleness.png", plot_staleness, (STALENESS_MEAN,)),
+def _needs_loss(run: Run) -> Optional[str]:
+    return None if loss_name(run) else f"no training loss ({' / '.join(LOSS_NAMES[:3])}...) in {run.source}"
+
+
+def _needs(*names: str) -> Callable[[Run], Optional[str]]:
+    def check(run: Run) -> Optional[str]:
+        missing = [name for name in names if not run.has(name)]
+        return f"no {', '.join(f'`{name}`' for name in missing)} in {run.source}" if missing else None
+
+    return check
+
+
+def _needs_staleness(run: Run) -> Optional[str]:
+    if staleness_fractions(run) or run.has(STALENESS_MEAN):
+        return None
+    return f"no `{STALENESS_FRACTION_PREFIX}*` and no `{STALENESS_MEAN}` in {run.source}"
+
+
+PLOTS: tuple[tuple[str, Callable[[Run, Optional[Run], Path], Path], Callable[[Run], Optional[str]]], ...] = (
+    ("loss.png", plot_loss, _needs_loss),
+    ("val_accuracy.png", plot_validation_accuracy, _needs(VAL_ACC)),
+    ("throughput.png", plot_throughput, _needs(SAMPLES_PER_SEC)),
+    ("staleness.png", plot_staleness, _needs_staleness),
 )
 
 
-def write_report(log_dir: Path, out: Optional[Path] = None) -> Report:
-    """Write every plot whose columns the newest run under ``log_dir`` has; ``out`` defaults to ``<run>/report``."""
-    path = find_metrics_csv(log_dir)
-    run = read_metrics(path)
-    out = out if out is not None else path.parent / "report"
-    report = Report(metrics_path=path)
+def write_report(
+    log_dir: Path,
+    out: Optional[Path] = None,
+    baseline_dir: Optional[Path] = None,
+    label: str = "PD-ASGD",
+    baseline_label: str = "baseline",
+) -> Report:
+    """Write every plot the newest run under ``log_dir`` has metrics for; ``out`` defaults to ``<run>/report``."""
+    run = read_run(log_dir, label)
+    baseline = read_run(baseline_dir, baseline_label) if baseline_dir is not None else None
+    run_folder = run.source.parent if run.log_format == "csv" else run.source
+    out = out if out is not None else run_folder / "report"
+    report = Report(run=run, baseline=baseline)
     _require_matplotlib()
     out.mkdir(parents=True, exist_ok=True)
-    for name, plot, columns in PLOTS:
-        reason = _missing(run, *columns) or _never_logged(run, columns)
+    for name, plot, needs in PLOTS:
+        reason = needs(run)
         if reason:
             report.skipped.append(f"skipped {name}: {reason}")
             continue
-        report.written.append(plot(run, out / name))
+        report.written.append(plot(run, baseline, out / name))
     return report
 
 
-def _never_logged(run: RunMetrics, columns: tuple[str, ...]) -> Optional[str]:
-    empty = [column for column in columns if len(run.values(column)) == 0]
-    return f"`{empty[0]}` has no value in {run.path}" if empty else None
-
-
 def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description="PNG plots of a run from its CSVLogger metrics.csv.")
-    parser.add_argument("log_dir", type=Path, help="a CSVLogger save_dir, run or version folder (searched recursively)")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="PNG plots of a run from its CSVLogger metrics.csv or TensorBoard event files."
+    )
+    parser.add_argument("log_dir", type=Path, help="a logger's save_dir, run or version folder (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: <version folder>/report)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="the log folder of a run to compare with, e.g. plain Lightning; drawn on the same axes")
+    parser.add_argument("--label", default="PD-ASGD", help="the run's name in the legends (default: PD-ASGD)")
+    parser.add_argument("--baseline-label", default="baseline",
+                        help="the baseline's name in the legends (default: baseline)")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None, prog: str = "lightning-pdasgd report") -> int:
-    """Run the report command; returns the exit code (2: no metrics.csv, 1: nothing could be plotted)."""
+    """Run the report command; returns the exit code (2: no log found, 1: nothing could be plotted)."""
     args = parse_args(sys.argv[1:] if argv is None else argv, prog)
     try:
-        report = write_report(args.log_dir, args.out)
+        report = write_report(args.log_dir, args.out, args.baseline, args.label, args.baseline_label)
     except ReportError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return error.exit_code
-    print(f"read {report.metrics_path}")
+    print(f"read {report.run.source} ({report.run.log_format})")
+    if report.baseline is not None:
+        print(f"baseline {report.baseline.source} ({report.baseline.log_format})")
     for message in report.skipped:
         print(message, file=sys.stderr)
     for path in report.written:
         print(f"wrote {path}")
     if not report.written:
-        print(f"{prog}: error: nothing to plot in {report.metrics_path}", file=sys.stderr)
+        print(f"{prog}: error: nothing to plot in {report.run.source}", file=sys.stderr)
         return EXIT_NOTHING_PLOTTED
     return EXIT_OK

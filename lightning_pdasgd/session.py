@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,14 +20,18 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd import _internals, streams
-from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates
+from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
+from lightning_pdasgd.budget import intra_op_threads_per_thread
+from lightning_pdasgd.changes import ParameterSetFingerprint
+from lightning_pdasgd.compensation import resolve as resolve_compensation
 from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
 from lightning_pdasgd.metrics import (
     BACKWARD_THREADS,
-    SAMPLES_PER_SECOND,
-    STALENESS_MEAN,
+    BASIC_METRICS,
+    GRAD_NORM,
+    PROGRESS_BAR_METRICS,
     WALL_TIME,
     EngineStats,
 )
@@ -68,58 +73,106 @@ class FitSession:
         self.stats = stats
         self.backward_threads = config.backward_threads
         self.max_in_flight = config.in_flight
-        self.updater = LayerwiseUpdater(
-            module,
-            optimizer,
-            layerwise=config.layerwise,
-            clip_value=clip_value,
-            log_grad_norm=config.log_grad_norm,
-            nonfinite=config.nonfinite,
-            bucket_numel=config.bucket_numel,
-        )
+        self._clip_value = clip_value
+        self._compensation = resolve_compensation(config.staleness_compensation)  # fresh state for each fit
+        self.updater = self._build_updater(optimizer)
         self._streams = streams.StreamPool(device, self.max_in_flight)
+        self._saved_num_threads = torch.get_num_threads()
+        self.intra_op_threads = self._intra_op_threads(self.backward_threads, self.max_in_flight, None)
         self.engine = BackwardEngine(
             self._run_backward,
             backward_threads=self.backward_threads,
             max_in_flight=self.max_in_flight,
             wait_timeout=config.wait_timeout,
+            thread_setup=partial(torch.set_num_threads, self.intra_op_threads),
         )
         self.exchange: ReplicaExchange | None = None
+        self._exchange_group: Any = None
         self.tuner: ThreadAutotuner | None = None
         self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
         self.in_sync = True  # with several devices: replicas identical (no step since the last consistent point)
         # called after every consistent point the ranks met at (several devices), with its kind: step accounting
         self.on_consistent: Callable[[str], None] | None = None
+        self._local_batches: Callable[[], int] = lambda: 0
         self._current: tuple[WeightStash, Any] | None = None  # the forward whose loss is not handed off yet
-        self._saved_num_threads = torch.get_num_threads()
         self._saved_switch_interval: float | None = sys.getswitchinterval()
         self._started_at = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------- lifecycle
-    def start(self, autotune_candidates: list[Candidate] | None = None) -> None:
+    def start(self, autotune: tuple[list[Candidate], int] | None = None) -> None:
         # backward threads need the GIL for every update; Python's default 5 ms switch interval would make each
         # one wait behind the loop thread's Python work
         sys.setswitchinterval(min(self._saved_switch_interval or _SWITCH_INTERVAL_S, _SWITCH_INTERVAL_S))
-        if self.config.intra_op_threads is not None:
-            torch.set_num_threads(self.config.intra_op_threads)
+        torch.set_num_threads(self.intra_op_threads)  # the forward thread's share of the cores
         self.engine.start()
-        if autotune_candidates is not None:
-            self.tuner = ThreadAutotuner(
-                autotune_candidates, self.config.autotune_steps, self.config.autotune_max_staleness
-            )
+        if autotune is not None:
+            candidates, steps_per_trial = autotune
+            self.tuner = ThreadAutotuner(candidates, steps_per_trial, self.config.autotune_max_staleness)
         log.debug(
-            "FitSession: engine started (%d backward threads, max_in_flight=%d, layerwise=%s, %d buckets)",
+            "FitSession: engine started (%d backward threads, max_in_flight=%d, %d intra-op threads per thread,"
+            " layerwise=%s, %d buckets)",
             self.backward_threads,
             self.max_in_flight,
+            self.intra_op_threads,
             self.config.layerwise,
             len(self.updater.buckets),
         )
 
-    def start_exchange(self, group: Any, local_batches: Callable[[], int] = lambda: 0) -> None:
+    def _intra_op_threads(self, backward_threads: int, max_in_flight: int, explicit: int | None) -> int:
+        """Intra-op threads for each engine thread: explicit, the user's setting, or the core budget."""
+        chosen = explicit or self.config.intra_op_threads
+        if chosen is not None:
+            return chosen
+        return intra_op_threads_per_thread(self._saved_num_threads, backward_threads, max_in_flight)
+
+    def _build_updater(self, optimizer: Optimizer, detached: frozenset[int] = frozenset()) -> LayerwiseUpdater:
+        config = self.config
+        updater = LayerwiseUpdater(
+            self._module,
+            optimizer,
+            layerwise=config.layerwise,
+            clip_value=self._clip_value,
+            log_grad_norm=config.log_grad_norm,
+            nonfinite=config.nonfinite,
+            bucket_numel=config.bucket_numel,
+            detached=detached,
+            compensation=self._compensation,
+        )
+        self._fingerprint = ParameterSetFingerprint(self._module, optimizer, updater.buckets)
+        return updater
+
+    def parameter_set_change(self, optimizer: Optimizer) -> str | None:
+        """What changed in the trained parameters since the engine was built (``None``: nothing)."""
+        return self._fingerprint.difference(optimizer)
+
+    def rebuild(self, optimizer: Optimizer) -> None:
+        """Follow a changed parameter set: drain, rebuild buckets, stashes and per-bucket optimizers.
+
+        Optimizer state lives in the user's optimizer, keyed by parameter, so it carries over. With several
+        devices every rank must make the same change (callbacks and hooks run on every rank): the ranks meet at a
+        consistent point, the exchange stops, and a new one starts over the new buckets.
+        """
+        exchanging = self.exchange is not None
+        if exchanging:
+            self.reach_consistent_point("rebuild", stop=True)
+            self.exchange.join(self.config.wait_timeout)  # type: ignore[union-attr]
+            self.exchange = None
+        self.drain()
+        self._optimizer = optimizer
+        trained_before = frozenset(id(param) for bucket in self.updater.buckets for param in bucket.params)
+        self.updater = self._build_updater(optimizer, detached=trained_before)
+        if exchanging:
+            self.start_exchange(self._exchange_group)
+
+    def start_exchange(self, group: Any, local_batches: Callable[[], int] | None = None) -> None:
         """Several devices: make the replicas identical (as DDP does), then exchange updates in the background.
 
-        ``local_batches`` is this rank's count of trained batches, which the exchange sums over the ranks.
+        ``local_batches`` is this rank's count of trained batches since fit started, which every round sums over
+        the ranks (``steps.py``); a restarted exchange (``rebuild``) keeps it.
         """
+        self._exchange_group = group
+        if local_batches is not None:
+            self._local_batches = local_batches
         for tensor in [*self._module.parameters(), *self._module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
         self.exchange = ReplicaExchange(
@@ -130,7 +183,7 @@ class FitSession:
             interval_s=self.config.exchange_interval,
             timeout_s=self.config.wait_timeout,
             on_error=self.engine.fail,
-            local_batches=local_batches,
+            local_batches=self._local_batches,
         )
         self.in_sync = True
         self.exchange.start()
@@ -208,6 +261,7 @@ class FitSession:
 
     def forward(self, run: Callable[[], Any], batch_size: int) -> Any:
         """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot."""
+        self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self.plain_steps:
             started = time.perf_counter()
             output = run()
@@ -217,12 +271,13 @@ class FitSession:
         engine.acquire_slot()
         self.in_sync = False
         try:
+            started = time.perf_counter()
             stash = self.updater.stash()
             stream = self._streams.next()
-            started = time.perf_counter()
+            stashed = time.perf_counter()
             with streams.forward_on(stream), _internals.reparametrized(self._module, stash.tensors):
                 output = run()
-            self.stats.record_forward(time.perf_counter() - started, batch_size)
+            self.stats.record_forward(time.perf_counter() - stashed, batch_size, stashed - started)
         except BaseException:
             engine.release_slot()
             raise
@@ -248,9 +303,11 @@ class FitSession:
                 )
             self.stats.record_skipped_loss(self.updater.num_parameters)
             return  # `end_step` releases the slot of a loss that was not handed off
+        started = time.perf_counter()
         stash.hyperparameters = hyperparameter_snapshot(self._optimizer)
         self.engine.submit(BackwardWork(loss=loss, context=(stash, stream)))
         self._current = None  # the slot now belongs to the queued work
+        self.stats.record_handoff(time.perf_counter() - started)
 
     def end_step(self) -> None:
         """After the closure: give back the slot of a forward whose loss was never handed off."""
@@ -276,35 +333,57 @@ class FitSession:
     def _apply_candidate(self, candidate: Candidate) -> None:
         """Switch thread counts between two steps: drained, so no update is lost or reordered."""
         self.engine.drain()
-        torch.set_num_threads(candidate.intra_op_threads or self._saved_num_threads)
         self.plain_steps = candidate.synchronous
-        if candidate.synchronous:
+        if candidate.synchronous:  # the plain step: one thread with every core, as plain Lightning
+            torch.set_num_threads(candidate.intra_op_threads or self._saved_num_threads)
             return
         threads = candidate.backward_threads
         in_flight = self.config.max_in_flight or threads
-        if (threads, in_flight) != (self.backward_threads, self.max_in_flight):
-            self.engine.reconfigure(threads, in_flight)
-            self.backward_threads, self.max_in_flight = threads, in_flight
+        intra_op = self._intra_op_threads(threads, in_flight, candidate.intra_op_threads)
+        torch.set_num_threads(intra_op)
+        if (threads, in_flight, intra_op) != (self.backward_threads, self.max_in_flight, self.intra_op_threads):
+            self.engine.reconfigure(threads, in_flight, partial(torch.set_num_threads, intra_op))
+            self.backward_threads, self.max_in_flight, self.intra_op_threads = threads, in_flight, intra_op
             self._streams = streams.StreamPool(self._device, in_flight)
 
-    def autotune_candidates(self, world_size: int) -> list[Candidate]:
-        return default_candidates(self._device, allow_synchronous=world_size == 1)
+    def plan_autotune(self, world_size: int, run_steps: float) -> tuple[list[Candidate], int] | None:
+        """The trials for this run (``None``: too short to tune, the configured threads are kept)."""
+        candidates = default_candidates(self._device, allow_synchronous=world_size == 1)
+        return plan_trials(candidates, self.config.autotune_steps, run_steps)
+
+    def describe(self, world_size: int) -> str:
+        """One line with the engine's configuration, logged when fit starts."""
+        tuning = f", autotuning {len(self.tuner.candidates)} candidates" if self.tuner is not None else ""
+        ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+        return (
+            f"PD-ASGD: 1 forward : {self.backward_threads} backward threads{ranks}, max_in_flight={self.max_in_flight},"
+            f" {self.intra_op_threads} intra-op thread(s) per engine thread, {len(self.updater.buckets)} update"
+            f" buckets ({'layer-wise' if self.config.layerwise else 'whole-model'} updates){tuning}"
+        )
 
     # ------------------------------------------------------------------------------------------- metrics
     def log_metrics(self, module: Any) -> None:
-        """Log the engine's window of statistics on the steps Lightning writes to its loggers.
+        """Log the engine's window of statistics when Lightning writes to its loggers, and on each epoch's last batch.
 
-        ``self.log`` costs about a millisecond per call here, so it runs only when Lightning will write
-        (``log_every_n_steps``); the window covers every step since the previous write.
+        ``self.log`` costs tens of microseconds per key, so it runs only when Lightning will write
+        (``log_every_n_steps``) or an epoch ends (so short runs get metrics too), and ``metrics="basic"`` keeps
+        to a handful of keys; the window covers every step since the previous write.
         """
         trainer = getattr(module, "_trainer", None)
-        if trainer is None or (trainer.global_step + 1) % trainer.log_every_n_steps != 0:
+        level = self.config.metrics
+        if trainer is None or level == "off":
+            return
+        if (trainer.global_step + 1) % trainer.log_every_n_steps != 0 and not trainer.is_last_batch:
             return
         metrics = self.metrics()
-        on_bar = {key: metrics.pop(key) for key in (SAMPLES_PER_SECOND, STALENESS_MEAN) if key in metrics}
+        if level == "basic":  # plus the gradient norm when asked for by name (`log_grad_norm=True`)
+            metrics = {key: value for key, value in metrics.items() if key in BASIC_METRICS or key == GRAD_NORM}
+        shown = PROGRESS_BAR_METRICS if self.config.metrics_on_progress_bar else ()
+        on_bar = {key: metrics.pop(key) for key in shown if key in metrics}
         logger = bool(trainer.loggers)
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=logger)
-        module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
+        if on_bar:
+            module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
 
     def metrics(self) -> dict[str, float]:
         """The statistics of the window since the previous call, under their ``pdasgd/`` names."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -63,17 +64,22 @@ class StashPool:
     when ``on_gradient`` is given (layer-wise updates); ``None`` registers no hook (whole-model updates).
     """
 
-    def __init__(self, buckets: list[ParameterBucket], on_gradient: GradientHook | None) -> None:
+    def __init__(
+        self, buckets: list[ParameterBucket], on_gradient: GradientHook | None, compensation: Any = None
+    ) -> None:
         self._buckets = buckets
         self._on_gradient = on_gradient
+        self._compensation = compensation  # a StalenessCompensation, whose `fill` writes the forward's weights
         self._free: list[StashBuffers] = []  # list.append/pop are atomic: no lock needed
 
     def take(self) -> WeightStash:
         """A stash holding the live weights now, each bucket copied under its lock."""
         buffers = self._free.pop() if self._free else self._new_buffers()
         versions = []
+        compensation = self._compensation
         for bucket, leaves in zip(self._buckets, buffers.leaves):
-            versions.append(bucket.read_into(leaves))
+            fill = None if compensation is None else partial(compensation.fill, bucket.index)
+            versions.append(bucket.read_into(leaves, fill))
         for index in range(len(buffers.arrived)):
             buffers.arrived[index] = 0
         stash = WeightStash(buffers=buffers, versions=versions)

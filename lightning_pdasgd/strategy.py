@@ -23,7 +23,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
@@ -33,7 +33,8 @@ from lightning_pdasgd import _internals, checks, preemption, steps
 from lightning_pdasgd.callbacks import EngineDrain
 from lightning_pdasgd.claiming import claim_batches
 from lightning_pdasgd.collectives import AsyncAwareCollectives
-from lightning_pdasgd.config import PDASGDConfig
+from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
+from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine
 from lightning_pdasgd.metrics import EngineStats
 from lightning_pdasgd.processes import OneProcessPerDevice
@@ -60,7 +61,8 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
             D-ASGD ablation: one whole-model update at the end of each backward.
         wait_timeout: seconds any wait of the engine (a free in-flight slot, a drain, thread shutdown) may take
             before it fails with an error that names it.
-        intra_op_threads: ``torch.set_num_threads`` while fitting; ``None`` leaves torch's setting alone.
+        intra_op_threads: intra-op threads of each engine thread (forward and backward). ``None``: the core budget,
+            the cores torch would use (``torch.get_num_threads()``) split over the threads that compute at once.
         log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's full gradient, which
             replaces gradient-norm logging from ``on_before_optimizer_step``.
         exchange_interval: with several devices, least seconds between the starts of two rounds of the replica
@@ -74,6 +76,15 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
             ``trainer.fit(..., ckpt_path="hpc")`` resumes from it (automatically under SLURM).
         autotune_steps: training steps timed per candidate when a thread count is ``"auto"``.
         autotune_max_staleness: the bound on mean staleness a candidate must respect to be chosen.
+        bucket_numel: parameters updated together in one optimizer call: a module's parameters always, and
+            consecutive modules until a bucket holds at least this many elements (``0``: one bucket per module).
+        metrics: the ``pdasgd/*`` metrics logged every ``log_every_n_steps`` and at epoch ends: ``"basic"``
+            (throughput, staleness, queue depth, wall time), ``"full"`` (every figure of the engine) or ``"off"``.
+        metrics_on_progress_bar: show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean`` on the bar.
+        staleness_compensation: how updates correct for their staleness so hyperparameters tuned for plain
+            Lightning keep working (``compensation.py``, ``docs/convergence.md``): ``"predict+momentum"``
+            (default), ``"predict"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a
+            ``StalenessCompensation``. Updates of staleness 0 are never changed (``max_in_flight=1`` stays plain).
     """
 
     strategy_name = "pdasgd"
@@ -92,6 +103,10 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         checkpoint_on_preemption: bool = True,
         autotune_steps: int = 6,
         autotune_max_staleness: float = 4.0,
+        bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        metrics: str = "basic",
+        metrics_on_progress_bar: bool = True,
+        staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -123,11 +138,17 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
             checkpoint_on_preemption=checkpoint_on_preemption,
             autotune_steps=autotune_steps,
             autotune_max_staleness=float(autotune_max_staleness),
+            bucket_numel=bucket_numel,
+            metrics=metrics,
+            metrics_on_progress_bar=metrics_on_progress_bar,
+            staleness_compensation=staleness_compensation,
         )
         self._stats = EngineStats()
         self._session: Optional[FitSession] = None  # exists while fit trains; the strategy stays picklable
         self._steps: Optional[steps.StepAccounting] = None  # several devices, fitting: the global step count
         self.autotune_report: Optional[str] = None
+        for warning in self._config.ineffective_settings():
+            rank_zero_warn(warning)
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -197,10 +218,13 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         self.setup_precision_plugin()
         if fitting:
             _internals.optimizers_to_device(self.optimizers, self.root_device)
-            checks.check_trainer_settings(trainer, self.lightning_module, self.optimizers)
-            checks.warn_gradient_hooks(self.lightning_module, trainer.callbacks)
-            if not any(isinstance(callback, EngineDrain) for callback in trainer.callbacks):
-                trainer.callbacks.insert(0, EngineDrain())
+            checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.world_size)
+            EngineDrain.attach(trainer)
+
+    @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        with checks.one_optimizer_advice():
+            super().setup_optimizers(trainer)
 
     # ------------------------------------------------------------------------------------------- fit lifecycle
     @override
@@ -213,7 +237,11 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         self._stats = EngineStats()
         session = FitSession(self._config, module, self.optimizers[0], self.root_device, self._stats, clip)
         self._session = session
-        session.start(session.autotune_candidates(self.world_size) if self._config.autotune else None)
+        plan = session.plan_autotune(self.world_size, trainer.estimated_stepping_batches) if self._config.autotune else None
+        if self._config.autotune and plan is None:
+            rank_zero_info("PD-ASGD: the run is too short for autotuning; keeping the configured thread counts.")
+        session.start(plan)
+        rank_zero_info(session.describe(self.world_size))
         if self.world_size > 1:
             steps.start_exchange(session, self.background_group, self._steps)
             preemption.watch_sigterm_through_exchange(trainer, session)
@@ -266,9 +294,20 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         session = self._session
         if session is None:
             return super().training_step(*args, **kwargs)
+        self._follow_parameter_changes(session)
         output = session.forward(lambda: super(PDASGDStrategy, self).training_step(*args, **kwargs), _batch_size(args))
         session.log_metrics(self.lightning_module)
         return output
+
+    def _follow_parameter_changes(self, session: FitSession) -> None:
+        """Fine-tuning, pruning, ``requires_grad`` toggles, a re-created optimizer: rebuild before this forward."""
+        change = session.parameter_set_change(self.optimizers[0]) if len(self.optimizers) == 1 else "optimizers"
+        if change is None:
+            return
+        module = self.lightning_module
+        checks.check_trainer_settings(module.trainer, module, self.optimizers)
+        log.debug("PD-ASGD: %s; rebuilding the engine's buckets", change)
+        session.rebuild(self.optimizers[0])
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:

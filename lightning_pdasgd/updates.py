@@ -9,11 +9,13 @@ at its end, under one model-wide lock.
 from __future__ import annotations
 
 import threading
+import time
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd import _internals
+from lightning_pdasgd.compensation import StalenessCompensation
 from lightning_pdasgd.optimizers import BucketOptimizer
 from lightning_pdasgd.parameters import ParameterBucket, make_buckets
 from lightning_pdasgd.stash import StashBuffers, StashPool, WeightStash
@@ -37,6 +39,8 @@ class LayerwiseUpdater:
         log_grad_norm: bool = False,
         nonfinite: str = "error",
         bucket_numel: int = 0,
+        detached: frozenset[int] = frozenset(),
+        compensation: StalenessCompensation | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -46,9 +50,10 @@ class LayerwiseUpdater:
         self.clip_value = clip_value
         self.log_grad_norm = log_grad_norm
         self._model_lock = threading.Lock()
-        self.buckets = make_buckets(module, optimizer, bucket_numel)
+        self.compensation = compensation if compensation is not None else StalenessCompensation()
+        self.buckets = make_buckets(module, optimizer, bucket_numel, detached)
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
-        self._pool = StashPool(self.buckets, self._on_gradient if layerwise else None)
+        self._pool = StashPool(self.buckets, self._on_gradient if layerwise else None, self.compensation)
 
     @property
     def num_parameters(self) -> int:
@@ -90,6 +95,13 @@ class LayerwiseUpdater:
     # ------------------------------------------------------------------------------------------- updates out
     def _apply_bucket(self, stash: WeightStash, index: int) -> None:
         """Step one bucket's live parameters with the gradients computed at the stashed weights."""
+        started = time.perf_counter()
+        try:
+            self._step_bucket(stash, index)
+        finally:
+            stash.record.update_seconds += time.perf_counter() - started
+
+    def _step_bucket(self, stash: WeightStash, index: int) -> None:
         leaves = stash.buffers.leaves[index]
         grads: list[Tensor | None] = []
         for leaf in leaves:
@@ -120,5 +132,15 @@ class LayerwiseUpdater:
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
-        staleness = bucket.update(stash.versions[index], lambda: optimizer.step(grads, hyperparameters))
+        read = [leaf for leaf, grad in zip(leaves, grads) if grad is not None]
+        applied = [alias for alias, grad in zip(bucket.aliases, grads) if grad is not None]
+
+        def step(staleness: int, version: int) -> None:
+            # staleness compensation sees the bucket's staleness, may change the gradients in place and may
+            # override hyperparameters for this step only (the next step starts from the snapshot again)
+            overrides = self.compensation.before_step(index, applied, present, read, staleness, version,
+                                                      hyperparameters)
+            optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters)
+
+        staleness = bucket.update(stash.versions[index], step)
         stash.record.add_update(staleness, len(present))

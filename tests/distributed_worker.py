@@ -195,7 +195,7 @@ def main(case: str, out: Path, *args: str) -> None:
         # every rank's updates are applied to every replica: half the single-device test's lr keeps the same
         # per-sample step while staleness (two engines plus the exchange) roughly doubles
         model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
-        trainer = _trainer(max_epochs=8, callbacks=[log])
+        trainer = _trainer(strategy=PDASGDStrategy(metrics="full"), max_epochs=8, callbacks=[log])
         trainer.fit(model, DigitsData(batch_size=32))
         trainer.save_checkpoint(out / "learn.ckpt")
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}

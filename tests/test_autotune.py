@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_pdasgd import PDASGDStrategy
-from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates
+from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
 from tests.helpers import trainer_kwargs
 from tests.models import DelayedBackward, DigitsClassifier, DigitsData
 from tests.test_concurrency import LR, LinearLoss, _integer_batches
@@ -66,7 +66,7 @@ class SlowBackwardModel(DigitsClassifier):
 
 def test_slow_backward_gets_more_backward_threads() -> None:
     strategy = PDASGDStrategy(backward_threads="auto", autotune_steps=5, autotune_max_staleness=10)
-    trainer = L.Trainer(strategy=strategy, max_steps=60, limit_val_batches=0, **trainer_kwargs())
+    trainer = L.Trainer(strategy=strategy, max_steps=400, limit_val_batches=0, **trainer_kwargs())
     trainer.fit(SlowBackwardModel(), DigitsData(batch_size=32))
     report = strategy.autotune_report
     assert report is not None
@@ -82,3 +82,38 @@ def test_autotune_trains_digits() -> None:
     trainer.fit(model, DigitsData(batch_size=32))
     assert strategy.autotune_report is not None
     assert max(model.val_accuracy) >= 0.95
+
+
+def test_trials_fit_in_a_small_share_of_short_runs() -> None:
+    candidates = default_candidates(torch.device("cpu"), allow_synchronous=True)
+    assert plan_trials(candidates, 6, float("inf")) == (candidates, 6)
+    pool, steps = plan_trials(candidates, 6, 200)
+    assert len(pool) * steps <= 20 and steps >= 2
+    pool, steps = plan_trials(candidates, 6, 100)  # too few steps for every candidate: the core budget only
+    assert all(c.intra_op_threads is None for c in pool) and len(pool) * steps <= 10
+    assert plan_trials(candidates, 6, 20) is None  # not worth tuning
+
+
+def test_short_auto_run_keeps_trials_within_its_share() -> None:
+    strategy = PDASGDStrategy(backward_threads="auto")
+    trainer = L.Trainer(strategy=strategy, max_steps=47, limit_val_batches=0, **trainer_kwargs())
+    trainer.fit(DigitsClassifier(), DigitsData(batch_size=32))
+    assert strategy.autotune_report is None  # 47 steps: no trial at all instead of 42 steps of trials
+    strategy = PDASGDStrategy(backward_threads="auto")
+    trainer = L.Trainer(strategy=strategy, max_steps=200, limit_val_batches=0, **trainer_kwargs())
+    trainer.fit(DigitsClassifier(), DigitsData(batch_size=32))
+    report = strategy.autotune_report
+    assert report is not None and len(report.splitlines()) - 1 == 7  # every candidate, 2 steps each: 14 <= 20
+
+
+def test_a_clearly_slower_candidate_is_dropped_early() -> None:
+    now = [0.0]
+    tuner = ThreadAutotuner([Candidate(1, None), Candidate(2, None)], steps_per_trial=10, clock=lambda: now[0])
+    rates = {1: 0.001, 2: 0.01}  # the second candidate is 10x slower
+    current, steps = tuner.before_step((0, 0)), {1: 0, 2: 0}
+    while not tuner.done:
+        steps[current.backward_threads] += 1
+        now[0] += rates[current.backward_threads]
+        current = tuner.before_step((0, 0)) or current
+    assert steps[1] == 10 and steps[2] == 3  # one untimed and two timed steps were enough to drop it
+    assert tuner.chosen == Candidate(1, None) and "dropped early" in tuner.report()

@@ -70,7 +70,7 @@ def test_logged_learning_rate_and_metrics_match_plain(tmp_path: Any) -> None:
     import csv
 
     _fit("auto", "sgd_plain", steps=20, tmp_path=tmp_path / "plain")
-    _fit(PDASGDStrategy(max_in_flight=1), "sgd_plain", steps=20, tmp_path=tmp_path / "pdasgd")
+    _fit(PDASGDStrategy(max_in_flight=1, metrics="full"), "sgd_plain", steps=20, tmp_path=tmp_path / "pdasgd")
 
     def rows(root: Any) -> list[dict[str, str]]:
         (path,) = root.rglob("metrics.csv")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +20,9 @@ from examples.sequence_classifier import SequenceClassifier, SequenceDataModule,
 from lightning_pdasgd import PDASGDStrategy, cli
 from tests.helpers import trainer_kwargs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 CLI_CONFIGS = [
     "digits_cli.yaml",
     "cifar10_resnet18_1gpu.yaml",
@@ -78,6 +83,34 @@ def test_digits_script_sets_strategy_arguments_from_the_command_line(
     strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning_pdasgd.PDASGDStrategy"
     assert strategy["init_args"]["backward_threads"] == 3
+
+
+@pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
+def test_every_example_config_logs_with_csv_logger(config: str) -> None:
+    """The README's promise: `lightning-pdasgd report lightning_logs/<name>` works after any example config."""
+    logger = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["logger"]
+    assert logger["class_path"] == CSV_LOGGER
+    assert logger["init_args"]["save_dir"] == "lightning_logs" and logger["init_args"]["name"]
+
+
+def test_readme_first_command_then_report(tmp_path: Path) -> None:
+    """`python examples/digits.py fit`, then the README's `lightning-pdasgd report lightning_logs/digits`, as a
+    user runs them (in a fresh folder: the logs land under ./lightning_logs)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    fit = [sys.executable, str(ROOT / "examples" / "digits.py"), "fit", "--trainer.max_epochs", "2",
+           "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    result = subprocess.run(fit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split("final validation accuracy:")[-1]) >= 0.9
+    script = shutil.which("lightning-pdasgd", path=str(Path(sys.executable).parent))
+    assert script, "the `lightning-pdasgd` console script is not installed: run `pip install -e .`"
+    result = subprocess.run([script, "report", "lightning_logs/digits"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = (tmp_path / "lightning_logs" / "digits").rglob("metrics.csv")
+    written = sorted(path.name for path in (metrics.parent / "report").iterdir())
+    assert written == ["loss.png", "staleness.png", "throughput.png", "val_accuracy.png"], result.stderr
+    assert all((metrics.parent / "report" / name).stat().st_size > 5_000 for name in written)
 
 
 # ------------------------------------------------------------------------------------------------- CIFAR-10

@@ -24,7 +24,7 @@ EXPECTED = {
 
 
 def _fit(tmp_path: Path, **kwargs: Any) -> L.Trainer:
-    trainer = L.Trainer(strategy=PDASGDStrategy(backward_threads=2), max_epochs=2, log_every_n_steps=5,
+    trainer = L.Trainer(strategy=PDASGDStrategy(backward_threads=2, metrics="full"), max_epochs=2, log_every_n_steps=5,
                         **trainer_kwargs(**kwargs))
     trainer.fit(DigitsClassifier(), DigitsData(batch_size=32))
     return trainer

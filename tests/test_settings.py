@@ -177,3 +177,29 @@ def test_multi_device_accepts_limits_counted_over_all_ranks(overrides: dict[str,
     from lightning_pdasgd.checks import check_multi_device_settings
 
     check_multi_device_settings(L.Trainer(**trainer_kwargs(**overrides)))
+
+
+@pytest.mark.parametrize("model", [TwoOptimizers, Manual], ids=["two-optimizers", "manual"])
+def test_two_optimizer_paths_end_at_param_group_advice(model: Any) -> None:
+    """Both refusals a two-optimizer user meets give the same way out (param groups), not each other's advice."""
+    trainer = L.Trainer(strategy="pdasgd", max_steps=2, **trainer_kwargs())
+    with pytest.raises(MisconfigurationException) as excinfo:
+        trainer.fit(model(), DigitsData())
+    message = str(excinfo.value)
+    assert "param groups of one optimizer" in message and "strategy='auto'" in message
+    if model is TwoOptimizers:
+        assert "Set `self.automatic_optimization = False`" not in message
+
+
+def test_idle_backward_threads_warn() -> None:
+    with pytest.warns(UserWarning, match="backward_threads=3.*max_in_flight=2.*1 backward thread"):
+        PDASGDStrategy(backward_threads=3, max_in_flight=2)
+
+
+def test_engine_configuration_is_logged_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO"):
+        L.Trainer(strategy=PDASGDStrategy(backward_threads=3), max_steps=3, **trainer_kwargs()).fit(
+            DigitsClassifier(), DigitsData()
+        )
+    lines = [record.getMessage() for record in caplog.records if "PD-ASGD: 1 forward : 3 backward" in record.getMessage()]
+    assert lines and "max_in_flight=3" in lines[0] and "intra-op" in lines[0] and "buckets" in lines[0], lines

@@ -1,0 +1,61 @@
+"""Noticing that the set of trained parameters changed during fit, so the engine can follow it.
+
+The engine builds its buckets, stashes and per-bucket optimizers from the optimizer and the module when training
+starts. Lightning recipes change both mid-fit: fine-tuning unfreezes a backbone and adds a param group
+(``BaseFinetuning``), ``requires_grad`` is toggled between epochs, pruning re-parametrizes ``weight`` into
+``weight_orig`` and a mask (``ModelPruning``), a layer is replaced and the optimizer re-created. A plain step
+simply uses whatever is there at the next ``optimizer.step()``; the engine would keep stepping what it was
+built from. So before every forward it compares a cheap fingerprint of what it was built from with what is
+there now, and the session rebuilds (after a drain, keeping every optimizer state) when they differ.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_pdasgd.parameters import ParameterBucket
+
+
+class ParameterSetFingerprint:
+    """What the engine was built from: the optimizer object, its param groups, each parameter's
+    ``requires_grad``, and where each trained parameter lives in the module.
+
+    ``difference`` costs a few attribute reads per parameter and says, in words, what changed.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: Optimizer, buckets: list[ParameterBucket]) -> None:
+        self._module = module
+        self._optimizer = optimizer
+        self._group_sizes = [len(group["params"]) for group in optimizer.param_groups]
+        self._params = [param for group in optimizer.param_groups for param in group["params"]]
+        self._trainable = [param.requires_grad for param in self._params]
+        owners: dict[str, nn.Module] = {}
+        self._placements: list[tuple[str, nn.Module, str, nn.Parameter]] = []
+        for bucket in buckets:
+            for name, param in zip(bucket.names, bucket.params):
+                path, _, leaf = name.rpartition(".")
+                owner = owners.setdefault(path, module.get_submodule(path))
+                self._placements.append((path, owner, leaf, param))
+
+    def difference(self, optimizer: Optimizer) -> str | None:
+        """``None`` when nothing the engine depends on changed, else what changed."""
+        if optimizer is not self._optimizer:
+            return "the optimizer was re-created"
+        groups = optimizer.param_groups
+        if len(groups) != len(self._group_sizes) or any(
+            len(group["params"]) != size for group, size in zip(groups, self._group_sizes)
+        ):
+            return "the optimizer's param groups changed"
+        for param, trainable in zip(self._params, self._trainable):
+            if param.requires_grad != trainable:
+                return "`requires_grad` of a parameter changed"
+        checked: dict[str, bool] = {}
+        for path, owner, leaf, param in self._placements:
+            if owner._parameters.get(leaf) is not param:
+                return f"parameter '{path + '.' if path else ''}{leaf}' was re-parametrized or replaced"
+            if path not in checked:
+                checked[path] = self._module.get_submodule(path) is owner
+            if not checked[path]:
+                return f"module '{path}' was replaced"
+        return None
