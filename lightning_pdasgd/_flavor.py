@@ -45,6 +45,7 @@ FLAVOURED = (
     "collectives",
     "preemption",
     "processes",
+    "steps",
     "straggler",
     "strategy",
 )

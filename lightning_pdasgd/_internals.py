@@ -217,3 +217,94 @@ def replace_sigterm_broadcast(trainer: object, check: Callable[[], None]) -> Non
     """
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = check  # type: ignore[attr-defined]
 
+
+
+# ----------------------------------------------------------------------------------------------- Lightning's loop state
+# Several devices: `steps.py` keeps Lightning's step counters on the count of batches applied by all ranks. These are
+# the private loop objects it reads and advances (lightning 2.6.6: `_TrainingEpochLoop`, `_FitLoop`, `trainer.call`).
+
+
+def global_step(trainer: object) -> int:
+    """``trainer.global_step`` in automatic optimization: ``optim_progress.optimizer.step.total.completed``."""
+    return int(trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer_steps)  # type: ignore[attr-defined]
+
+
+def advance_step_counters(trainer: object, steps: int) -> None:
+    """Count ``steps`` more optimizer steps: ``global_step`` and the logging step (``_batches_that_stepped``).
+
+    Lightning increments both once per local optimizer step (the second after the batch's hooks); adding the same
+    amount to both keeps the relation Lightning relies on.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop  # type: ignore[attr-defined]
+    epoch_loop.automatic_optimization.optim_progress.optimizer.step.increment_by(steps)
+    epoch_loop._batches_that_stepped += steps
+
+
+def batches_that_stepped(trainer: object) -> int:
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)  # type: ignore[attr-defined]
+
+
+def advance_batch_counters(trainer: object, batches: int) -> None:
+    """Count ``batches`` more batches of the current epoch (ready, started, processed, completed)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress  # type: ignore[attr-defined]
+    progress.total.increment_by(batches)
+    progress.current.increment_by(batches)
+
+
+def epoch_batches_ready(trainer: object) -> int:
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)  # type: ignore[attr-defined]
+
+
+def step_lr_scheduler(trainer: object, config: object) -> None:
+    """Step one scheduler the way ``_TrainingEpochLoop._update_learning_rates`` does (user's ``lr_scheduler_step``)."""
+    from lightning.pytorch.trainer import call
+
+    progress = trainer.fit_loop.epoch_loop.scheduler_progress  # type: ignore[attr-defined]
+    progress.increment_ready()
+    call._call_lightning_module_hook(trainer, "lr_scheduler_step", config.scheduler, None)  # type: ignore[attr-defined]
+    progress.increment_completed()
+
+
+def set_num_training_batches(trainer: object, batches: int) -> None:
+    """``trainer.num_training_batches`` reads ``fit_loop.max_batches`` (used by ``estimated_stepping_batches``)."""
+    trainer.fit_loop.max_batches = batches  # type: ignore[attr-defined]
+
+
+def wrap_loop_methods(
+    trainer: object,
+    after_setup_data: Callable[[], None],
+    update_lr_schedulers: Callable[[Callable[[str, bool], None], str, bool], None],
+) -> Callable[[], None]:
+    """Replace ``fit_loop.setup_data`` and ``epoch_loop.update_lr_schedulers`` on this trainer's loops only.
+
+    ``setup_data`` runs ``after_setup_data`` after Lightning's own (it may run from
+    ``trainer.estimated_stepping_batches`` inside ``configure_optimizers``); ``update_lr_schedulers(original,
+    interval, update_plateau_schedulers)`` replaces the call after every batch. Returns the function that undoes
+    both (instance attributes removed, the classes' methods visible again).
+    """
+    fit_loop = trainer.fit_loop  # type: ignore[attr-defined]
+    epoch_loop = fit_loop.epoch_loop
+    original_setup_data = type(fit_loop).setup_data.__get__(fit_loop)
+    original_update = type(epoch_loop).update_lr_schedulers.__get__(epoch_loop)
+
+    def setup_data() -> None:
+        original_setup_data()
+        after_setup_data()
+
+    def update(interval: str, update_plateau_schedulers: bool) -> None:
+        update_lr_schedulers(original_update, interval, update_plateau_schedulers)
+
+    fit_loop.setup_data = setup_data
+    epoch_loop.update_lr_schedulers = update
+
+    def undo() -> None:
+        fit_loop.__dict__.pop("setup_data", None)
+        epoch_loop.__dict__.pop("update_lr_schedulers", None)
+
+    return undo
+
+
+def saves_mid_epoch(checkpoint_callback: object) -> bool:
+    """Whether a ``ModelCheckpoint`` saves every N training steps or every time interval (its private triggers)."""
+    every_n_train_steps = getattr(checkpoint_callback, "_every_n_train_steps", 0)
+    return bool(every_n_train_steps) or getattr(checkpoint_callback, "_train_time_interval", None) is not None

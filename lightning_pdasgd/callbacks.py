@@ -13,6 +13,9 @@ from ._lightning import pytorch as pl
 class EngineDrain(Callback):
     """Brings the engine to a consistent point at the end of every training epoch, before other epoch-end hooks.
 
+    Also reaches the validation consistent point before other callbacks' ``on_validation_start``, and tells the
+    step accounting (several devices, ``steps.py``) where each epoch starts.
+
     Lightning has no strategy hook at epoch end; the strategy inserts this callback first in ``trainer.callbacks``
     so that callbacks and the module's ``on_train_epoch_end`` see every update of the epoch applied (and, with
     several devices, identical replicas). It holds no state, so checkpoints keep the keys of a plain run.
@@ -24,9 +27,21 @@ class EngineDrain(Callback):
         if not any(isinstance(callback, cls) for callback in trainer.callbacks):
             trainer.callbacks.insert(0, cls())
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        accounting = getattr(trainer.strategy, "step_accounting", None)
+        if accounting is not None:  # several devices: the epoch's step schedule counts from its exact start
+            accounting.on_epoch_start()
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         if idx == 0 and trainer.world_size > 1:
             show_estimated_epoch_length(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the strategy's own hook comes after every callback's: reach the point here so that the other callbacks'
+        # `on_validation_start` already see identical replicas and the settled step count
+        reach = getattr(trainer.strategy, "reach_consistent_point", None)
+        if reach is not None and trainer.state.fn == "fit":
+            reach("validation")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """With ``max_in_flight=1``, every batch-end hook sees the batch's update applied, as in a plain step.
@@ -51,7 +66,7 @@ def show_estimated_epoch_length(trainer: pl.Trainer) -> None:
     """Give the progress bar this rank's expected share of a dynamically shared epoch as its total.
 
     The claiming sampler has no length (see ``claiming.py``), so Lightning's bars start without a total; the
-    estimate is the epoch's batches over the ranks (a fast rank may go past it).
+    estimate is the epoch's batches (after ``limit_train_batches``) over the ranks (a fast rank may go past it).
     """
     RichProgressBar = _flavor.every_imported("callbacks.RichProgressBar")  # the Trainer may be either package's
     TQDMProgressBar = _flavor.every_imported("callbacks.TQDMProgressBar")
@@ -61,8 +76,6 @@ def show_estimated_epoch_length(trainer: pl.Trainer) -> None:
     bar = trainer.progress_bar_callback
     if estimate is None or bar is None or bar.is_disabled:
         return
-    if isinstance(trainer.limit_train_batches, int):
-        estimate = min(estimate, trainer.limit_train_batches)
     if isinstance(bar, TQDMProgressBar):
         bar.train_progress_bar.total = estimate
         bar.train_progress_bar.refresh()

@@ -13,6 +13,7 @@ from torch.optim import LBFGS, Optimizer
 
 from lightning_pdasgd import _flavor
 
+from . import _internals
 from ._lightning import Callback, MisconfigurationException, rank_zero_warn
 from ._lightning import pytorch as pl
 
@@ -131,30 +132,35 @@ def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -
 
 
 def check_multi_device_settings(trainer: pl.Trainer) -> None:
-    """With several devices, ranks run at different speeds: refuse what assumes they reach step N together."""
-    Timer = _flavor.every_imported("callbacks.Timer")  # the Trainer may be either package's
+    """With several devices, ranks run at their own pace: refuse what needs every rank at one point mid-epoch.
 
-    if trainer.max_steps not in (-1, None):
-        raise MisconfigurationException(
-            f"`Trainer(max_steps={trainer.max_steps})` with several devices: PD-ASGD ranks run at their own pace and"
-            " would end fit at different points. Use `max_epochs` (with `limit_train_batches` to shorten epochs)."
-        )
+    ``max_steps`` and ``limit_train_batches`` count the batches of all ranks together (``steps.py``); what is refused
+    here would stop or validate each rank at a point of its own.
+    """
+    Timer = _flavor.every_imported("callbacks.Timer")  # the Trainer may be either package's
+    ModelCheckpoint = _flavor.every_imported("callbacks.ModelCheckpoint")
+
     if any(isinstance(callback, Timer) for callback in trainer.callbacks):
         raise MisconfigurationException(
-            "`Trainer(max_time=...)` with several devices: PD-ASGD ranks would stop mid-epoch at different points."
-            " Use `max_epochs`."
+            "`Trainer(max_time=...)` with several devices: each PD-ASGD rank would see the time run out at its own"
+            " batch, mid-epoch, and the ranks could not meet to stop together. Use `max_epochs` or `max_steps` (the"
+            " batches of all ranks together)."
         )
-    if trainer.val_check_interval != 1.0:
+    if trainer.val_check_interval != 1.0 or trainer.check_val_every_n_epoch is None:
         raise MisconfigurationException(
-            f"`Trainer(val_check_interval={trainer.val_check_interval!r})` with several devices: ranks reach mid-epoch"
-            " points at different times, and validation is a point where all ranks meet. Validate at epoch ends"
-            " (`val_check_interval=1.0`, optionally `check_val_every_n_epoch`)."
+            f"`Trainer(val_check_interval={trainer.val_check_interval!r},"
+            f" check_val_every_n_epoch={trainer.check_val_every_n_epoch!r})` with several devices: ranks reach"
+            " mid-epoch points at different times, and validation is a point where all ranks meet. Validate at epoch"
+            " ends (`val_check_interval=1.0`, optionally `check_val_every_n_epoch=N`)."
         )
-    if isinstance(trainer.limit_train_batches, float) and trainer.limit_train_batches != 1.0:
-        raise MisconfigurationException(
-            f"`Trainer(limit_train_batches={trainer.limit_train_batches})` with several devices: ranks share each epoch"
-            " dynamically, so its length per rank is not known in advance. Give an int (batches per rank per epoch)."
-        )
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and _internals.saves_mid_epoch(callback):
+            raise MisconfigurationException(
+                "`ModelCheckpoint(every_n_train_steps=...)` or `train_time_interval` with several devices: each"
+                " PD-ASGD rank reaches those points mid-epoch at its own time, so the ranks would save different"
+                " replicas under different names. Save at epoch ends or after validation (`every_n_epochs`, the"
+                " default), where every rank agrees on the step, the weights and the file name."
+            )
 
 
 def check_loss(loss: Tensor) -> None:

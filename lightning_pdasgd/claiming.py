@@ -4,6 +4,12 @@ A fixed per-rank shard (Lightning's ``DistributedSampler``) makes every fast ran
 until the slowest one finishes its shard. Here every rank walks the same permutation of the epoch and claims
 batch ``k`` with an atomic ``store.add`` on torch.distributed's key-value store, so a fast rank simply processes
 more batches, every sample is used exactly once per epoch, and the epoch ends when the data is consumed.
+
+Given its rank, a sampler keeps batch ``rank`` of every epoch for itself (the counter hands out the rest), so every
+rank trains at least one batch per epoch and reaches that epoch's validation and epoch-end consistent points, however
+fast the others are. The epoch may be cut short: ``max_batches`` (``limit_train_batches`` over all ranks) and
+``budget`` (given the epoch's batches, how many this epoch's claims may still take: what ``max_steps`` leaves, less
+what a mid-epoch checkpoint already trained; see ``steps.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,6 +46,7 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         store: Any,
         key_prefix: str,
         world_size: int = 1,
+        rank: int | None = None,
     ) -> None:
         if num_samples <= 0 or batch_size <= 0:
             raise ValueError(f"ClaimingBatchSampler: nothing to claim ({num_samples} samples, batch {batch_size}).")
@@ -51,6 +58,9 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         self.store = store
         self.key_prefix = key_prefix
         self.world_size = world_size
+        self.rank = rank  # None: no reserved batch (every batch through the counter)
+        self.max_batches: int | None = None  # batches per epoch, all ranks together (limit_train_batches)
+        self.budget: Callable[[int], int] | None = None  # epoch's batches -> claims it may still take
         self.epoch = 0
         self.claimed: list[int] = []  # batch indices this rank claimed in the current epoch
         # Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler` only
@@ -66,8 +76,16 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         return math.ceil(self.num_samples / self.batch_size)
 
     @property
+    def epoch_batches(self) -> int:
+        """Batches in one epoch, all ranks together: the dataset's, or fewer under ``limit_train_batches``."""
+        return self.num_batches if self.max_batches is None else min(self.num_batches, self.max_batches)
+
+    @property
     def estimated_batches(self) -> int:
-        return math.ceil(self.num_batches / max(self.world_size, 1))
+        return math.ceil(self.epoch_batches / max(self.world_size, 1))
+
+    def _limit(self) -> int:
+        return self.epoch_batches if self.budget is None else self.budget(self.epoch_batches)
 
     def _permutation(self) -> list[int]:
         if not self.shuffle:
@@ -77,15 +95,18 @@ class ClaimingBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._permutation()
-        num_batches = self.num_batches
         key = f"{self.key_prefix}/epoch{self.epoch}"
+        reserved = self.rank is not None and 0 <= self.rank < self.world_size
         self.claimed = []
+        index = self.rank if reserved else None
         while True:
-            index = int(self.store.add(key, 1)) - 1
-            if index >= num_batches:
+            if index is None:  # read the limit at every claim: max_steps' budget is known only once the epoch starts
+                index = int(self.store.add(key, 1)) - 1 + (self.world_size if reserved else 0)
+            if index >= self._limit():
                 return
             self.claimed.append(index)
             yield order[index * self.batch_size : (index + 1) * self.batch_size]
+            index = None
 
 
 class _EpochForwarder:
@@ -106,7 +127,7 @@ def _is_shuffled(dataloader: DataLoader) -> bool:
 
 
 def claiming_dataloader(
-    dataloader: DataLoader, seed: int, store: Any, key_prefix: str, world_size: int
+    dataloader: DataLoader, seed: int, store: Any, key_prefix: str, world_size: int, rank: int | None = None
 ) -> DataLoader | None:
     """Rebuild ``dataloader`` around a :class:`ClaimingBatchSampler`; ``None`` if it cannot be shared this way.
 
@@ -129,6 +150,7 @@ def claiming_dataloader(
         store=store,
         key_prefix=key_prefix,
         world_size=world_size,
+        rank=rank,
     )
     workers = dataloader.num_workers
     return DataLoader(
@@ -156,12 +178,14 @@ def new_claim_key() -> tuple[int, str]:
     return torch.initial_seed() % (2**31 - 1), f"pdasgd/claims/{time.time_ns()}-{os.getpid()}"
 
 
-def claim_batches(dataloader: object, claim_key: tuple[int, str] | None, world_size: int) -> object:
+def claim_batches(
+    dataloader: object, claim_key: tuple[int, str] | None, world_size: int, rank: int | None = None
+) -> object:
     """The training dataloader shared dynamically between ``world_size`` ranks, or as it is when it cannot be."""
     if not isinstance(dataloader, DataLoader) or claim_key is None:
         return dataloader
     seed, prefix = claim_key
-    claiming = claiming_dataloader(dataloader, seed, _internals.default_store(), prefix, world_size)
+    claiming = claiming_dataloader(dataloader, seed, _internals.default_store(), prefix, world_size, rank)
     if claiming is None:
         from lightning_utilities.core.rank_zero import rank_zero_warn  # the one both Lightning packages re-export
 

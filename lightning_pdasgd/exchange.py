@@ -5,7 +5,8 @@ run by a communication thread on a process group of its own:
 
 1. snapshots the live parameters (each under its parameter's lock) and takes ``delta = snapshot - anchor``,
    i.e. this rank's updates not yet shared;
-2. all-reduces the deltas (sum) and the per-parameter update counts;
+2. all-reduces the deltas (sum), the per-parameter update counts and the ranks' counts of trained batches (the
+   global step count, see ``steps.py``);
 3. advances the anchor by the sum (identical on every rank) and adds the *other* ranks' deltas to the live
    parameters: ``live += anchor_new - snapshot``, which keeps this rank's updates made during the round.
 
@@ -101,6 +102,8 @@ class ReplicaExchange:
         interval_s: least time between the starts of two rounds.
         timeout_s: the most any wait for a consistent point may take.
         on_error: called with any exception of the thread (the engine re-raises it in the loop thread).
+        local_batches: this rank's count of trained batches (read once per round); the others' sum is
+            ``remote_batches``, exact once a consistent point returns.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class ReplicaExchange:
         interval_s: float,
         timeout_s: float,
         on_error: Callable[[BaseException], None],
+        local_batches: Callable[[], int] = lambda: 0,
     ) -> None:
         self._params = [param for bucket in buckets for param in bucket.params]
         self._module = module
@@ -122,6 +126,8 @@ class ReplicaExchange:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._on_error = on_error
+        self._local_batches = local_batches
+        self.remote_batches = 0  # batches the other ranks trained, as of the last round (monotone)
         self._groups = _make_flat_groups(buckets)
         self._device = buckets[0].device
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
@@ -243,8 +249,9 @@ class ReplicaExchange:
         if len(asked) != 1:
             raise ConsistentPointMismatchError(
                 f"PD-ASGD: ranks reached different consistent points {asked}: their Lightning loops diverged."
-                " With several devices, stop on epochs (`max_epochs`), validate at epoch ends"
-                " (`val_check_interval=1.0`) and save step-based checkpoints only from rank 0's view."
+                " With several devices, stop with `max_epochs` or `max_steps`, validate at epoch ends"
+                " (`val_check_interval=1.0`) and save checkpoints at epoch ends or after validation; a callback that"
+                " stops or validates one rank mid-epoch (`trainer.should_stop` from a batch hook) cannot work."
             )
         return True, asked[0], values[1] > 0
 
@@ -254,6 +261,7 @@ class ReplicaExchange:
         if self._abort.is_set():
             return True
         local_counts: list[int] = []
+        own_batches = int(self._local_batches())  # before the snapshot: never ahead of the updates it covers
         snapshots = []
         for group in self._groups:
             snapshot, counts = group.snapshot()
@@ -263,9 +271,10 @@ class ReplicaExchange:
         local_deltas = [delta.clone() for delta in deltas]
         for delta in deltas:
             dist.all_reduce(delta, group=self._group)
-        counts = torch.tensor(local_counts, dtype=torch.int64, device=self._device)
+        counts = torch.tensor([*local_counts, own_batches], dtype=torch.int64, device=self._device)
         dist.all_reduce(counts, group=self._group)
         total_counts = counts.tolist()
+        self.remote_batches = max(self.remote_batches, int(total_counts[-1]) - own_batches)
         self.divergence = self._divergence(local_deltas, deltas)
         index = 0
         for group, snapshot, delta in zip(self._groups, snapshots, deltas):

@@ -91,6 +91,9 @@ class FitSession:
         self.tuner: ThreadAutotuner | None = None
         self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
         self.in_sync = True  # with several devices: replicas identical (no step since the last consistent point)
+        # called after every consistent point the ranks met at (several devices), with its kind: step accounting
+        self.on_consistent: Callable[[str], None] | None = None
+        self._local_batches: Callable[[], int] = lambda: 0
         self._current: tuple[WeightStash, Any] | None = None  # the forward whose loss is not handed off yet
         self._saved_switch_interval: float | None = sys.getswitchinterval()
         self._started_at = time.perf_counter()
@@ -161,9 +164,15 @@ class FitSession:
         if exchanging:
             self.start_exchange(self._exchange_group)
 
-    def start_exchange(self, group: Any) -> None:
-        """Several devices: make the replicas identical (as DDP does), then exchange updates in the background."""
+    def start_exchange(self, group: Any, local_batches: Callable[[], int] | None = None) -> None:
+        """Several devices: make the replicas identical (as DDP does), then exchange updates in the background.
+
+        ``local_batches`` is this rank's count of trained batches since fit started, which every round sums over
+        the ranks (``steps.py``); a restarted exchange (``rebuild``) keeps it.
+        """
         self._exchange_group = group
+        if local_batches is not None:
+            self._local_batches = local_batches
         for tensor in [*self._module.parameters(), *self._module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
         self.exchange = ReplicaExchange(
@@ -174,6 +183,7 @@ class FitSession:
             interval_s=self.config.exchange_interval,
             timeout_s=self.config.wait_timeout,
             on_error=self.engine.fail,
+            local_batches=self._local_batches,
         )
         self.in_sync = True
         self.exchange.start()
@@ -227,6 +237,8 @@ class FitSession:
             return
         self.exchange.consistent_point(kind, stop, self.engine.raise_if_failed)
         self.in_sync = True
+        if self.on_consistent is not None:
+            self.on_consistent(kind)
 
     # ------------------------------------------------------------------------------------------- the step
     def before_step(self) -> str | None:

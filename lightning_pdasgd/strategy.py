@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_pdasgd.claiming import claim_batches, new_claim_key
+from lightning_pdasgd.claiming import claim_batches
 from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
 from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine
@@ -28,7 +28,7 @@ from lightning_pdasgd.metrics import EngineStats
 from lightning_pdasgd.session import FitSession
 from lightning_pdasgd.updates import LayerwiseUpdater
 
-from . import _internals, checks, preemption  # relative: the Lightning-facing modules of this flavour (_flavor.py)
+from . import _internals, checks, preemption, steps  # relative: the Lightning-facing modules (_flavor.py)
 from ._lightning import (
     STEP_OUTPUT,
     Accelerator,
@@ -151,7 +151,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         )
         self._stats = EngineStats()
         self._session: Optional[FitSession] = None  # exists while fit trains; the strategy stays picklable
-        self._claim_key: Optional[tuple[int, str]] = None  # (seed, store key prefix), agreed by all ranks
+        self._steps: Optional[steps.StepAccounting] = None  # several devices, fitting: the global step count
         self.autotune_report: Optional[str] = None
         for warning in self._config.ineffective_settings():
             rank_zero_warn(warning)
@@ -194,13 +194,21 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
     def _asynchronous(self) -> bool:
         return self._session is not None and self._session.asynchronous
 
+    @property
+    def step_accounting(self) -> Optional[steps.StepAccounting]:
+        return self._steps  # several devices, while fitting: Lightning's step count over all ranks (`steps.py`)
+
     @override
     def process_dataloader(self, dataloader: object) -> object:
         """With several devices, share the training epoch dynamically (see ``claiming.py``)."""
-        module = self.lightning_module
-        if self.world_size <= 1 or module is None or module._trainer is None or not module.trainer.training:
+        if self._steps is None or not self._steps.trainer.training:  # several devices, fitting (not validation)
             return dataloader
-        return claim_batches(dataloader, self._claim_key, self.world_size)
+        return claim_batches(dataloader, self._steps.claim_key, self.world_size, self.global_rank)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._steps = steps.prepare_fit(self)  # before the user's `setup`, which may load the data
 
     # ------------------------------------------------------------------------------------------- setup
     @override
@@ -218,8 +226,6 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
             _internals.optimizers_to_device(self.optimizers, self.root_device)
             checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.world_size)
             EngineDrain.attach(trainer)
-            if self.world_size > 1:
-                self._claim_key = self.broadcast(new_claim_key())
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -243,7 +249,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         session.start(plan)
         rank_zero_info(session.describe(self.world_size))
         if self.world_size > 1:
-            session.start_exchange(self.background_group)
+            steps.start_exchange(session, self.background_group, self._steps)
             preemption.watch_sigterm_through_exchange(trainer, session)
 
     @override
@@ -274,6 +280,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
 
     def _shutdown(self, raise_timeout: bool = True) -> None:
         session, self._session = self._session, None
+        self._steps = self._steps.uninstall() if self._steps is not None else None  # gives Lightning's loops back
         if session is not None:
             session.shutdown(raise_timeout)
 
@@ -373,6 +380,7 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         state = super().__getstate__()
         state["_session"] = None
         state["_stats"] = None
+        state["_steps"] = None
         return state
 
     @override

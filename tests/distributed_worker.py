@@ -112,19 +112,62 @@ class DieInEpoch(Callback):
 class ProcessedBatches(Callback):
     """Sums the batches this rank really trained on, and saves the replica when fit is interrupted."""
 
-    def __init__(self, out: Path, signal_rank: int | None = None, signal_step: int = 8) -> None:
-        self.out, self.signal_rank, self.signal_step = out, signal_rank, signal_step
+    def __init__(self, out: Path, signal_rank: int | None = None, signal_batch: int = 8) -> None:
+        self.out, self.signal_rank, self.signal_batch = out, signal_rank, signal_batch
         self.total: torch.Tensor | None = None
+        self.batches = 0  # this rank's own (global_step counts every rank's batches)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, idx: int) -> None:
         (x,) = batch
         self.total = x.sum(dim=0) if self.total is None else self.total + x.sum(dim=0)
-        if trainer.global_rank == self.signal_rank and trainer.global_step == self.signal_step:
+        self.batches += 1
+        if trainer.global_rank == self.signal_rank and self.batches == self.signal_batch:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
         torch.save({"state": _state(module), "total": self.total, "error": type(exception).__name__},
                    self.out / f"interrupted-rank{trainer.global_rank}.pt")
+
+
+class OneCycleDigits(DigitsClassifier):
+    """The OneCycleLR recipe of Lightning's docs: the schedule sized by ``trainer.estimated_stepping_batches``."""
+
+    def __init__(self) -> None:
+        super().__init__(sync_dist=True)
+        self.total_steps: int | float | None = None
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        self.total_steps = self.trainer.estimated_stepping_batches
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=int(self.total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean(), sync_dist=True)
+
+
+class StepRecord(Callback):
+    """What every rank must agree on at consistent points: recorded after the epoch-end and validation points."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[Any, ...]] = []
+
+    def _record(self, kind: str, trainer: L.Trainer) -> None:
+        from lightning_pdasgd import _internals
+
+        (config,) = trainer.lr_scheduler_configs
+        scheduler = config.scheduler
+        self.points.append((kind, trainer.current_epoch, trainer.global_step, _internals.batches_that_stepped(trainer),
+                            _internals.epoch_batches_ready(trainer), scheduler.last_epoch, scheduler._step_count,
+                            tuple(scheduler.get_last_lr()), trainer.optimizers[0].param_groups[0]["lr"]))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._record("epoch_end", trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if not trainer.sanity_checking:
+            self._record("validation", trainer)
 
 
 def _accuracy(model: DigitsClassifier) -> float:
@@ -212,6 +255,34 @@ def main(case: str, out: Path, *args: str) -> None:
         failure = FailOnRank(rank=int(args[0]), batch=5, hard=case == "die")
         trainer = _trainer(strategy=PDASGDStrategy(wait_timeout=60), max_epochs=50, callbacks=[failure])
         trainer.fit(model, DigitsData(batch_size=16))
+    elif case == "steps":
+        # the recipes of Lightning's docs on 2 ranks: OneCycleLR sized by estimated_stepping_batches, ModelCheckpoint
+        # on a validation metric (best and last), then `trainer.test(ckpt_path="best")` on every rank
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        factor, max_steps = float(args[0]), int(args[1])
+        L.seed_everything(0)
+        model = OneCycleDigits()
+        record = StepRecord()
+        checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val_acc", mode="max", save_top_k=2,
+                                     save_last=True)
+        callbacks = [log, record, checkpoint] + ([Straggler(rank=1, factor=factor)] if factor > 0 else [])
+        limits: dict[str, Any] = dict(max_epochs=3)
+        if max_steps > 0:  # max_steps and a fractional epoch: both count the batches of all ranks together
+            limits = dict(max_steps=max_steps, limit_train_batches=0.5)
+        trainer = _trainer(callbacks=callbacks, enable_checkpointing=True, **limits)
+        trainer.fit(model, DigitsData(batch_size=32))
+        (config,) = trainer.lr_scheduler_configs
+        sampler = trainer.train_dataloader.batch_sampler
+        result.update(points=record.points, total_steps=model.total_steps, claimed=list(sampler.claimed),
+                      final_lr=trainer.optimizers[0].param_groups[0]["lr"], last_epoch=config.scheduler.last_epoch,
+                      best=checkpoint.best_model_path, last=checkpoint.last_model_path,
+                      files=sorted(path.name for path in (out / "checkpoints").iterdir()),
+                      limit_train_batches=trainer.limit_train_batches, fit_global_step=trainer.global_step,
+                      fit_epoch=trainer.current_epoch, state=_state(model))
+        test_loader = DigitsData().val_dataloader()
+        tested = trainer.test(model, test_loader, ckpt_path="best", verbose=False)
+        result.update(test_acc=tested[0]["test_acc"], tested_path=trainer.ckpt_path)
     elif case == "resume":
         devices, ckpt = int(args[0]), args[1]
         L.seed_everything(1)

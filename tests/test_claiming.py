@@ -81,3 +81,22 @@ def test_dataloader_is_rebuilt_with_the_same_settings(store: TCPStore) -> None:
     assert [batch[0].tolist() for batch in rebuilt] == [batch[0].tolist() for batch in loader]
     iterable = DataLoader(_Stream(), batch_size=4)
     assert claiming_dataloader(iterable, seed=0, store=store, key_prefix="it", world_size=1) is None
+
+
+def test_every_rank_keeps_one_batch_and_the_budget_cuts_the_epoch(store: TCPStore) -> None:
+    """Batch `rank` is kept for its rank even when another rank claims everything first; a budget ends the claims."""
+    fast, slow = (ClaimingBatchSampler(103, 10, False, True, seed=5, store=store, key_prefix="reserve", world_size=2,
+                                       rank=rank) for rank in (0, 1))
+    fast_batches = list(fast)  # the fast rank runs through the whole epoch before the slow one starts
+    slow_batches = list(slow)
+    assert slow.claimed == [1] and len(slow_batches) == 1
+    assert sorted(fast.claimed + slow.claimed) == list(range(11)) and len(fast_batches) == 10
+
+    budgeted = [ClaimingBatchSampler(103, 10, False, True, seed=5, store=store, key_prefix="budget", world_size=2,
+                                     rank=rank) for rank in (0, 1)]
+    for sampler in budgeted:
+        sampler.max_batches = 8  # limit_train_batches, all ranks together
+        sampler.budget = lambda epoch_batches: min(epoch_batches, 5)  # what max_steps leaves
+        assert sampler.epoch_batches == 8 and sampler.estimated_batches == 4
+    assert sum(len(list(sampler)) for sampler in budgeted) == 5
+    assert sorted(budgeted[0].claimed + budgeted[1].claimed) == list(range(5))

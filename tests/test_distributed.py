@@ -53,6 +53,7 @@ def test_two_ranks_learn_digits(learned: Path) -> None:
     # every epoch's 45 batches were shared dynamically, each used exactly once
     assert first["batches"] + second["batches"] == 8 * 45
     assert first["batches"] > 0 and second["batches"] > 0
+    assert first["global_step"] == second["global_step"] == 8 * 45  # the batches of all ranks, as on one device
 
 
 def test_replicas_are_bitwise_identical_after_fit(learned: Path) -> None:
@@ -164,12 +165,77 @@ def test_sigterm_on_one_rank_merges_checkpoints_and_resumes(tmp_path: Path, sign
     assert all(torch.equal(first["state"][key], second["state"][key]) for key in first["state"])
 
 
+def _single_device_one_cycle_lr(total_steps: int) -> float:
+    """The lr a single device ends with: OneCycleLR(max_lr=0.1, total_steps) stepped once per batch."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=total_steps)
+    for _ in range(total_steps):
+        optimizer.step()
+        scheduler.step()
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def _agree_on_steps_and_checkpoints(first: dict[str, Any], second: dict[str, Any], total: int) -> None:
+    # the recorded (kind, epoch, global_step, logging step, epoch batches, scheduler last_epoch/_step_count, lrs)
+    # after every validation and epoch-end consistent point: identical on both ranks
+    assert first["points"] == second["points"]
+    assert first["fit_global_step"] == second["fit_global_step"] == total
+    assert first["batches"] + second["batches"] == total, "global_step counts the batches of all ranks"
+    # OneCycleLR sized by estimated_stepping_batches ends where a single device's does, on every rank
+    assert first["total_steps"] == second["total_steps"] == total
+    assert first["last_epoch"] == second["last_epoch"] == total
+    assert first["final_lr"] == second["final_lr"] == pytest.approx(_single_device_one_cycle_lr(total), rel=1e-12)
+    # one set of checkpoint names; `trainer.test(ckpt_path="best")` loaded the same file on every rank
+    assert first["files"] == second["files"] and first["best"] == second["best"] and first["last"] == second["last"]
+    assert Path(first["best"]).exists() and first["tested_path"] == second["tested_path"] == first["best"]
+    assert first["test_acc"] == second["test_acc"]
+    assert all(torch.equal(first["state"][key], second["state"][key]) for key in first["state"])
+
+
+@pytest.mark.parametrize("factor", ["1.0", "0"], ids=["straggler", "even"])
+def test_one_step_count_schedule_and_best_checkpoint_on_every_rank(tmp_path: Path, factor: str) -> None:
+    """Lightning's recipes on 2 ranks: OneCycleLR sized by estimated_stepping_batches, best/last checkpoints on a
+    validation metric, then `trainer.test(ckpt_path="best")`; with a straggler, claiming stays on."""
+    result = _launch("steps", tmp_path, factor, "0")
+    _ok(result)
+    first, second = _results(tmp_path, "steps")
+    epochs, epoch_batches = 3, 45
+    total = epochs * epoch_batches
+    _agree_on_steps_and_checkpoints(first, second, total)
+    steps = [point[2] for point in first["points"]]
+    assert steps == [45, 45, 90, 90, 135, 135]  # (validation, epoch end) per epoch, as on one device
+    assert all(point[4] == epoch_batches for point in first["points"])  # the epoch's batches, all ranks
+    assert sorted(first["claimed"] + second["claimed"]) == list(range(epoch_batches))  # last epoch: claimed
+    # top-2 by val_acc: which epochs depends on timing, their names do not (step = all ranks' batches so far)
+    saved = [re.fullmatch(r"epoch=(\d+)-step=(\d+)\.ckpt", name) for name in first["files"] if name != "last.ckpt"]
+    assert len(saved) == 2 and all(match and int(match[2]) == 45 * (int(match[1]) + 1) for match in saved), saved
+    assert "differed between ranks" not in result.stderr
+    if factor != "0":  # estimated_stepping_batches in configure_optimizers left claiming on: rank 0 took more
+        assert first["batches"] > 1.3 * second["batches"], (first["batches"], second["batches"])
+
+
+def test_max_steps_and_limit_train_batches_count_all_ranks(tmp_path: Path) -> None:
+    """max_steps=50 with limit_train_batches=0.5 (22 of 45 batches per epoch): 22 + 22 + 6 batches, all ranks."""
+    result = _launch("steps", tmp_path, "1.0", "50")
+    _ok(result)
+    first, second = _results(tmp_path, "steps")
+    _agree_on_steps_and_checkpoints(first, second, 50)
+    assert [(point[0], point[2], point[4]) for point in first["points"]] == [
+        ("validation", 22, 22), ("epoch_end", 22, 22), ("validation", 44, 22), ("epoch_end", 44, 22),
+        ("validation", 50, 6), ("epoch_end", 50, 6),
+    ]
+    assert first["limit_train_batches"] == 0.5  # the user's setting is given back after fit
+    assert first["batches"] > second["batches"]
+
+
 @pytest.mark.parametrize("devices", [1, 2])
 def test_two_rank_checkpoint_resumes_on_any_device_count(learned: Path, tmp_path: Path, devices: int) -> None:
     _ok(_launch("resume", tmp_path, str(devices), str(learned / "learn.ckpt")))
     resumed = torch.load(tmp_path / "resume-rank0.pt", weights_only=False)
     assert resumed["accuracy"] >= 0.9
     assert resumed["batches"] > 0  # epochs 8 and 9 ran from the checkpoint
+    # the 2-rank checkpoint counted every rank's batches (8 epochs of 45): the step count goes on from there
+    assert resumed["global_step"] == 10 * 45
     if devices == 2:
         other = torch.load(tmp_path / "resume-rank1.pt", weights_only=False)
         assert resumed["batches"] + other["batches"] == 2 * 45

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -148,20 +149,34 @@ def test_intra_op_threads_apply_during_fit_only() -> None:
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (dict(max_steps=100), "max_steps=100"),
         (dict(max_time="00:00:01:00"), "max_time"),
         (dict(val_check_interval=0.5), "val_check_interval=0.5"),
         (dict(val_check_interval=10), "val_check_interval=10"),
-        (dict(limit_train_batches=0.5), "limit_train_batches=0.5"),
+        (dict(check_val_every_n_epoch=None), "check_val_every_n_epoch=None"),
+        (dict(callbacks=[ModelCheckpoint(every_n_train_steps=10)], enable_checkpointing=True),
+         "every_n_train_steps"),
+        (dict(callbacks=[ModelCheckpoint(train_time_interval=timedelta(minutes=1))], enable_checkpointing=True),
+         "train_time_interval"),
     ],
 )
-def test_multi_device_refuses_per_step_limits(overrides: dict[str, Any], match: str) -> None:
+def test_multi_device_refuses_per_rank_mid_epoch_points(overrides: dict[str, Any], match: str) -> None:
     from lightning_pdasgd.checks import check_multi_device_settings
 
     trainer = L.Trainer(**trainer_kwargs(**overrides))
     with pytest.raises(MisconfigurationException, match=match):
         check_multi_device_settings(trainer)
-    check_multi_device_settings(L.Trainer(max_epochs=3, limit_train_batches=10, **trainer_kwargs()))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(max_epochs=3, limit_train_batches=10), dict(max_steps=100), dict(limit_train_batches=0.5),
+     dict(callbacks=[ModelCheckpoint(monitor="val_acc", save_last=True)], enable_checkpointing=True)],
+)
+def test_multi_device_accepts_limits_counted_over_all_ranks(overrides: dict[str, Any]) -> None:
+    """max_steps and limit_train_batches count the batches of all ranks together (tested in test_distributed)."""
+    from lightning_pdasgd.checks import check_multi_device_settings
+
+    check_multi_device_settings(L.Trainer(**trainer_kwargs(**overrides)))
 
 
 @pytest.mark.parametrize("model", [TwoOptimizers, Manual], ids=["two-optimizers", "manual"])
