@@ -9,6 +9,9 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
 
 STALENESS_MEAN = "pdasgd/staleness_mean"
 STALENESS_MAX = "pdasgd/staleness_max"
@@ -185,3 +188,54 @@ class EngineStats:
     def mean_staleness(self) -> float:
         with self._lock:
             return self.total_staleness_sum / self.total_updates if self.total_updates else 0.0
+
+
+def window_metrics(session: Any) -> dict[str, float]:
+    """A fit session's statistics since the previous call, under their ``pdasgd/`` names."""
+    metrics = session.stats.take_window().as_metrics(
+        session.engine.pending, session.config.log_grad_norm, session.backward_threads
+    )
+    metrics[WALL_TIME] = time.perf_counter() - session.started_at
+    metrics[BACKWARD_THREADS] = 0.0 if session.plain_steps else float(session.backward_threads)
+    if session.exchange is not None:
+        metrics.update(session.exchange.metrics())
+    return metrics
+
+
+def log_window(session: Any, module: Any) -> None:
+    """Log a session's window of statistics when Lightning writes to its loggers, and on each epoch's last batch.
+
+    ``self.log`` costs tens of microseconds per key, so it runs only when Lightning will write
+    (``log_every_n_steps``) or an epoch ends (so short runs get metrics too), and ``metrics="basic"`` keeps to a
+    handful of keys; the window covers every step since the previous write.
+    """
+    trainer = getattr(module, "_trainer", None)
+    level = session.config.metrics
+    if trainer is None or level == "off":
+        return
+    if (trainer.global_step + 1) % trainer.log_every_n_steps != 0 and not trainer.is_last_batch:
+        return
+    metrics = window_metrics(session)
+    if level == "basic":  # plus the gradient norm when asked for by name (`log_grad_norm=True`)
+        metrics = {key: value for key, value in metrics.items() if key in BASIC_METRICS or key == GRAD_NORM}
+    shown = PROGRESS_BAR_METRICS if session.config.metrics_on_progress_bar else ()
+    on_bar = {key: metrics.pop(key) for key in shown if key in metrics}
+    logger = bool(trainer.loggers)
+    module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=logger)
+    if on_bar:
+        module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
+
+
+def batch_size_of(args: tuple[Any, ...]) -> int:
+    """The samples in a training step's batch (for samples/s): the first dimension of its first tensor, as
+    Lightning's own ``extract_batch_size`` takes it; 0 when the batch holds no tensor."""
+    pending: list[Any] = [args[0]] if args else []
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, Tensor):
+            return int(item.shape[0]) if item.ndim else 1
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return 0

@@ -27,14 +27,7 @@ from lightning_pdasgd.compensation import resolve as resolve_compensation
 from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
-from lightning_pdasgd.metrics import (
-    BACKWARD_THREADS,
-    BASIC_METRICS,
-    GRAD_NORM,
-    PROGRESS_BAR_METRICS,
-    WALL_TIME,
-    EngineStats,
-)
+from lightning_pdasgd.metrics import EngineStats, batch_size_of, log_window
 from lightning_pdasgd.optimizers import hyperparameter_snapshot
 from lightning_pdasgd.stash import WeightStash
 from lightning_pdasgd.updates import LayerwiseUpdater, NonFiniteError
@@ -96,9 +89,25 @@ class FitSession:
         self._local_batches: Callable[[], int] = lambda: 0
         self._current: tuple[WeightStash, Any] | None = None  # the forward whose loss is not handed off yet
         self._saved_switch_interval: float | None = sys.getswitchinterval()
-        self._started_at = time.perf_counter()
+        self.started_at = time.perf_counter()
+
+    @classmethod
+    def for_fit(
+        cls, config: PDASGDConfig, trainer: Any, optimizer: Optimizer, device: torch.device, stats: EngineStats
+    ) -> FitSession:
+        """The session of ``trainer``'s fit, with ``gradient_clip_val`` (the ``"value"`` algorithm) per parameter."""
+        clip = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
+        return cls(config, trainer.lightning_module, optimizer, device, stats, clip)
 
     # ------------------------------------------------------------------------------------------- lifecycle
+    def start_for(self, world_size: int, run_steps: float) -> str:
+        """Start the engine (autotuning when a thread count is "auto"); returns the line to log at INFO."""
+        plan = self.plan_autotune(world_size, run_steps) if self.config.autotune else None
+        self.start(plan)
+        short = self.config.autotune and plan is None
+        return ("PD-ASGD: the run is too short for autotuning; keeping the configured thread counts.\n"
+                if short else "") + self.describe(world_size)
+
     def start(self, autotune: tuple[list[Candidate], int] | None = None) -> None:
         # backward threads need the GIL for every update; Python's default 5 ms switch interval would make each
         # one wait behind the loop thread's Python work
@@ -141,9 +150,20 @@ class FitSession:
         self._fingerprint = ParameterSetFingerprint(self._module, optimizer, updater.buckets)
         return updater
 
-    def parameter_set_change(self, optimizer: Optimizer) -> str | None:
-        """What changed in the trained parameters since the engine was built (``None``: nothing)."""
-        return self._fingerprint.difference(optimizer)
+    def follow_parameter_changes(self, optimizers: list[Optimizer], recheck: Callable[[], None]) -> None:
+        """Fine-tuning, pruning, ``requires_grad`` toggles, a re-created optimizer: rebuild before this forward.
+
+        ``recheck`` runs the setup checks on the (possibly new) optimizer first; the plain step (chosen by "auto")
+        reads the parameter set as it is and needs nothing.
+        """
+        if self.plain_steps:
+            return
+        change = self._fingerprint.difference(optimizers[0]) if len(optimizers) == 1 else "the optimizers changed"
+        if change is None:
+            return
+        recheck()
+        log.debug("PD-ASGD: %s; rebuilding the engine's buckets", change)
+        self.rebuild(optimizers[0])
 
     def rebuild(self, optimizer: Optimizer) -> None:
         """Follow a changed parameter set: drain, rebuild buckets, stashes and per-bucket optimizers.
@@ -259,8 +279,9 @@ class FitSession:
             self._restore_switch_interval()
         return tuner.report()
 
-    def forward(self, run: Callable[[], Any], batch_size: int) -> Any:
+    def forward(self, run: Callable[[], Any], step_args: tuple[Any, ...]) -> Any:
         """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot."""
+        batch_size = batch_size_of(step_args)
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self.plain_steps:
             started = time.perf_counter()
@@ -329,6 +350,10 @@ class FitSession:
         work.loss = None  # type: ignore[assignment]  # free the graph before the leaves are reused
         updater.release(stash, reusable=True)
 
+    def log_metrics(self, module: Any) -> None:
+        """Log the engine's statistics through ``module`` when Lightning writes logs (``metrics.log_window``)."""
+        log_window(self, module)
+
     # ------------------------------------------------------------------------------------------- autotuning
     def _apply_candidate(self, candidate: Candidate) -> None:
         """Switch thread counts between two steps: drained, so no update is lost or reordered."""
@@ -360,38 +385,3 @@ class FitSession:
             f" {self.intra_op_threads} intra-op thread(s) per engine thread, {len(self.updater.buckets)} update"
             f" buckets ({'layer-wise' if self.config.layerwise else 'whole-model'} updates){tuning}"
         )
-
-    # ------------------------------------------------------------------------------------------- metrics
-    def log_metrics(self, module: Any) -> None:
-        """Log the engine's window of statistics when Lightning writes to its loggers, and on each epoch's last batch.
-
-        ``self.log`` costs tens of microseconds per key, so it runs only when Lightning will write
-        (``log_every_n_steps``) or an epoch ends (so short runs get metrics too), and ``metrics="basic"`` keeps
-        to a handful of keys; the window covers every step since the previous write.
-        """
-        trainer = getattr(module, "_trainer", None)
-        level = self.config.metrics
-        if trainer is None or level == "off":
-            return
-        if (trainer.global_step + 1) % trainer.log_every_n_steps != 0 and not trainer.is_last_batch:
-            return
-        metrics = self.metrics()
-        if level == "basic":  # plus the gradient norm when asked for by name (`log_grad_norm=True`)
-            metrics = {key: value for key, value in metrics.items() if key in BASIC_METRICS or key == GRAD_NORM}
-        shown = PROGRESS_BAR_METRICS if self.config.metrics_on_progress_bar else ()
-        on_bar = {key: metrics.pop(key) for key in shown if key in metrics}
-        logger = bool(trainer.loggers)
-        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=logger)
-        if on_bar:
-            module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
-
-    def metrics(self) -> dict[str, float]:
-        """The statistics of the window since the previous call, under their ``pdasgd/`` names."""
-        metrics = self.stats.take_window().as_metrics(
-            self.engine.pending, self.config.log_grad_norm, self.backward_threads
-        )
-        metrics[WALL_TIME] = time.perf_counter() - self._started_at
-        metrics[BACKWARD_THREADS] = 0.0 if self.plain_steps else float(self.backward_threads)
-        if self.exchange is not None:
-            metrics.update(self.exchange.metrics())
-        return metrics

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_pdasgd.checkpointing import DrainBeforeStateAccess
 from lightning_pdasgd.claiming import claim_batches
 from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
 from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, PDASGDConfig
@@ -39,7 +40,6 @@ from ._lightning import (
     Trainer,
     TrainerFn,
     default_pg_timeout,
-    extract_batch_size,
     rank_zero_info,
     rank_zero_warn,
 )
@@ -50,47 +50,39 @@ from .processes import OneProcessPerDevice
 log = logging.getLogger(__name__)
 
 
-class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
+class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPerDevice):
     """Partial Decoupled Asynchronous SGD (arXiv 2410.05985) for any LightningModule with automatic optimization.
 
+    Every argument is described, with examples, in ``docs/configuration.md``.
+
     Args:
-        forward_threads: threads that run ``training_step``. Lightning's loop thread is the forward thread; only
-            ``1`` (or ``"auto"``, which resolves to 1) is supported in this release.
-        backward_threads: threads that run backward passes concurrently and apply the updates. ``"auto"`` times
-            candidate configurations on the first training steps (1 to 3 backward threads, one or all intra-op
-            threads on CPU, and the plain synchronous step) and keeps the fastest one whose mean staleness is at
-            most ``autotune_max_staleness``; see ``autotune.py``.
-        max_in_flight: most losses whose backward has not finished (live graphs); defaults to
-            ``backward_threads``. ``1`` makes every forward wait for the previous backward: exactly the plain
-            synchronous result, a useful check.
-        layerwise: apply each parameter's update the moment its gradient is ready (PD-ASGD). ``False`` is the
-            D-ASGD ablation: one whole-model update at the end of each backward.
-        wait_timeout: seconds any wait of the engine (a free in-flight slot, a drain, thread shutdown) may take
-            before it fails with an error that names it.
-        intra_op_threads: intra-op threads of each engine thread (forward and backward). ``None``: the core budget,
-            the cores torch would use (``torch.get_num_threads()``) split over the threads that compute at once.
-        log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's full gradient, which
-            replaces gradient-norm logging from ``on_before_optimizer_step``.
-        exchange_interval: with several devices, least seconds between the starts of two rounds of the replica
-            exchange. ``0`` runs rounds back to back, so one rank's updates reach the others within about two
-            rounds; raise it when a round's copy and all-reduce compete with compute for the same cores.
-        nonfinite: what a NaN/Inf loss or gradient does: ``"error"`` stops training with an error naming the step,
-            the parameter and the rank; ``"skip"`` drops that update and counts it in ``pdasgd/skipped_updates``;
-            ``"off"`` checks nothing (saves one reduction per parameter and backward).
-        checkpoint_on_preemption: on SIGTERM (or Ctrl-C), drain, reach a consistent point and save
-            ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` through ``trainer.save_checkpoint`` before exiting;
-            ``trainer.fit(..., ckpt_path="hpc")`` resumes from it (automatically under SLURM).
+        forward_threads: threads that run ``training_step``: Lightning's loop thread, so ``1`` (or ``"auto"``).
+        backward_threads: threads that run backward passes and apply the updates; ``"auto"`` times candidates
+            (1-3 threads, intra-op settings, the plain step) on the first steps and keeps the fastest whose mean
+            staleness is at most ``autotune_max_staleness`` (``autotune.py``).
+        max_in_flight: most losses whose backward has not finished (default: ``backward_threads``); ``1`` gives
+            exactly the plain synchronous result.
+        layerwise: update each bucket the moment its gradients are ready (PD-ASGD); ``False``: the D-ASGD
+            ablation, one whole-model update at the end of each backward.
+        wait_timeout: seconds any engine wait (a free slot, a drain, a consistent point, shutdown) may take
+            before it fails with an error naming it.
+        intra_op_threads: intra-op threads of each engine thread; ``None``: the core budget (``budget.py``).
+        log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's gradient.
+        exchange_interval: several devices: least seconds between the starts of two exchange rounds.
+        nonfinite: a NaN/Inf loss or gradient: ``"error"`` (stop, naming step, parameter and rank), ``"skip"``
+            (drop that update, count it in ``pdasgd/skipped_updates``) or ``"off"``.
+        checkpoint_on_preemption: on SIGTERM or Ctrl-C, drain, reach a consistent point and save
+            ``hpc_ckpt_<n>.ckpt`` (``fit(ckpt_path="hpc")`` resumes from it).
         autotune_steps: training steps timed per candidate when a thread count is ``"auto"``.
         autotune_max_staleness: the bound on mean staleness a candidate must respect to be chosen.
-        bucket_numel: parameters updated together in one optimizer call: a module's parameters always, and
-            consecutive modules until a bucket holds at least this many elements (``0``: one bucket per module).
-        metrics: the ``pdasgd/*`` metrics logged every ``log_every_n_steps`` and at epoch ends: ``"basic"``
-            (throughput, staleness, queue depth, wall time), ``"full"`` (every figure of the engine) or ``"off"``.
+        bucket_numel: parameters updated together in one optimizer call: a module's always, and consecutive
+            modules until a bucket holds this many elements (``0``: one bucket per module).
+        metrics: the ``pdasgd/*`` metrics logged: ``"basic"`` (throughput, staleness, queue, wall time),
+            ``"full"`` or ``"off"``.
         metrics_on_progress_bar: show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean`` on the bar.
-        staleness_compensation: how updates correct for their staleness so hyperparameters tuned for plain
-            Lightning keep working (``compensation.py``, ``docs/convergence.md``): ``"predict+momentum"``
-            (default), ``"predict"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a
-            ``StalenessCompensation``. Updates of staleness 0 are never changed (``max_in_flight=1`` stays plain).
+        staleness_compensation: how updates correct for their staleness (``compensation.py``):
+            ``"predict+momentum"`` (default), ``"predict"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a
+            ``StalenessCompensation``. Updates of staleness 0 are never changed.
     """
 
     strategy_name = "pdasgd"
@@ -156,7 +148,6 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         for warning in self._config.ineffective_settings():
             rank_zero_warn(warning)
 
-    # ------------------------------------------------------------------------------------------- properties
     @property
     def config(self) -> PDASGDConfig:
         return self._config
@@ -210,7 +201,6 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         super().setup_environment()
         self._steps = steps.prepare_fit(self)  # before the user's `setup`, which may load the data
 
-    # ------------------------------------------------------------------------------------------- setup
     @override
     def setup(self, trainer: Trainer) -> None:
         assert self.accelerator is not None
@@ -232,22 +222,16 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         with checks.one_optimizer_advice():
             super().setup_optimizers(trainer)
 
-    # ------------------------------------------------------------------------------------------- fit lifecycle
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
         module = self.lightning_module
         assert module is not None
         trainer = module.trainer
-        clip = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
         self._stats = EngineStats()
-        session = FitSession(self._config, module, self.optimizers[0], self.root_device, self._stats, clip)
+        session = FitSession.for_fit(self._config, trainer, self.optimizers[0], self.root_device, self._stats)
         self._session = session
-        plan = session.plan_autotune(self.world_size, trainer.estimated_stepping_batches) if self._config.autotune else None
-        if self._config.autotune and plan is None:
-            rank_zero_info("PD-ASGD: the run is too short for autotuning; keeping the configured thread counts.")
-        session.start(plan)
-        rank_zero_info(session.describe(self.world_size))
+        rank_zero_info(session.start_for(self.world_size, trainer.estimated_stepping_batches))
         if self.world_size > 1:
             steps.start_exchange(session, self.background_group, self._steps)
             preemption.watch_sigterm_through_exchange(trainer, session)
@@ -294,27 +278,17 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         if self._session is not None:
             self._session.reach_consistent_point(kind, stop)
 
-    # ------------------------------------------------------------------------------------------- the step
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         session = self._session
         if session is None:
             return super().training_step(*args, **kwargs)
-        if not session.plain_steps:  # the plain step (chosen by "auto") reads the parameter set as it is
-            self._follow_parameter_changes(session)
-        output = session.forward(lambda: super(PDASGDStrategy, self).training_step(*args, **kwargs), _batch_size(args))
+        module = self.lightning_module
+        session.follow_parameter_changes(self.optimizers, lambda: checks.check_trainer_settings(
+            module.trainer, module, self.optimizers))
+        output = session.forward(lambda: super(PDASGDStrategy, self).training_step(*args, **kwargs), args)
         session.log_metrics(self.lightning_module)
         return output
-
-    def _follow_parameter_changes(self, session: FitSession) -> None:
-        """Fine-tuning, pruning, ``requires_grad`` toggles, a re-created optimizer: rebuild before this forward."""
-        change = session.parameter_set_change(self.optimizers[0]) if len(self.optimizers) == 1 else "optimizers"
-        if change is None:
-            return
-        module = self.lightning_module
-        checks.check_trainer_settings(module.trainer, module, self.optimizers)
-        log.debug("PD-ASGD: %s; rebuilding the engine's buckets", change)
-        session.rebuild(self.optimizers[0])
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
@@ -352,22 +326,6 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         _internals.mark_optimizer_stepped(getattr(optimizer, "_optimizer", optimizer))
         return output
 
-    # ------------------------------------------------------------------------------------------- checkpoints
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        self.drain()
-        return super().lightning_module_state_dict()
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
-        self.drain()
-        return super().optimizer_state(optimizer)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        self.drain()
-        super().load_optimizer_state_dict(checkpoint)
-
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -388,9 +346,3 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
         super().__setstate__(state)
         self._stats = EngineStats()
 
-
-def _batch_size(args: tuple[Any, ...]) -> int:
-    try:
-        return extract_batch_size(args[0]) if args else 0
-    except Exception:  # noqa: BLE001 - a batch Lightning cannot size only leaves samples/s unknown
-        return 0

@@ -185,8 +185,9 @@ def test_pytorch_lightning_two_ranks_share_epochs(tmp_path: Path) -> None:
     assert done.returncode == 0 and len(rows) == 2, done.stderr[-3000:]
     assert [row[0] for row in rows] == ["0", "1"]
     assert all(row[1] == "lightning_pdasgd.pl.strategy" and row[4] == "False" for row in rows), rows
-    steps = sum(int(row[2]) for row in rows)
-    assert steps == 2 * 256 // 16, f"the ranks share each epoch's 16 batches dynamically: {rows}"
+    # one step count over all ranks (docs/multi-device.md): both see every batch of the 2 epochs of 16 batches,
+    # and both trained some of them
+    assert all(int(row[2]) == 2 * 256 // 16 for row in rows), f"global_step counts all ranks' batches: {rows}"
     assert all(int(row[3]) > 0 for row in rows)
 
 
