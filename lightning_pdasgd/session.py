@@ -225,6 +225,9 @@ class FitSession:
     def drain(self) -> None:
         """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
         self.engine.drain()
+        # ---- CUDA only (issue #13): the loop's stream sees the queued updates; non-finite values read exactly
+        streams.join_update_stream(self._device)
+        self._check_device_nonfinite(wait=True)
 
     def reach_consistent_point(self, kind: str, stop: bool = False) -> None:
         """Drain, and with several devices make every replica identical (all ranks meet here).
@@ -259,7 +262,7 @@ class FitSession:
             self._restore_switch_interval()
         return tuner.report()
 
-    def forward(self, run: Callable[[], Any], batch_size: int) -> Any:
+    def forward(self, run: Callable[[], Any], batch_size: int, inputs: Any = None) -> Any:
         """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot."""
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self.plain_steps:
@@ -270,12 +273,14 @@ class FitSession:
         engine = self.engine
         engine.acquire_slot()
         self.in_sync = False
+        if self.exchange is not None:  # NCCL: the exchange thread resumes its collectives (exchange.py)
+            self.exchange.resume()
         try:
             started = time.perf_counter()
             stash = self.updater.stash()
             stream = self._streams.next()
             stashed = time.perf_counter()
-            with streams.forward_on(stream), _internals.reparametrized(self._module, stash.tensors):
+            with streams.forward_on(stream, stash, inputs), _internals.reparametrized(self._module, stash.tensors):
                 output = run()
             self.stats.record_forward(time.perf_counter() - stashed, batch_size, stashed - started)
         except BaseException:
@@ -294,7 +299,10 @@ class FitSession:
         assert self._current is not None
         stash, stream = self._current
         stash.step, stash.rank = step, rank
-        if self.config.nonfinite != "off" and not bool(torch.isfinite(loss.detach()).all()):
+        if loss.is_cuda and self.updater.device_checks is not None:  # CUDA: checked on the device, no host sync
+            self.updater.device_checks.note_loss(loss)
+            self._check_device_nonfinite(wait=False)
+        elif self.config.nonfinite != "off" and not bool(torch.isfinite(loss.detach()).all()):
             if self.config.nonfinite == "error":
                 raise NonFiniteError(
                     f"PD-ASGD: non-finite loss ({float(loss.detach())}) at step {step} on rank {rank}; no update"
@@ -308,6 +316,28 @@ class FitSession:
         self.engine.submit(BackwardWork(loss=loss, context=(stash, stream)))
         self._current = None  # the slot now belongs to the queued work
         self.stats.record_handoff(time.perf_counter() - started)
+
+    def _check_device_nonfinite(self, wait: bool) -> None:
+        """CUDA only: act on the non-finite losses/gradients the device counted (device_checks.py).
+
+        Their updates were already skipped or masked on the device; "error" raises here, "skip" counts them.
+        """
+        checks = self.updater.device_checks
+        if checks is None:
+            return
+        losses, gradients = checks.poll(wait=wait)
+        if not (losses or gradients):
+            return
+        if self.config.nonfinite == "error":
+            what = "loss" if losses else "gradient"
+            raise NonFiniteError(
+                f"PD-ASGD: non-finite {what} on {self._device} ({losses} loss(es), {gradients} gradient tensor(s))"
+                " found by the on-device check, read without a host synchronisation, so up to a few steps after"
+                " it happened; the updates it would have caused were skipped on the device. Pass"
+                " `PDASGDStrategy(nonfinite='skip')` to drop such updates and count them in"
+                " `pdasgd/skipped_updates` instead."
+            )
+        self.stats.record_skipped_loss(gradients)  # a non-finite loss shows up as its non-finite gradients
 
     def end_step(self) -> None:
         """After the closure: give back the slot of a forward whose loss was never handed off."""
@@ -333,6 +363,7 @@ class FitSession:
     def _apply_candidate(self, candidate: Candidate) -> None:
         """Switch thread counts between two steps: drained, so no update is lost or reordered."""
         self.engine.drain()
+        streams.join_update_stream(self._device)  # CUDA only: a plain step's optimizer runs on the loop's stream
         self.plain_steps = candidate.synchronous
         if candidate.synchronous:  # the plain step: one thread with every core, as plain Lightning
             torch.set_num_threads(candidate.intra_op_threads or self._saved_num_threads)

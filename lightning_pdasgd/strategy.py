@@ -302,7 +302,9 @@ class PDASGDStrategy(AsyncAwareCollectives, OneProcessPerDevice):
             return super().training_step(*args, **kwargs)
         if not session.plain_steps:  # the plain step (chosen by "auto") reads the parameter set as it is
             self._follow_parameter_changes(session)
-        output = session.forward(lambda: super(PDASGDStrategy, self).training_step(*args, **kwargs), _batch_size(args))
+        output = session.forward(
+            lambda: super(PDASGDStrategy, self).training_step(*args, **kwargs), _batch_size(args), inputs=args
+        )
         session.log_metrics(self.lightning_module)
         return output
 
