@@ -26,8 +26,8 @@ import math
 import threading
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd import _internals
+from lightning_pdasgd.exchange_buffers import make_flat_groups, merge_rebased
 from lightning_pdasgd.metrics import REPLICA_DIVERGENCE
 from lightning_pdasgd.parameters import ParameterBucket
 
@@ -51,44 +52,6 @@ class RankFailedError(RuntimeError):
 
 class ConsistentPointMismatchError(RuntimeError):
     """Ranks reached different kinds of consistent point, so their Lightning loops have diverged."""
-
-
-@dataclass
-class _FlatGroup:
-    """The parameter buckets of one dtype/device, flattened into one tensor for one all-reduce."""
-
-    buckets: list[ParameterBucket]
-    anchor: Tensor
-    offsets: list[list[tuple[int, int]]] = field(default_factory=list)  # per bucket, per parameter
-
-    def views(self, flat: Tensor, index: int) -> list[Tensor]:
-        """The slices of ``flat`` that hold bucket ``index``'s parameters, shaped like them."""
-        bucket = self.buckets[index]
-        return [flat[start:end].view_as(param) for (start, end), param in zip(self.offsets[index], bucket.params)]
-
-    def snapshot(self) -> tuple[Tensor, list[int]]:
-        """Copy the live parameters and each bucket's local updates not yet shared."""
-        flat = torch.empty_like(self.anchor)
-        counts = [bucket.snapshot_into(self.views(flat, index)) for index, bucket in enumerate(self.buckets)]
-        return flat, counts
-
-
-def _make_flat_groups(buckets: list[ParameterBucket]) -> list[_FlatGroup]:
-    grouped: dict[tuple[torch.dtype, torch.device], list[ParameterBucket]] = {}
-    for bucket in buckets:
-        grouped.setdefault((bucket.dtype, bucket.device), []).append(bucket)
-    groups = []
-    for members in grouped.values():
-        offsets, start = [], 0
-        for bucket in members:
-            spans = []
-            for param in bucket.params:
-                spans.append((start, start + param.numel()))
-                start += param.numel()
-            offsets.append(spans)
-        anchor = torch.cat([param.detach().reshape(-1) for bucket in members for param in bucket.params]).clone()
-        groups.append(_FlatGroup(buckets=members, anchor=anchor, offsets=offsets))
-    return groups
 
 
 class ReplicaExchange:
@@ -128,9 +91,21 @@ class ReplicaExchange:
         self._on_error = on_error
         self._local_batches = local_batches
         self.remote_batches = 0  # batches the other ranks trained, as of the last round (monotone)
-        self._groups = _make_flat_groups(buckets)
+        self._groups = make_flat_groups(buckets)
         self._device = buckets[0].device
         self._stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        # ---- NCCL only (issue #13). Two NCCL communicators used from two threads deadlock when ranks issue their
+        # collectives in different orders, and a collective against a dead peer blocks its kernel instead of
+        # failing. So with NCCL: the control round and the update counts go over a gloo group (a dead peer drops
+        # the connection and the round fails; the abort notice never waits on a GPU kernel), and after a
+        # consistent point this thread issues nothing until the loop thread trains again (`resume`), so the loop
+        # thread's collectives at the consistent point never overlap this thread's.
+        self._nccl = dist.get_backend(group) == "nccl"
+        self._control_group = (
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if self._nccl else group
+        )
+        self._control_device = torch.device("cpu") if self._nccl else self._device
+        self._resumed = threading.Event()
         self._request: tuple[str, bool] | None = None  # (kind, stop after it)
         self._request_lock = threading.Lock()
         self._consistent = threading.Event()
@@ -165,6 +140,16 @@ class ReplicaExchange:
             if not self._thread.is_alive():
                 self._thread = None
 
+    def resume(self) -> None:
+        """The loop thread trains again (called at every forward): the exchange may issue collectives (NCCL)."""
+        self._resumed.set()
+
+    def _wait_for_resume(self) -> None:
+        """NCCL, after a consistent point: wait until the loop thread left it (or asks for another, or aborts)."""
+        while not self._resumed.wait(_POLL_SECONDS):
+            if self._abort.is_set() or self._request is not None:
+                return
+
     def metrics(self) -> dict[str, float]:
         rounds = max(self.rounds, 1)
         return {
@@ -183,6 +168,8 @@ class ReplicaExchange:
         if kind not in CONSISTENT_POINT_KINDS:
             raise ValueError(f"unknown consistent point {kind!r}")
         self._consistent.clear()
+        if self._stream is not None:  # CUDA: the round reads what the loop's stream wrote (BatchNorm buffers)
+            self._stream.wait_stream(torch.cuda.current_stream(self._device))
         with self._request_lock:
             self._request = (kind, stop)
         deadline = time.monotonic() + self._timeout_s
@@ -225,7 +212,7 @@ class ReplicaExchange:
         kinds = len(CONSISTENT_POINT_KINDS)
         world = self._world_size
         # layout: [ready, stop, sigterm, kind one-hot (kinds), failed ranks (world)]
-        control = torch.zeros(3 + kinds + world, dtype=torch.float64, device=self._device)
+        control = torch.zeros(3 + kinds + world, dtype=torch.float64, device=self._control_device)
         if request is not None:
             control[0] = 1
             control[1] = float(request[1])
@@ -234,7 +221,7 @@ class ReplicaExchange:
         aborting = self._abort.is_set()
         if aborting:
             control[3 + kinds + self._rank] = 1
-        dist.all_reduce(control, group=self._group)
+        dist.all_reduce(control, group=self._control_group)
         values = control.tolist()
         failed = [rank for rank in range(world) if values[3 + kinds + rank] > 0]
         if aborting:
@@ -267,12 +254,15 @@ class ReplicaExchange:
             snapshot, counts = group.snapshot()
             snapshots.append(snapshot)
             local_counts.extend(counts)
-        deltas = [snapshot - group.anchor for snapshot, group in zip(snapshots, self._groups)]
+        deltas = [
+            snapshot - (group.anchor if group.base is None else group.base)
+            for snapshot, group in zip(snapshots, self._groups)
+        ]
         local_deltas = [delta.clone() for delta in deltas]
         for delta in deltas:
             dist.all_reduce(delta, group=self._group)
-        counts = torch.tensor([*local_counts, own_batches], dtype=torch.int64, device=self._device)
-        dist.all_reduce(counts, group=self._group)
+        counts = torch.tensor([*local_counts, own_batches], dtype=torch.int64, device=self._control_device)
+        dist.all_reduce(counts, group=self._control_group)
         total_counts = counts.tolist()
         self.remote_batches = max(self.remote_batches, int(total_counts[-1]) - own_batches)
         self.divergence = self._divergence(local_deltas, deltas)
@@ -281,7 +271,15 @@ class ReplicaExchange:
             group.anchor += delta
             for position, bucket in enumerate(group.buckets):
                 anchor = group.views(group.anchor, position)
-                if consistent:
+                if group.base is not None:  # bf16/fp16: rebased in float32, consistent points included
+                    taken, base = group.views(snapshot, position), group.views(group.base, position)
+                    bucket.merge(
+                        lambda live, anchor=anchor, taken=taken, base=base: merge_rebased(
+                            live, anchor, taken, base, consistent
+                        ),
+                        0 if consistent else total_counts[index] - local_counts[index],
+                    )
+                elif consistent:
                     bucket.merge(lambda live, anchor=anchor: _internals.foreach_copy_(live, anchor), 0)
                 else:
                     # live += anchor_new - snapshot: the other ranks' deltas, keeping this rank's updates since
@@ -296,7 +294,13 @@ class ReplicaExchange:
             log.debug("rank %d: consistent point %r reached", self._rank, kind)
             with self._request_lock:
                 self._request = None
+            if self._stream is not None:  # CUDA: the loop thread reads what this stream wrote (a rare, allowed sync)
+                self._stream.synchronize()
+            if self._nccl:
+                self._resumed.clear()
             self._consistent.set()
+            if self._nccl and not stop:
+                self._wait_for_resume()
             return stop
         return False
 

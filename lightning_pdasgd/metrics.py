@@ -239,3 +239,15 @@ def batch_size_of(args: tuple[Any, ...]) -> int:
         elif isinstance(item, (list, tuple)):
             pending.extend(item)
     return 0
+
+
+def describe_session(session: Any, world_size: int) -> str:
+    """One line with a fit session's engine configuration, logged at INFO when fit starts."""
+    tuning = f", autotuning {len(session.tuner.candidates)} candidates" if session.tuner is not None else ""
+    ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+    return (
+        f"PD-ASGD: 1 forward : {session.backward_threads} backward threads{ranks},"
+        f" max_in_flight={session.max_in_flight}, {session.intra_op_threads} intra-op thread(s) per engine thread,"
+        f" {len(session.updater.buckets)} update buckets"
+        f" ({'layer-wise' if session.config.layerwise else 'whole-model'} updates){tuning}"
+    )

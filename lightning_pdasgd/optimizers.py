@@ -67,6 +67,16 @@ class BucketOptimizer:
         self._optimizer = optimizer_for(user_optimizer, group, bucket.aliases)
         self._implementation = multi_tensor_flags(self._optimizer, group)
 
+    @property
+    def supports_found_inf(self) -> bool:
+        """Whether the optimizer can skip a step on the device (torch's fused SGD/Adam/AdamW/Adagrad: the
+        ``found_inf`` tensor GradScaler passes them), so a non-finite bucket moves nothing, state included."""
+        return bool(getattr(self._optimizer, "_step_supports_amp_scaling", False))
+
+    def set_found_inf(self, found_inf: Tensor) -> None:
+        """The next step is skipped on the device where ``found_inf`` is 1 (float32, on the parameters' device)."""
+        self._optimizer.found_inf = found_inf  # type: ignore[attr-defined]  # read by torch's fused step
+
     def step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any]) -> None:
         """One update of the bucket's live values from ``grads`` (``None``: that parameter is left as it is).
 

@@ -2,27 +2,30 @@
 
 A bucket is a few parameters that are always updated together (one optimizer call per bucket). Each bucket owns
 one lock, one version counter (how many updates it has received, from this rank and from the others) and, on
-CUDA, the event recorded after its latest write. Every access goes through one of three methods -- read into a
-forward's stash, apply an update, snapshot or merge for the replica exchange -- so the lock and event protocol
-is written once.
+CUDA, the device's update stream on which every access runs. Every access goes through one of three methods --
+read into a forward's stash, apply an update, snapshot or merge for the replica exchange -- so the lock and
+stream protocol is written once.
+
+CUDA: the lock orders the host's queueing of each access; running all of them on one in-order update stream per
+device (``streams.update_stream``) makes the GPU execute them in that same order, so a stash copy never reads a
+newer or half-applied value than the version it records (an event per write was not enough: an update waited
+only for the previous write, not for copies still queued to read the parameter).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from lightning_pdasgd import _internals
+from lightning_pdasgd import _internals, streams
 
 Fill = Callable[[list[Tensor], Sequence[Tensor], int], None]
 
 
 class ParameterBucket:
-    """Parameters of one param group, dtype and device that share a lock, a version and a CUDA event.
+    """Parameters of one param group, dtype and device that share a lock, a version and (CUDA) the update stream.
 
     Args:
         index: position of the bucket in the engine's list.
@@ -44,7 +47,6 @@ class ParameterBucket:
         self._version = 0  # updates applied to this replica's bucket (local and, with several ranks, remote)
         self._local_updates = 0  # updates made by this rank's backward threads
         self._local_updates_sent = 0  # of those, how many the replica exchange has already shared
-        self._ready_event: Any = None  # CUDA event recorded after the latest write
 
     def __len__(self) -> int:
         return len(self.params)
@@ -67,8 +69,7 @@ class ParameterBucket:
 
         ``fill(aliases, leaves, version)`` may write something other than an exact copy (weight prediction).
         """
-        with self._lock:
-            self._wait_for_last_write()
+        with self._lock, streams.on_update_stream(self.device, wait=False):
             with torch.no_grad():
                 if fill is None:
                     _internals.foreach_copy_(leaves, self.aliases)
@@ -82,19 +83,17 @@ class ParameterBucket:
         Staleness is the number of updates this bucket received between the forward's read and this update;
         ``version`` counts the updates before this one.
         """
-        with self._lock:
-            self._wait_for_last_write()
+        # CUDA: after the gradients (ready on the stream autograd made current in the hook), on the update stream
+        with self._lock, streams.on_update_stream(self.device):
             staleness = self._version - read_version
             step(staleness, self._version)
             self._version += 1
             self._local_updates += 1
-            self._record_write()
         return staleness
 
     def snapshot_into(self, targets: Sequence[Tensor]) -> int:
         """Copy the live values into ``targets`` for the exchange; returns the local updates not yet shared."""
-        with self._lock:
-            self._wait_for_last_write()
+        with self._lock, streams.on_update_stream(self.device, join=True):
             _internals.foreach_copy_(targets, self.aliases)
             unsent = self._local_updates - self._local_updates_sent
             self._local_updates_sent = self._local_updates
@@ -102,22 +101,10 @@ class ParameterBucket:
 
     def merge(self, write: Callable[[list[Tensor]], None], remote_updates: int) -> None:
         """Write the other ranks' contribution into the live values (``write(aliases)``) and count their updates."""
-        with self._lock:
-            self._wait_for_last_write()
+        with self._lock, streams.on_update_stream(self.device, join=True):
             with torch.no_grad():
                 write(self.aliases)
             self._version += remote_updates
-            self._record_write()
-
-    # ------------------------------------------------------------------------------------------- CUDA ordering
-    def _wait_for_last_write(self) -> None:
-        if self._ready_event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._ready_event)
-
-    def _record_write(self) -> None:
-        if self.is_cuda:
-            self._ready_event = torch.cuda.Event()
-            self._ready_event.record()
 
 
 def make_buckets(

@@ -25,9 +25,10 @@ from lightning_pdasgd.budget import intra_op_threads_per_thread
 from lightning_pdasgd.changes import ParameterSetFingerprint
 from lightning_pdasgd.compensation import resolve as resolve_compensation
 from lightning_pdasgd.config import PDASGDConfig
+from lightning_pdasgd.device_checks import act_on_device_nonfinite
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
-from lightning_pdasgd.metrics import EngineStats, batch_size_of, log_window
+from lightning_pdasgd.metrics import EngineStats, batch_size_of, describe_session, log_window
 from lightning_pdasgd.optimizers import hyperparameter_snapshot
 from lightning_pdasgd.stash import WeightStash
 from lightning_pdasgd.updates import LayerwiseUpdater, NonFiniteError
@@ -102,11 +103,14 @@ class FitSession:
     # ------------------------------------------------------------------------------------------- lifecycle
     def start_for(self, world_size: int, run_steps: float) -> str:
         """Start the engine (autotuning when a thread count is "auto"); returns the line to log at INFO."""
-        plan = self.plan_autotune(world_size, run_steps) if self.config.autotune else None
+        plan = None
+        if self.config.autotune:
+            candidates = default_candidates(self._device, allow_synchronous=world_size == 1)
+            plan = plan_trials(candidates, self.config.autotune_steps, run_steps)
         self.start(plan)
         short = self.config.autotune and plan is None
         return ("PD-ASGD: the run is too short for autotuning; keeping the configured thread counts.\n"
-                if short else "") + self.describe(world_size)
+                if short else "") + describe_session(self, world_size)
 
     def start(self, autotune: tuple[list[Candidate], int] | None = None) -> None:
         # backward threads need the GIL for every update; Python's default 5 ms switch interval would make each
@@ -245,6 +249,9 @@ class FitSession:
     def drain(self) -> None:
         """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
         self.engine.drain()
+        # ---- CUDA only (issue #13): the loop's stream sees the queued updates; non-finite values read exactly
+        streams.join_update_stream(self._device)
+        self._check_device_nonfinite(wait=True)
 
     def reach_consistent_point(self, kind: str, stop: bool = False) -> None:
         """Drain, and with several devices make every replica identical (all ranks meet here).
@@ -280,8 +287,13 @@ class FitSession:
         return tuner.report()
 
     def forward(self, run: Callable[[], Any], step_args: tuple[Any, ...]) -> Any:
-        """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot."""
+        """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot.
+
+        ``step_args`` (the batch) gives the samples counted and, on CUDA, the tensors marked as used on the batch's
+        stream.
+        """
         batch_size = batch_size_of(step_args)
+        inputs = step_args
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self.plain_steps:
             started = time.perf_counter()
@@ -291,12 +303,14 @@ class FitSession:
         engine = self.engine
         engine.acquire_slot()
         self.in_sync = False
+        if self.exchange is not None:  # NCCL: the exchange thread resumes its collectives (exchange.py)
+            self.exchange.resume()
         try:
             started = time.perf_counter()
             stash = self.updater.stash()
             stream = self._streams.next()
             stashed = time.perf_counter()
-            with streams.forward_on(stream), _internals.reparametrized(self._module, stash.tensors):
+            with streams.forward_on(stream, stash, inputs), _internals.reparametrized(self._module, stash.tensors):
                 output = run()
             self.stats.record_forward(time.perf_counter() - stashed, batch_size, stashed - started)
         except BaseException:
@@ -315,7 +329,10 @@ class FitSession:
         assert self._current is not None
         stash, stream = self._current
         stash.step, stash.rank = step, rank
-        if self.config.nonfinite != "off" and not bool(torch.isfinite(loss.detach()).all()):
+        if loss.is_cuda and self.updater.device_checks is not None:  # CUDA: checked on the device, no host sync
+            self.updater.device_checks.note_loss(loss)
+            self._check_device_nonfinite(wait=False)
+        elif self.config.nonfinite != "off" and not bool(torch.isfinite(loss.detach()).all()):
             if self.config.nonfinite == "error":
                 raise NonFiniteError(
                     f"PD-ASGD: non-finite loss ({float(loss.detach())}) at step {step} on rank {rank}; no update"
@@ -329,6 +346,12 @@ class FitSession:
         self.engine.submit(BackwardWork(loss=loss, context=(stash, stream)))
         self._current = None  # the slot now belongs to the queued work
         self.stats.record_handoff(time.perf_counter() - started)
+
+    def _check_device_nonfinite(self, wait: bool) -> None:
+        """CUDA only: act on the non-finite losses/gradients the device counted (``device_checks.py``)."""
+        if self.updater.device_checks is not None:
+            skipped = act_on_device_nonfinite(self.updater.device_checks, self.config.nonfinite, self._device, wait)
+            self.stats.record_skipped_loss(skipped)  # a non-finite loss shows up as its non-finite gradients
 
     def end_step(self) -> None:
         """After the closure: give back the slot of a forward whose loss was never handed off."""
@@ -358,6 +381,7 @@ class FitSession:
     def _apply_candidate(self, candidate: Candidate) -> None:
         """Switch thread counts between two steps: drained, so no update is lost or reordered."""
         self.engine.drain()
+        streams.join_update_stream(self._device)  # CUDA only: a plain step's optimizer runs on the loop's stream
         self.plain_steps = candidate.synchronous
         if candidate.synchronous:  # the plain step: one thread with every core, as plain Lightning
             torch.set_num_threads(candidate.intra_op_threads or self._saved_num_threads)
@@ -370,18 +394,3 @@ class FitSession:
             self.engine.reconfigure(threads, in_flight, partial(torch.set_num_threads, intra_op))
             self.backward_threads, self.max_in_flight, self.intra_op_threads = threads, in_flight, intra_op
             self._streams = streams.StreamPool(self._device, in_flight)
-
-    def plan_autotune(self, world_size: int, run_steps: float) -> tuple[list[Candidate], int] | None:
-        """The trials for this run (``None``: too short to tune, the configured threads are kept)."""
-        candidates = default_candidates(self._device, allow_synchronous=world_size == 1)
-        return plan_trials(candidates, self.config.autotune_steps, run_steps)
-
-    def describe(self, world_size: int) -> str:
-        """One line with the engine's configuration, logged when fit starts."""
-        tuning = f", autotuning {len(self.tuner.candidates)} candidates" if self.tuner is not None else ""
-        ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
-        return (
-            f"PD-ASGD: 1 forward : {self.backward_threads} backward threads{ranks}, max_in_flight={self.max_in_flight},"
-            f" {self.intra_op_threads} intra-op thread(s) per engine thread, {len(self.updater.buckets)} update"
-            f" buckets ({'layer-wise' if self.config.layerwise else 'whole-model'} updates){tuning}"
-        )

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_pdasgd import streams
 from lightning_pdasgd.metrics import BackwardRecord
 from lightning_pdasgd.parameters import ParameterBucket
 
@@ -46,6 +47,7 @@ class WeightStash:
     hyperparameters: list[dict[str, Any]] | None = None  # per param group, snapshot at hand-off
     step: int = -1  # Lightning's global_step when the forward ran, for error messages
     rank: int = 0
+    ready: Any = None  # CUDA: event after the stash copies (the forward's stream waits for it)
 
     @property
     def tensors(self) -> dict[str, Tensor]:
@@ -75,6 +77,8 @@ class StashPool:
     def take(self) -> WeightStash:
         """A stash holding the live weights now, each bucket copied under its lock."""
         buffers = self._free.pop() if self._free else self._new_buffers()
+        device = self._buckets[0].device
+        streams.before_stash_copy(device)  # CUDA: after a drain, the copies wait for the loop's stream once
         versions = []
         compensation = self._compensation
         for bucket, leaves in zip(self._buckets, buffers.leaves):
@@ -82,7 +86,7 @@ class StashPool:
             versions.append(bucket.read_into(leaves, fill))
         for index in range(len(buffers.arrived)):
             buffers.arrived[index] = 0
-        stash = WeightStash(buffers=buffers, versions=versions)
+        stash = WeightStash(buffers=buffers, versions=versions, ready=streams.copies_ready(device))
         buffers.current = stash
         return stash
 
@@ -105,7 +109,8 @@ class StashPool:
         for bucket in self._buckets:
             leaves = []
             for position, (name, param) in enumerate(zip(bucket.names, bucket.params)):
-                leaf = torch.empty_like(param, requires_grad=True)
+                with streams.on_update_stream(param.device, wait=False):  # CUDA: allocated where it is written
+                    leaf = torch.empty_like(param, requires_grad=True)
                 if self._on_gradient is not None:
                     leaf.register_post_accumulate_grad_hook(_Hook(self._on_gradient, buffers, bucket.index, position))
                 buffers.tensors[name] = leaf

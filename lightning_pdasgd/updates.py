@@ -11,11 +11,13 @@ from __future__ import annotations
 import threading
 import time
 
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd import _internals
+from lightning_pdasgd import _internals, streams
 from lightning_pdasgd.compensation import StalenessCompensation
+from lightning_pdasgd.device_checks import DeviceNonFinite
 from lightning_pdasgd.optimizers import BucketOptimizer
 from lightning_pdasgd.parameters import make_buckets
 from lightning_pdasgd.stash import StashBuffers, StashPool, WeightStash
@@ -54,6 +56,9 @@ class LayerwiseUpdater:
         self.buckets = make_buckets(module, optimizer, bucket_numel, detached)
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
         self._pool = StashPool(self.buckets, self._on_gradient if layerwise else None, self.compensation)
+        device = self.buckets[0].device
+        # CUDA: non-finite values are counted on the device and read lazily (device_checks.py), never in a hook
+        self.device_checks = DeviceNonFinite(device) if device.type == "cuda" and nonfinite != "off" else None
 
     @property
     def num_parameters(self) -> int:
@@ -111,6 +116,9 @@ class LayerwiseUpdater:
         if not present:
             return
         bucket = self.buckets[index]
+        if bucket.is_cuda:
+            self._step_bucket_cuda(stash, index, grads, present)
+            return
         if self.nonfinite != "off" and not _internals.all_finite(present):
             bad = [position for position, grad in enumerate(grads) if grad is not None and not _internals.all_finite([grad])]
             if self.nonfinite == "error":
@@ -140,6 +148,44 @@ class LayerwiseUpdater:
             # override hyperparameters for this step only (the next step starts from the snapshot again)
             overrides = self.compensation.before_step(index, applied, present, read, staleness, version,
                                                       hyperparameters)
+            optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters)
+
+        staleness = bucket.update(stash.versions[index], step)
+        stash.record.add_update(staleness, len(present))
+
+    # ------------------------------------------------------------------------------------------- CUDA
+    def _step_bucket_cuda(
+        self, stash: WeightStash, index: int, grads: list[Tensor | None], present: list[Tensor]
+    ) -> None:
+        """The CUDA update of one bucket: no host synchronisation (it runs on autograd's device thread, where a
+        sync would stall every in-flight backward). Non-finite gradients are counted and masked on the device
+        (``device_checks.py``); the error or skip is reported by the loop thread. ``log_grad_norm`` still reads
+        the norm on the host (an opt-in metric)."""
+        bucket = self.buckets[index]
+        assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
+        hyperparameters = stash.hyperparameters[bucket.group_index]
+        optimizer = self._optimizers[index]
+        leaves = stash.buffers.leaves[index]
+        read = [leaf for leaf, grad in zip(leaves, grads) if grad is not None]
+        applied = [alias for alias, grad in zip(bucket.aliases, grads) if grad is not None]
+        checks = self.device_checks
+
+        def step(staleness: int, version: int) -> None:  # on the update stream (ParameterBucket.update)
+            streams.record_on_current(present)  # allocated on autograd's stream, read and freed here
+            used = present
+            if checks is not None:
+                finite = checks.finite_mask(present)
+                if optimizer.supports_found_inf:
+                    optimizer.set_found_inf(torch.logical_not(finite.all()).float())
+                else:
+                    used = [torch.where(finite[i], grad, 0) for i, grad in enumerate(present)]
+                    used_iter = iter(used)
+                    grads[:] = [None if grad is None else next(used_iter) for grad in grads]
+            if self.clip_value is not None:
+                _internals.foreach_clamp_(used, self.clip_value)
+            if self.log_grad_norm:
+                stash.record.grad_sq_sum += _internals.sum_of_squares(used)
+            overrides = self.compensation.before_step(index, applied, used, read, staleness, version, hyperparameters)
             optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters)
 
         staleness = bucket.update(stash.versions[index], step)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
 from tests.helpers import trainer_kwargs
-from tests.models import DelayedBackward, DigitsClassifier, DigitsData
+from tests.models import DigitsClassifier, DigitsData
 
 LR = 0.125  # a power of two: every update is exact in float64
 

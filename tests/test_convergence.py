@@ -4,6 +4,7 @@ that plain Lightning handles but uncompensated PD-ASGD does not (issue #11)."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import lightning as L
 import pytest

@@ -1,0 +1,82 @@
+"""The exchange's flat buffers: each dtype/device's parameter buckets as one tensor, and the replicas' anchor.
+
+One all-reduce per flat group instead of one per parameter. For bf16/fp16 parameters the anchor and the deltas
+are float32 (a sum of low-precision deltas loses small updates), and each rank keeps a float32 ``base`` of what
+its last merge really wrote, so the rounding of a merge is never shared as if it were an update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_pdasgd import _internals
+from lightning_pdasgd.parameters import ParameterBucket
+
+
+@dataclass
+class FlatGroup:
+    """The parameter buckets of one dtype/device, flattened into one tensor for one all-reduce."""
+
+    buckets: list[ParameterBucket]
+    anchor: Tensor
+    offsets: list[list[tuple[int, int]]] = field(default_factory=list)  # per bucket, per parameter
+    # ---- bf16/fp16 parameters only (issue #13): the anchor and deltas are float32, and `base` (float32) is what
+    # this replica's live values were rebased to at the last merge, so the rounding of a merge into the
+    # low-precision parameters is never shared as if it were an update (it would erase small updates)
+    base: Tensor | None = None
+
+    def views(self, flat: Tensor, index: int) -> list[Tensor]:
+        """The slices of ``flat`` that hold bucket ``index``'s parameters, shaped like them."""
+        bucket = self.buckets[index]
+        return [flat[start:end].view_as(param) for (start, end), param in zip(self.offsets[index], bucket.params)]
+
+    def snapshot(self) -> tuple[Tensor, list[int]]:
+        """Copy the live parameters and each bucket's local updates not yet shared."""
+        flat = torch.empty_like(self.anchor)  # float32 for low-precision groups: copy_ converts exactly
+        counts = [bucket.snapshot_into(self.views(flat, index)) for index, bucket in enumerate(self.buckets)]
+        return flat, counts
+
+
+def make_flat_groups(buckets: list[ParameterBucket]) -> list[FlatGroup]:
+    grouped: dict[tuple[torch.dtype, torch.device], list[ParameterBucket]] = {}
+    for bucket in buckets:
+        grouped.setdefault((bucket.dtype, bucket.device), []).append(bucket)
+    groups = []
+    for members in grouped.values():
+        offsets, start = [], 0
+        for bucket in members:
+            spans = []
+            for param in bucket.params:
+                spans.append((start, start + param.numel()))
+                start += param.numel()
+            offsets.append(spans)
+        anchor = torch.cat([param.detach().reshape(-1) for bucket in members for param in bucket.params]).clone()
+        base = None
+        if anchor.dtype in _LOW_PRECISION:  # sums of low-precision deltas lose small updates: float32 instead
+            anchor = anchor.float()
+            base = anchor.clone()
+        groups.append(FlatGroup(buckets=members, anchor=anchor, offsets=offsets, base=base))
+    return groups
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def merge_rebased(
+    live: list[Tensor], anchor: list[Tensor], taken: list[Tensor], base: list[Tensor], consistent: bool
+) -> None:
+    """Low precision: ``live += anchor - taken`` rounded once, and ``base := taken + (what live really moved)``.
+
+    At a consistent point ``live := anchor`` (rounded the same way on every rank) and ``base := live``.
+    """
+    if consistent:
+        _internals.foreach_copy_(live, anchor)
+        _internals.foreach_copy_(base, live)
+        return
+    before = [value.float() for value in live]
+    _internals.foreach_copy_(live, torch._foreach_add(torch._foreach_sub(list(anchor), list(taken)), before))
+    moved = torch._foreach_sub([value.float() for value in live], before)
+    _internals.foreach_copy_(base, torch._foreach_add(list(taken), moved))
