@@ -71,8 +71,13 @@ def small_digits_mlp() -> nn.Module:
 
 SMALL = Workload(name="digits-mlp-small", description="MLP 64-64-64-10 (one BatchNorm) on scikit-learn digits",
                  build_model=small_digits_mlp, target_accuracy=0.95, weight_decay=0.0)
+RESNET18 = Workload(name="resnet18-digits", description="torchvision ResNet-18 (BatchNorm), digits at 16x16, batch 64",
+                    build_model=models.digits_resnet18, target_accuracy=0.9, batch_size=64, weight_decay=1e-3)
+VGG_BN = Workload(name="vgg-bn-digits", description="VGG-style CNN, BatchNorm after each of 8 convs, digits 16x16",
+                  build_model=models.digits_vgg_bn, target_accuracy=0.9, batch_size=64, weight_decay=5e-4)
 CONVERGENCE_WORKLOADS = {"digits-mlp-small": SMALL, "digits-mlp": WORKLOADS["digits-mlp"],
-                         "digits-cnn": WORKLOADS["digits-cnn"], "synth-mlp": SYNTHETIC}
+                         "digits-cnn": WORKLOADS["digits-cnn"], "synth-mlp": SYNTHETIC,
+                         "resnet18-digits": RESNET18, "vgg-bn-digits": VGG_BN}
 
 
 def datasets(workload: Workload, seed: int) -> tuple[TensorDataset, TensorDataset]:
@@ -98,7 +103,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     kind = spec["kind"]  # plain | ddp | pdasgd | dasgd
     if kind in ("pdasgd", "dasgd"):
         strategy: Any = PDASGDStrategy(backward_threads=spec.get("threads", 2), layerwise=kind == "pdasgd",
-                                       staleness_compensation=spec["compensation"])
+                                       staleness_compensation=spec["compensation"],
+                                       lazy_reads=spec.get("lazy_reads", True),
+                                       divergence_guard=spec.get("guard", True))
     else:
         strategy = "ddp" if kind == "ddp" else "auto"
     trainer = pl.Trainer(accelerator="cpu", devices=spec.get("devices", 1), strategy=strategy,
@@ -109,7 +116,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=spec["lr"])  # type: ignore
     elif spec.get("optimizer") == "nesterov":
         model.configure_optimizers = lambda: torch.optim.SGD(  # type: ignore
-            model.parameters(), lr=spec["lr"], momentum=spec["momentum"], nesterov=True)
+            model.parameters(), lr=spec["lr"], momentum=spec["momentum"], nesterov=True,
+            weight_decay=workload.weight_decay)
     threads = torch.get_num_threads()
     started = time.perf_counter()
     diverged = False
@@ -133,6 +141,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "target": target,
         "time_to_target_s": reached,
         "staleness_mean": stats.mean_staleness if stats is not None else None,
+        "guard_trips": getattr(trainer.strategy, "guard_trips", None),
     }
 
 
@@ -180,6 +189,19 @@ def _cells(grid: str) -> list[dict[str, Any]]:
     default = "predict+momentum"
     methods = ("none", "predict", "momentum", "predict+momentum", "lr", "dc")  # predict+momentum-k1: see report
     single = (("plain", 1, 0), ("pdasgd", 1, 2))
+    if grid == "deep":  # issues #19/#20: deep BatchNorm CNNs at plain's hyperparameters, and per-step progress
+        deep = ("none", default)
+        for lr in (0.05, 0.1):
+            add("resnet18-digits", 2, lr, 0.9, deep, single, optimizer="nesterov")
+        for optimizer in ("sgd", "nesterov"):
+            add("vgg-bn-digits", 2, 0.05, 0.9, deep, single, optimizer=optimizer)
+        add("digits-cnn", 3, 0.1, 0.9, deep, single)
+        for lr, momentum in ((0.05, 0.5), (0.05, 0.9), (0.1, 0.0)):
+            add("digits-mlp-small", 3, lr, momentum, (*deep, "predict"), single)
+        add("digits-mlp-small", 3, 0.01, 0.0, deep, single, optimizer="adam")
+        at_start = [{**cell, "lazy_reads": False} for cell in cells
+                    if cell["kind"] == "pdasgd" and cell["compensation"] == default and cell["epochs"] == 2]
+        return cells + at_start
     if grid == "quick":
         for lr in (0.1, 0.2, 0.4):
             add("digits-mlp-small", 3, lr, 0.9, methods, single, seeds_=(0,))
@@ -215,7 +237,8 @@ def _multi_cells() -> list[dict[str, Any]]:
 
 def _key(cell: dict[str, Any]) -> str:
     return json.dumps({k: cell[k] for k in sorted(cell) if k in (
-        "workload", "epochs", "lr", "momentum", "seed", "optimizer", "kind", "devices", "threads", "compensation")},
+        "workload", "epochs", "lr", "momentum", "seed", "optimizer", "kind", "devices", "threads", "compensation",
+        "lazy_reads", "guard")},
         sort_keys=True)
 
 
@@ -263,7 +286,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         setting = (row["workload"], row["optimizer"], row["lr"], row["momentum"], row["devices"])
-        groups[(setting, row["kind"], row["threads"], row["compensation"])].append(row)
+        method = row["compensation"] + (" (reads at start)" if row.get("lazy_reads") is False else "")
+        groups[(setting, row["kind"], row["threads"], method)].append(row)
     return {
         key: {
             "acc": _mean([r["final_accuracy"] for r in members]),
@@ -420,7 +444,7 @@ def _plot(summary: dict[tuple, dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--grid", choices=("quick", "full", "multi"), default="quick")
+    parser.add_argument("--grid", choices=("quick", "full", "multi", "deep"), default="quick")
     parser.add_argument("--out", default="/tmp/conv")
     parser.add_argument("--report", action="store_true", help="only (re)write convergence.md/.png from OUT")
     args = parser.parse_args()

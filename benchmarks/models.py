@@ -84,6 +84,31 @@ def digits_cnn() -> nn.Module:
     )
 
 
+def digits_resnet18() -> nn.Module:
+    """torchvision's ResNet-18 (BatchNorm) on the digits, upsampled to 16x16, with a 3x3 stride-1 stem and no
+    max-pool: the paper's headline model at a size two CPU cores train in seconds per epoch."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Upsample(size=(16, 16), mode="bilinear"), model)
+
+
+def digits_vgg_bn() -> nn.Module:
+    """A VGG-style CNN with BatchNorm after every convolution (8 conv layers, 16x16 digits)."""
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, 8, 8)), nn.Upsample(size=(16, 16), mode="bilinear")]
+    channels = 1
+    for width, pool in ((32, False), (32, True), (64, False), (64, True), (128, False), (128, True),
+                        (256, False), (256, True)):
+        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        if pool:
+            layers.append(nn.MaxPool2d(2))
+        channels = width
+    layers += [nn.Flatten(), nn.Linear(256, 10)]
+    return nn.Sequential(*layers)
+
+
 def cifar_resnet18() -> nn.Module:
     """torchvision's ResNet-18 with the usual CIFAR stem (3x3 stride-1 first conv, no max-pool)."""
     from torchvision.models import resnet18

@@ -96,6 +96,11 @@ class StalenessCompensation:
         state.mean_staleness += weight * (staleness - state.mean_staleness)
         return state
 
+    def wants_fill(self, key: Key, version: int) -> bool:
+        """Whether a forward reading ``key`` at ``version`` should read ``fill``'s weights (a private copy) instead
+        of aliasing the live values (no copy). The base class never predicts."""
+        return False
+
     def fill(self, key: Key, params: Sequence[Tensor], leaves: Sequence[Tensor], version: int) -> None:
         """Write the weights a forward reads into its stash ``leaves`` (default: an exact copy of ``params``)."""
         torch._foreach_copy_(list(leaves), list(params))
@@ -148,20 +153,28 @@ class WeightPrediction(StalenessCompensation):
         self.correct_momentum = correct_momentum
         self.momentum_strength = momentum_strength
 
+    def wants_fill(self, key: Key, version: int) -> bool:
+        state = self._states.get(key)
+        return (
+            state is not None
+            and state.previous is not None
+            and state.momentum
+            and state.mean_staleness > 0.0
+            and version - state.previous_version > 0
+        )
+
     def fill(self, key: Key, params: Sequence[Tensor], leaves: Sequence[Tensor], version: int) -> None:
         params, leaves = list(params), list(leaves)
         state = self._states.get(key)
-        gap = version - state.previous_version if state is not None else 0
         if (
-            state is None
+            not self.wants_fill(key, version)
+            or state is None
             or state.previous is None
             or len(state.previous) != len(params)  # the last update left some of the bucket's parameters out
-            or not state.momentum
-            or state.mean_staleness == 0.0
-            or gap <= 0
         ):
             torch._foreach_copy_(leaves, params)
             return
+        gap = version - state.previous_version
         # leaf = w + factor * (w - w_prev) = lerp(w_prev, w, 1 + factor): two kernels per bucket
         factor = self.scale * state.mean_staleness / gap
         torch._foreach_copy_(leaves, state.previous)

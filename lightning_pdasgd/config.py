@@ -37,6 +37,8 @@ class PDASGDConfig:
     max_in_flight: int | None = None  # None: as many as backward threads
     autotune: bool = False  # a thread count was "auto"
     layerwise: bool = True
+    lazy_reads: bool = True
+    divergence_guard: bool = True
     wait_timeout: float = 600.0
     intra_op_threads: int | None = None
     log_grad_norm: bool = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from time import perf_counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,9 @@ REPLICA_DIVERGENCE = "pdasgd/replica_divergence"
 STASH_MS = "pdasgd/stash_ms"
 HANDOFF_MS = "pdasgd/handoff_ms"
 UPDATE_MS = "pdasgd/update_ms"
+# staleness by depth: the bucket the forward reaches first (input side) and last (output side)
+STALENESS_FIRST_BUCKET = "pdasgd/staleness_first_bucket"
+STALENESS_LAST_BUCKET = "pdasgd/staleness_last_bucket"
 # `metrics="basic"` (the default) logs these; "full" logs every metric; "off" none
 BASIC_METRICS = frozenset(
     {SAMPLES_PER_SECOND, STALENESS_MEAN, STALENESS_MAX, QUEUE_DEPTH, WALL_TIME, SKIPPED_UPDATES, REPLICA_DIVERGENCE}
@@ -64,6 +68,14 @@ class BackwardRecord:
     update_seconds: float = 0.0  # checks, clipping and optimizer steps of this backward's buckets
     skipped: int = 0  # parameter updates dropped for a non-finite gradient (policy "skip")
     histogram: list[int] = field(default_factory=lambda: [0] * len(STALENESS_BUCKETS))
+    # [staleness sum, updates] of the bucket the forward reaches first, and of the one it reaches last
+    first_bucket: list[int] = field(default_factory=lambda: [0, 0])
+    last_bucket: list[int] = field(default_factory=lambda: [0, 0])
+
+    @staticmethod
+    def add_depth(depth: list[int], staleness: int) -> None:
+        depth[0] += staleness
+        depth[1] += 1
 
     def add_update(self, staleness: int, parameters: int = 1) -> None:
         """``parameters`` parameters were updated together (one bucket), each with this staleness."""
@@ -92,10 +104,12 @@ class StatsWindow:
     handoff_seconds: float = 0.0
     update_seconds: float = 0.0
     histogram: list[int] = field(default_factory=lambda: [0] * len(STALENESS_BUCKETS))
+    first_bucket: list[int] = field(default_factory=lambda: [0, 0])
+    last_bucket: list[int] = field(default_factory=lambda: [0, 0])
     started_at: float = field(default_factory=time.perf_counter)
 
     def as_metrics(self, queue_depth: int, log_grad_norm: bool, backward_threads: int) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.started_at, 1e-9)
+        elapsed = max(perf_counter() - self.started_at, 1e-9)
         metrics = {
             SAMPLES_PER_SECOND: self.samples / elapsed,
             FORWARD_BUSY: min(self.forward_seconds / elapsed, 1.0),
@@ -110,6 +124,10 @@ class StatsWindow:
             metrics[STALENESS_MAX] = float(self.staleness_max)
             for (_, _, label), count in zip(STALENESS_BUCKETS, self.histogram):
                 metrics[f"pdasgd/staleness_frac_{label}"] = count / self.updates
+        for name, (total, updates) in ((STALENESS_FIRST_BUCKET, self.first_bucket),
+                                       (STALENESS_LAST_BUCKET, self.last_bucket)):
+            if updates:
+                metrics[name] = total / updates
         if self.forwards:
             metrics[FORWARD_MS] = 1000.0 * self.forward_seconds / self.forwards
             metrics[STASH_MS] = 1000.0 * self.stash_seconds / self.forwards
@@ -158,6 +176,9 @@ class EngineStats:
             self.total_update_seconds += record.update_seconds
             for index, count in enumerate(record.histogram):
                 window.histogram[index] += count
+            for mine, theirs in ((window.first_bucket, record.first_bucket), (window.last_bucket, record.last_bucket)):
+                mine[0] += theirs[0]
+                mine[1] += theirs[1]
             self.total_skipped += record.skipped
             self.total_updates += record.updates
             self.total_backwards += 1
@@ -195,7 +216,7 @@ def window_metrics(session: Any) -> dict[str, float]:
     metrics = session.stats.take_window().as_metrics(
         session.engine.pending, session.config.log_grad_norm, session.backward_threads
     )
-    metrics[WALL_TIME] = time.perf_counter() - session.started_at
+    metrics[WALL_TIME] = perf_counter() - session.started_at
     metrics[BACKWARD_THREADS] = 0.0 if session.plain_steps else float(session.backward_threads)
     if session.exchange is not None:
         metrics.update(session.exchange.metrics())
@@ -211,7 +232,7 @@ def log_window(session: Any, module: Any) -> None:
     """
     trainer = getattr(module, "_trainer", None)
     level = session.config.metrics
-    if trainer is None or level == "off":
+    if trainer is None or level == "off" or trainer.log_every_n_steps <= 0:
         return
     if (trainer.global_step + 1) % trainer.log_every_n_steps != 0 and not trainer.is_last_batch:
         return

@@ -9,6 +9,7 @@ keeping its state in the user's optimizer keeps checkpoints in Lightning's stand
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -40,6 +41,31 @@ def optimizer_for(optimizer: Optimizer, group: dict[str, Any], tensors: list[Ten
             f" and could not: {error}. Use an element-wise torch.optim optimizer (SGD, Adam, AdamW, RMSprop, ...)"
             " whose constructor accepts its param group's hyperparameters."
         ) from error
+
+
+@functools.lru_cache(maxsize=None)
+def closure_arguments(cls: type) -> tuple[tuple[Any, ...], tuple[tuple[str, Any], ...]]:
+    """The arguments for ``cls.step`` without a closure: none, or ``None`` where ``step`` requires a closure.
+
+    Plain Lightning always passes its closure (``optimizer.step(closure=...)``), so third-party optimizers may
+    declare ``def step(self, closure)`` without a default (Hugging Face's old ``AdamW``). A bucket's step has no
+    loss to re-evaluate (its backward already ran), so it passes ``None`` there, which every such step accepts.
+    Returns the positional arguments and the keyword arguments (as pairs: the result is cached per class).
+    """
+    try:
+        parameters = list(inspect.signature(cls.step).parameters.values())[1:]  # without `self`
+    except (TypeError, ValueError):  # no introspectable signature: call it as torch's own optimizers
+        return (), ()
+    for parameter in parameters:
+        if parameter.default is not inspect.Parameter.empty or parameter.kind in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        ):
+            continue
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+            return (), ((parameter.name, None),)
+        return (None,), ()
+    return (), ()
 
 
 def multi_tensor_flags(optimizer: Optimizer, group: dict[str, Any]) -> dict[str, Any]:
@@ -77,30 +103,36 @@ class BucketOptimizer:
         """The next step is skipped on the device where ``found_inf`` is 1 (float32, on the parameters' device)."""
         self._optimizer.found_inf = found_inf  # type: ignore[attr-defined]  # read by torch's fused step
 
-    def step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any]) -> None:
-        """One update of the bucket's live values from ``grads`` (``None``: that parameter is left as it is).
+    def step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any], targets: list[Tensor]) -> None:
+        """One update of the bucket's values in ``targets`` from ``grads`` (``None``: that parameter is left as
+        it is). ``targets`` are the storage the bucket chose to write (``ParameterBucket.update``: the live values
+        or, copy-on-write, a buffer that becomes live).
 
         The state is re-linked on every step because ``Optimizer.load_state_dict`` replaces the user's state
         objects; an optimizer that keeps no state leaves no entry, as its whole-model step would.
         """
         optimizer = self._optimizer
-        optimizer.param_groups[0].update(hyperparameters)
-        optimizer.param_groups[0].update(self._implementation)
+        group = optimizer.param_groups[0]
+        group.update(hyperparameters)
+        group.update(self._implementation)
+        group["params"] = targets
         user_state = self._user.state
         own_state = optimizer.state
+        own_state.clear()
         linked = []
-        for param, alias, grad in zip(self._bucket.params, self._bucket.aliases, grads):
+        for param, target, grad in zip(self._bucket.params, targets, grads):
             state = user_state.get(param)
             if state is None:
                 state = {}
                 linked.append((param, state))
-            own_state[alias] = state
-            alias.grad = grad
+            own_state[target] = state
+            target.grad = grad
+        args, kwargs = closure_arguments(type(optimizer))
         try:
-            optimizer.step()
+            optimizer.step(*args, **dict(kwargs))
         finally:
-            for alias in self._bucket.aliases:
-                alias.grad = None
+            for target in targets:
+                target.grad = None
         for param, state in linked:
             if state:
                 user_state[param] = state

@@ -2,26 +2,44 @@
 
 A bucket is a few parameters that are always updated together (one optimizer call per bucket). Each bucket owns
 one lock, one version counter (how many updates it has received, from this rank and from the others) and, on
-CUDA, the device's update stream on which every access runs. Every access goes through one of three methods --
-read into a forward's stash, apply an update, snapshot or merge for the replica exchange -- so the lock and
-stream protocol is written once.
+CUDA, the device's update stream on which every access runs. Every access goes through one of its methods --
+a forward's read, an update, a snapshot or merge for the replica exchange -- so the lock and stream protocol is
+written once.
+
+Copy-on-write: a forward reads a bucket by aliasing its live storage (no copy), so the graph it builds holds that
+storage until its backward has run. A write (an update, an exchange merge) never goes in place into storage that a
+live graph still reads: it goes into a second buffer (pooled; filled with the live values first) that then becomes
+the live storage (``param.data`` is re-pointed, the parameter object stays the same). Where no graph reads the
+live storage, the write is in place. So a backward always computes the exact gradient at the weights its forward
+read, and the weights cost one buffer per version still read, not one copy per forward.
 
 CUDA: the lock orders the host's queueing of each access; running all of them on one in-order update stream per
-device (``streams.update_stream``) makes the GPU execute them in that same order, so a stash copy never reads a
-newer or half-applied value than the version it records (an event per write was not enough: an update waited
-only for the previous write, not for copies still queued to read the parameter).
+device (``streams.update_stream``) makes the GPU execute them in that same order. A forward's stream waits for
+the update stream when it reads a bucket; a buffer returns to the pool only after the backwards that read it
+were queued and the update stream was made to wait for their streams (``streams.finish``).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from lightning_pdasgd import _internals, streams
 
 Fill = Callable[[list[Tensor], Sequence[Tensor], int], None]
+
+
+@dataclass(eq=False)
+class WeightVersion:
+    """One storage of a bucket's values: the live one, or an older one that forwards' graphs still read."""
+
+    tensors: list[Tensor]
+    readers: int = 0  # forwards that aliased this storage and whose backward has not finished
+    pinned: bool = False  # read by a forward that was never handed off: its graph may live on, never reuse it
 
 
 class ParameterBucket:
@@ -38,12 +56,13 @@ class ParameterBucket:
         self.index = index
         self.names = list(names)
         self.params = list(params)
-        # aliases share storage with the live parameters; their `.grad` is ours, never the user's `param.grad`
-        self.aliases = [param.detach() for param in self.params]
         self.group_index = group_index
         self.numel = sum(param.numel() for param in self.params)
         self.is_cuda = self.params[0].is_cuda
         self._lock = threading.Lock()
+        # the live storage: aliases of the parameters (their `.grad` is ours, never the user's `param.grad`)
+        self._live = WeightVersion([param.detach() for param in self.params])
+        self._spares: list[WeightVersion] = []
         self._version = 0  # updates applied to this replica's bucket (local and, with several ranks, remote)
         self._local_updates = 0  # updates made by this rank's backward threads
         self._local_updates_sent = 0  # of those, how many the replica exchange has already shared
@@ -56,6 +75,11 @@ class ParameterBucket:
         return self._version
 
     @property
+    def aliases(self) -> list[Tensor]:
+        """The live values (read-only use: writes go through ``update`` or ``merge``)."""
+        return self._live.tensors
+
+    @property
     def device(self) -> torch.device:
         return self.params[0].device
 
@@ -63,30 +87,52 @@ class ParameterBucket:
     def dtype(self) -> torch.dtype:
         return self.params[0].dtype
 
-    # ------------------------------------------------------------------------------------------- the three accesses
-    def read_into(self, leaves: Sequence[Tensor], fill: Fill | None = None) -> int:
-        """Write the weights a forward reads into its stash leaves (no torn reads); returns the version read.
+    # ------------------------------------------------------------------------------------------- reads
+    def read(self) -> tuple[WeightVersion, int]:
+        """A forward reads the live storage (no copy); returns it and its version. ``release`` it after the
+        backward. CUDA: the caller's stream is ordered after every queued update of the bucket."""
+        with self._lock:
+            live = self._live
+            live.readers += 1
+            streams.read_after_updates(self.device, live.tensors)
+            return live, self._version
 
-        ``fill(aliases, leaves, version)`` may write something other than an exact copy (weight prediction).
-        """
+    def release(self, read: WeightVersion, reusable: bool = True) -> None:
+        """A forward's graph no longer holds ``read`` (its backward ran). ``reusable=False``: the forward was never
+        handed off, so a graph may still hold the storage: it is never written again."""
+        with self._lock:
+            read.readers -= 1
+            if not reusable:
+                read.pinned = True
+            if read.readers == 0 and read is not self._live and not read.pinned:
+                self._spares.append(read)
+
+    def read_into(self, leaves: Sequence[Tensor], fill: Fill | None = None) -> int:
+        """Write the weights a forward reads into private ``leaves`` (a copy: used where the compensation predicts
+        weights); returns the version read. ``fill(live, leaves, version)`` writes something other than a copy."""
         with self._lock, streams.on_update_stream(self.device, wait=False):
             with torch.no_grad():
                 if fill is None:
-                    _internals.foreach_copy_(leaves, self.aliases)
+                    _internals.foreach_copy_(leaves, self._live.tensors)
                 else:
-                    fill(self.aliases, leaves, self._version)
+                    fill(self._live.tensors, leaves, self._version)
             return self._version
 
-    def update(self, read_version: int, step: Callable[[int, int], None]) -> int:
-        """Run ``step(staleness, version)`` (which writes the live values) as one update; returns its staleness.
+    # ------------------------------------------------------------------------------------------- writes
+    def update(self, read_version: int, step: Callable[[int, int, list[Tensor]], None]) -> int:
+        """Run ``step(staleness, version, targets)`` as one update; returns its staleness.
 
-        Staleness is the number of updates this bucket received between the forward's read and this update;
-        ``version`` counts the updates before this one.
+        ``targets`` hold the live values and are what ``step`` writes: the live storage itself when no forward
+        reads it, else a second buffer that becomes live afterwards (copy-on-write). Staleness is the number of
+        updates this bucket received between the forward's read and this update; ``version`` counts the updates
+        before this one.
         """
         # CUDA: after the gradients (ready on the stream autograd made current in the hook), on the update stream
         with self._lock, streams.on_update_stream(self.device):
             staleness = self._version - read_version
-            step(staleness, self._version)
+            target = self._writable()
+            step(staleness, self._version, target.tensors)
+            self._make_live(target)
             self._version += 1
             self._local_updates += 1
         return staleness
@@ -94,17 +140,37 @@ class ParameterBucket:
     def snapshot_into(self, targets: Sequence[Tensor]) -> int:
         """Copy the live values into ``targets`` for the exchange; returns the local updates not yet shared."""
         with self._lock, streams.on_update_stream(self.device, join=True):
-            _internals.foreach_copy_(targets, self.aliases)
+            _internals.foreach_copy_(targets, self._live.tensors)
             unsent = self._local_updates - self._local_updates_sent
             self._local_updates_sent = self._local_updates
             return unsent
 
     def merge(self, write: Callable[[list[Tensor]], None], remote_updates: int) -> None:
-        """Write the other ranks' contribution into the live values (``write(aliases)``) and count their updates."""
+        """Write the other ranks' contribution into the live values (``write(targets)``, copy-on-write like an
+        update) and count their updates."""
         with self._lock, streams.on_update_stream(self.device, join=True):
+            target = self._writable()
             with torch.no_grad():
-                write(self.aliases)
+                write(target.tensors)
+            self._make_live(target)
             self._version += remote_updates
+
+    def _writable(self) -> WeightVersion:
+        """The live storage when nothing reads it, else a spare buffer holding a copy of the live values."""
+        live = self._live
+        if live.readers == 0 and not live.pinned:
+            return live
+        spare = self._spares.pop() if self._spares else WeightVersion([torch.empty_like(t) for t in live.tensors])
+        _internals.foreach_copy_(spare.tensors, live.tensors)
+        return spare
+
+    def _make_live(self, target: WeightVersion) -> None:
+        """Point the parameters at ``target`` (the module, Lightning and checkpoints see the newest values)."""
+        if target is self._live:
+            return
+        self._live = target
+        for param, tensor in zip(self.params, target.tensors):
+            param.data = tensor
 
 
 def make_buckets(

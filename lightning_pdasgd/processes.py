@@ -15,7 +15,15 @@ import torch
 from typing_extensions import override
 
 from . import _internals
-from ._lightning import Accelerator, CheckpointIO, ClusterEnvironment, ParallelStrategy, Precision, default_pg_timeout
+from ._lightning import (
+    Accelerator,
+    CheckpointIO,
+    ClusterEnvironment,
+    MisconfigurationException,
+    ParallelStrategy,
+    Precision,
+    default_pg_timeout,
+)
 
 
 class OneProcessPerDeviceLauncher(_internals.subprocess_script_launcher_class()):  # type: ignore[misc]
@@ -52,6 +60,7 @@ class OneProcessPerDevice(ParallelStrategy):
         self._timeout = timeout
         self._background_group_timeout = background_group_timeout
         self._background_group: Any = None
+        self._world_size_set: Optional[int] = None  # `strategy.world_size = n` (see `world_size`)
 
     @property
     def background_group(self) -> Any:
@@ -63,6 +72,29 @@ class OneProcessPerDevice(ParallelStrategy):
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None
         return self.parallel_devices[self.local_rank]
+
+    @property
+    @override
+    def world_size(self) -> int:
+        """The world size Lightning sees: the processes of the run, unless set by hand (``strategy.world_size = n``).
+
+        Lightning's ``SingleDeviceStrategy`` keeps ``world_size`` as a plain attribute, and Lightning's own tests set
+        it to make a one-process run look distributed (``trainer.world_size``). Here too, on one process: the
+        Trainer, the loops and the callbacks see the value set; process groups, the exchange and batch claiming
+        follow the processes that really run (``process_count``).
+        """
+        return self._world_size_set if self._world_size_set is not None else self.process_count
+
+    @world_size.setter
+    def world_size(self, world_size: int) -> None:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"`strategy.world_size` must be a positive int, got {world_size!r}.")
+        self._world_size_set = world_size
+
+    @property
+    def process_count(self) -> int:
+        """The processes that run this fit (the cluster environment's count: devices x nodes once launched)."""
+        return self.cluster_environment.world_size() if self.cluster_environment is not None else 1
 
     @property
     def num_nodes(self) -> int:
@@ -95,7 +127,8 @@ class OneProcessPerDevice(ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self.set_world_ranks()
-        if self.world_size > 1:
+        self._check_world_size_set()
+        if self.process_count > 1:
             self._process_group_backend, self._background_group = _internals.init_process_groups(
                 self.cluster_environment,
                 self._process_group_backend,
@@ -108,6 +141,24 @@ class OneProcessPerDevice(ParallelStrategy):
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+
+    def _check_world_size_set(self) -> None:
+        """A world size set by hand may only simulate ranks in a one-process run; several processes need the truth."""
+        count = self.process_count
+        if self._world_size_set is not None and count > 1 and self._world_size_set != count:
+            raise MisconfigurationException(
+                f"`strategy.world_size` was set to {self._world_size_set}, but this run has {count} processes"
+                " (devices x num_nodes). The world size of a multi-process run is set by"
+                " `Trainer(devices=..., num_nodes=...)`: remove the assignment."
+            )
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        # without a process group there is no other rank to agree with; Lightning's arithmetic would compare this
+        # rank's vote with a world size set by hand (`world_size`) and turn every `all=True` decision into False
+        if not _internals.distributed_is_initialized():
+            return decision
+        return super().reduce_boolean_decision(decision, all=all)
 
     @override
     def model_to_device(self) -> None:

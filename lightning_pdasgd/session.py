@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
+from time import perf_counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -30,6 +30,7 @@ from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
 from lightning_pdasgd.metrics import EngineStats, batch_size_of, describe_session, log_window
 from lightning_pdasgd.optimizers import hyperparameter_snapshot
+from lightning_pdasgd.reads import add_unread_note
 from lightning_pdasgd.stash import WeightStash
 from lightning_pdasgd.updates import LayerwiseUpdater, NonFiniteError
 
@@ -90,7 +91,7 @@ class FitSession:
         self._local_batches: Callable[[], int] = lambda: 0
         self._current: tuple[WeightStash, Any] | None = None  # the forward whose loss is not handed off yet
         self._saved_switch_interval: float | None = sys.getswitchinterval()
-        self.started_at = time.perf_counter()
+        self.started_at = perf_counter()
 
     @classmethod
     def for_fit(
@@ -150,6 +151,7 @@ class FitSession:
             bucket_numel=config.bucket_numel,
             detached=detached,
             compensation=self._compensation,
+            lazy_reads=config.lazy_reads,
         )
         self._fingerprint = ParameterSetFingerprint(self._module, optimizer, updater.buckets)
         return updater
@@ -183,6 +185,7 @@ class FitSession:
             self.exchange = None
         self.drain()
         self._optimizer = optimizer
+        self.updater.close()
         trained_before = frozenset(id(param) for bucket in self.updater.buckets for param in bucket.params)
         self.updater = self._build_updater(optimizer, detached=trained_before)
         if exchanging:
@@ -223,7 +226,8 @@ class FitSession:
         if exchange is not None:  # tell the other ranks this one stops, so none of them waits for it
             exchange.abort(timeout=min(self.config.wait_timeout, _ABORT_NOTICE_SECONDS))
         self.in_sync = True
-        self._current = None
+        self._drop_current()
+        self.updater.close()
         torch.set_num_threads(self._saved_num_threads)
         self._restore_switch_interval()
         try:
@@ -296,24 +300,31 @@ class FitSession:
         inputs = step_args
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self.plain_steps:
-            started = time.perf_counter()
+            started = perf_counter()
             output = run()
-            self.stats.record_forward(time.perf_counter() - started, batch_size)
+            self.stats.record_forward(perf_counter() - started, batch_size)
             return output
         engine = self.engine
         engine.acquire_slot()
         self.in_sync = False
         if self.exchange is not None:  # NCCL: the exchange thread resumes its collectives (exchange.py)
             self.exchange.resume()
+        stash: WeightStash | None = None
         try:
-            started = time.perf_counter()
+            started = perf_counter()
             stash = self.updater.stash()
             stream = self._streams.next()
-            stashed = time.perf_counter()
-            with streams.forward_on(stream, stash, inputs), _internals.reparametrized(self._module, stash.tensors):
+            stashed = perf_counter()
+            with (
+                streams.forward_on(stream, stash, inputs),
+                _internals.reparametrized(self._module, stash.tensors),
+                self.updater.reading(stash),
+            ):
                 output = run()
-            self.stats.record_forward(time.perf_counter() - stashed, batch_size, stashed - started)
+            self.stats.record_forward(perf_counter() - stashed, batch_size, stashed - started)
         except BaseException:
+            if stash is not None:
+                self.updater.release(stash, reusable=False)
             engine.release_slot()
             raise
         self._current = (stash, stream)
@@ -340,12 +351,12 @@ class FitSession:
                     " in `pdasgd/skipped_updates` instead."
                 )
             self.stats.record_skipped_loss(self.updater.num_parameters)
-            return  # `end_step` releases the slot of a loss that was not handed off
-        started = time.perf_counter()
+            return  # `end_step` releases the slot (and the weights read) of a loss that was not handed off
+        started = perf_counter()
         stash.hyperparameters = hyperparameter_snapshot(self._optimizer)
         self.engine.submit(BackwardWork(loss=loss, context=(stash, stream)))
         self._current = None  # the slot now belongs to the queued work
-        self.stats.record_handoff(time.perf_counter() - started)
+        self.stats.record_handoff(perf_counter() - started)
 
     def _check_device_nonfinite(self, wait: bool) -> None:
         """CUDA only: act on the non-finite losses/gradients the device counted (``device_checks.py``)."""
@@ -356,19 +367,30 @@ class FitSession:
     def end_step(self) -> None:
         """After the closure: give back the slot of a forward whose loss was never handed off."""
         if self._current is not None:
-            self._current = None
+            self._drop_current()
             self.engine.release_slot()
+
+    def _drop_current(self) -> None:
+        """Forget a forward whose loss was never handed off: its graph may live on (the user may hold the output),
+        so the weights it read are never written in place again."""
+        current, self._current = self._current, None
+        if current is not None:
+            self.updater.release(current[0], reusable=False)
 
     def _run_backward(self, work: BackwardWork) -> None:
         """Runs on a backward thread: the backward pass, whose hooks apply the updates bucket by bucket."""
         stash, stream = work.context
         updater = self.updater
-        started = time.perf_counter()
+        started = perf_counter()
         with streams.backward_on(stream):
-            torch.autograd.backward(work.loss, inputs=stash.leaves)
+            try:
+                torch.autograd.backward(work.loss, inputs=stash.leaves)
+            except RuntimeError as error:
+                add_unread_note(error, stash)
+                raise
             updater.finish(stash)
             streams.finish(stream)
-        stash.record.seconds = time.perf_counter() - started
+        stash.record.seconds = perf_counter() - started
         self.stats.record_backward(stash.record)
         work.loss = None  # type: ignore[assignment]  # free the graph before the leaves are reused
         updater.release(stash, reusable=True)

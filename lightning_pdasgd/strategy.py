@@ -11,8 +11,9 @@ lives in one ``FitSession`` (``session.py``); see ``DESIGN.md`` beside this file
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from types import TracebackType
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -64,6 +65,10 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
             exactly the plain synchronous result.
         layerwise: update each bucket the moment its gradients are ready (PD-ASGD); ``False``: the D-ASGD
             ablation, one whole-model update at the end of each backward.
+        lazy_reads: read each bucket's weights when the forward reaches its module (the output side then trains
+            almost without delay); ``False``: read every bucket when the step starts (``reads.py``).
+        divergence_guard: watch the loss; on a blow-up restore the last good weights and optimizer state and go
+            on with less asynchrony, warning once (``guard.py``). ``False``: the raw behaviour.
         wait_timeout: seconds any engine wait (a free slot, a drain, a consistent point, shutdown) may take
             before it fails with an error naming it.
         intra_op_threads: intra-op threads of each engine thread; ``None``: the core budget (``budget.py``).
@@ -93,6 +98,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         backward_threads: Union[int, Literal["auto"]] = 2,
         max_in_flight: Optional[int] = None,
         layerwise: bool = True,
+        lazy_reads: bool = True,
+        divergence_guard: bool = True,
         wait_timeout: float = 600.0,
         intra_op_threads: Optional[int] = None,
         log_grad_norm: bool = False,
@@ -128,6 +135,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
             backward_threads=backward_threads,
             max_in_flight=max_in_flight,
             layerwise=layerwise,
+            lazy_reads=bool(lazy_reads),
+            divergence_guard=bool(divergence_guard),
             wait_timeout=float(wait_timeout),
             intra_op_threads=intra_op_threads,
             log_grad_norm=log_grad_norm,
@@ -145,6 +154,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         self._session: Optional[FitSession] = None  # exists while fit trains; the strategy stays picklable
         self._steps: Optional[steps.StepAccounting] = None  # several devices, fitting: the global step count
         self.autotune_report: Optional[str] = None
+        self._fit_loop_started = False  # on_train_start came, on_exception/teardown not yet (`training_step`)
         for warning in self._config.ineffective_settings():
             rank_zero_warn(warning)
 
@@ -194,12 +204,14 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         """With several devices, share the training epoch dynamically (see ``claiming.py``)."""
         if self._steps is None or not self._steps.trainer.training:  # several devices, fitting (not validation)
             return dataloader
-        return claim_batches(dataloader, self._steps.claim_key, self.world_size, self.global_rank)
+        return claim_batches(dataloader, self._steps.claim_key, self.process_count, self.global_rank)
 
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        self._steps = steps.prepare_fit(self)  # before the user's `setup`, which may load the data
+        # before the user's `setup`, which may load the data; one process never shares its data, whatever
+        # `world_size` was set to (`processes.py`)
+        self._steps = steps.prepare_fit(self) if self.process_count > 1 else None
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -214,7 +226,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         self.setup_precision_plugin()
         if fitting:
             _internals.optimizers_to_device(self.optimizers, self.root_device)
-            checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.world_size)
+            checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.process_count)
             EngineDrain.attach(trainer)
 
     @override
@@ -225,22 +237,46 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
+        self._fit_loop_started = True
+        with _EngineCall("the start of training"):
+            self._start_session()
+
+    def _start_session(self) -> None:
+        """A new session for a run of Lightning's fit loop; a previous one still open is ended first.
+
+        Lightning's tuner runs the fit loop several times in one fit (``scale_batch_size``'s trials,
+        ``lr_find``): a trial whose error the tuner caught (an out-of-memory batch) never reaches
+        ``on_train_end``, and an ``lr_find`` started from a callback runs inside a run that goes on after it.
+        """
         module = self.lightning_module
         assert module is not None
         trainer = module.trainer
+        self._end_stale_session()
         self._stats = EngineStats()
         session = FitSession.for_fit(self._config, trainer, self.optimizers[0], self.root_device, self._stats)
         self._session = session
-        rank_zero_info(session.start_for(self.world_size, trainer.estimated_stepping_batches))
-        if self.world_size > 1:
+        rank_zero_info(session.start_for(self.process_count, trainer.estimated_stepping_batches))
+        if self.process_count > 1:
             steps.start_exchange(session, self.background_group, self._steps)
             preemption.watch_sigterm_through_exchange(trainer, session)
 
+    def _end_stale_session(self) -> None:
+        """Stop the threads of a session whose run ended without ``on_train_end``; apply what it has in flight."""
+        session, self._session = self._session, None
+        if session is None:
+            return
+        try:
+            session.drain()
+        except Exception:  # noqa: BLE001 - its run failed already; the error was raised (and handled) there
+            log.debug("PD-ASGD: the drain of a previous run's engine failed", exc_info=True)
+        session.shutdown(raise_timeout=False)
+
     @override
     def on_train_end(self) -> None:
-        if self._session is not None:
-            self._session.finish_fit()
-        self._shutdown()
+        with _EngineCall("the end of training"):
+            if self._session is not None:
+                self._session.finish_fit()
+            self._shutdown()
         super().on_train_end()
 
     @override
@@ -250,8 +286,10 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
 
     @override
     def on_exception(self, exception: BaseException) -> None:
+        self._fit_loop_started = False
         try:
-            if self._config.checkpoint_on_preemption and preemption.is_preemption(exception) and self._session is not None:
+            preempted = self._config.checkpoint_on_preemption and preemption.is_preemption(exception)
+            if preempted and self._session is not None:
                 preemption.save_checkpoint(self)
         finally:
             self._shutdown(raise_timeout=False)
@@ -259,6 +297,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
 
     @override
     def teardown(self) -> None:
+        self._fit_loop_started = False
         self._shutdown(raise_timeout=False)
         super().teardown()
 
@@ -271,23 +310,40 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
     def drain(self) -> None:
         """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
         if self._session is not None:
-            self._session.drain()
+            with _EngineCall("a drain"):
+                self._session.drain()
 
     def reach_consistent_point(self, kind: str, stop: bool = False) -> None:
         """Drain, and with several devices make every replica identical (all ranks meet here)."""
         if self._session is not None:
-            self._session.reach_consistent_point(kind, stop)
+            with _EngineCall(f"the {kind} consistent point"):
+                self._session.reach_consistent_point(kind, stop)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        if self._session is None and self._fit_loop_started and self.process_count == 1:
+            # a run of the fit loop inside this one (`lr_find` from a callback) ended the session: a new one
+            with _EngineCall("the restart of training"):
+                self._start_session()
         session = self._session
         if session is None:
             return super().training_step(*args, **kwargs)
         module = self.lightning_module
-        session.follow_parameter_changes(self.optimizers, lambda: checks.check_trainer_settings(
-            module.trainer, module, self.optimizers))
-        output = session.forward(lambda: super(PDASGDStrategy, self).training_step(*args, **kwargs), args)
-        session.log_metrics(self.lightning_module)
+        raised_by_step: list[BaseException] = []
+
+        def run_step() -> STEP_OUTPUT:
+            try:
+                return super(PDASGDStrategy, self).training_step(*args, **kwargs)
+            except StopIteration as stop:  # `next(dataloader_iter)` in the step: Lightning's end of the epoch
+                raised_by_step.append(stop)
+                raise
+
+        with _EngineCall("a training step", passed_through=raised_by_step):
+            session.follow_parameter_changes(self.optimizers, lambda: checks.check_trainer_settings(
+                module.trainer, module, self.optimizers))
+            output = session.forward(run_step, args)
+            if _logs_metrics(module.trainer):
+                session.log_metrics(module)
         return output
 
     @override
@@ -299,7 +355,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         assert module is not None
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         checks.check_loss(closure_loss)
-        session.hand_off(closure_loss, module.trainer.global_step, self.global_rank)
+        with _EngineCall("the hand-off of a loss"):
+            session.hand_off(closure_loss, module.trainer.global_step, self.global_rank)
         return closure_loss
 
     @override
@@ -312,17 +369,20 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
     ) -> Any:
         session = self._session
         if session is not None:
-            report = session.before_step()  # before the closure: a step runs wholly in one configuration
+            with _EngineCall("an optimizer step"):
+                report = session.before_step()  # before the closure: a step runs wholly in one configuration
             if report is not None:
                 self.autotune_report = report
                 rank_zero_info(report)
         if session is None or session.plain_steps:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        session.engine.raise_if_failed()
+        with _EngineCall("an optimizer step"):
+            session.engine.raise_if_failed()
         try:
-            output = closure()
+            output = closure()  # the user's step: its StopIteration is Lightning's (`training_step` above)
         finally:
-            session.end_step()
+            with _EngineCall("an optimizer step"):
+                session.end_step()
         _internals.mark_optimizer_stepped(getattr(optimizer, "_optimizer", optimizer))
         return output
 
@@ -339,6 +399,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         state["_session"] = None
         state["_stats"] = None
         state["_steps"] = None
+        state["_fit_loop_started"] = False
         return state
 
     @override
@@ -346,3 +407,38 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         super().__setstate__(state)
         self._stats = EngineStats()
 
+
+def _logs_metrics(trainer: Trainer) -> bool:
+    """``Trainer(barebones=True)`` makes ``self.log`` raise and ``log_every_n_steps=0`` writes no logs (it is the
+    divisor of the metrics' schedule): with either, the ``pdasgd/*`` metrics are not logged."""
+    return not getattr(trainer, "barebones", False) and trainer.log_every_n_steps > 0
+
+
+class _EngineCall:
+    """Turns a ``StopIteration`` raised by PD-ASGD's own code into a ``RuntimeError`` that says where it came from.
+
+    Lightning's loops take a ``StopIteration`` from any hook for the end of the data: the epoch (or the whole fit)
+    ends silently there, and with ``max_steps`` the next epoch hits it again, forever. A patched
+    ``time.perf_counter`` whose ``side_effect`` list ran out (Lightning's ``ThroughputMonitor`` tests) raised one
+    in the engine's timing. Those in ``passed_through`` (the user's step exhausting ``dataloader_iter``) stay.
+    """
+
+    def __init__(self, where: str, passed_through: Sequence[BaseException] = ()) -> None:
+        self._where = where
+        self._passed_through = passed_through
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: Optional[type[BaseException]], error: Optional[BaseException], trace: Optional[TracebackType]
+    ) -> bool:
+        if not isinstance(error, StopIteration) or any(error is allowed for allowed in self._passed_through):
+            return False
+        raise RuntimeError(
+            f"PD-ASGD: StopIteration was raised inside the engine during {self._where}, not by the training data;"
+            " Lightning would have ended the epoch there without a step. An iterator or mock with a finite"
+            " `side_effect` ran out, e.g. `mock.patch('time.perf_counter', side_effect=[...])`, whose values the"
+            " engine's timing reads too: give the mock enough values, or patch the module that should see them"
+            " (e.g. `lightning.pytorch.callbacks.throughput_monitor.time`)."
+        ) from error

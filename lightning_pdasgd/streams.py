@@ -6,8 +6,9 @@ On CPU every function here is a no-op, so the engine keeps one code path. The ru
   steps, the exchange's snapshots and merges). One in-order stream makes the GPU order equal to the order in
   which the host queued the work under each bucket's lock, so a stash copy can never read a newer or half-applied
   value than the version it records, whichever thread queued it.
-- A forward's stream waits for the caller's stream (its inputs) and for the event recorded after its stash
-  copies; the caller's stream waits for the forward (Lightning reads the loss).
+- A forward's stream waits for the caller's stream (its inputs); when it reads a bucket (aliasing the live
+  storage, or a copy where the compensation predicts weights) it waits for the update stream; the caller's stream
+  waits for the forward (Lightning reads the loss).
 - An update waits for the stream autograd made current in the gradient hook (the AccumulateGrad node's stream,
   where ``.grad`` is ready), whatever stream that is.
 - At the end of a backward the update stream waits for the batch stream (the stash leaves may be rewritten
@@ -110,6 +111,21 @@ def before_stash_copy(device: torch.device) -> None:
     at consistent points) are seen. In steady state it does not, so updates never wait behind forwards."""
     if device.type == "cuda" and _UPDATE_STREAMS.take_caller_wait(device):
         _UPDATE_STREAMS.get(device).wait_stream(torch.cuda.current_stream(device))
+
+
+def read_after_updates(device: torch.device, tensors: list[Tensor]) -> None:
+    """A forward reads a bucket's live storage (aliasing, ``ParameterBucket.read``): the current (batch) stream
+    waits for every update queued so far, and the storage is marked as used on it. After a drain the update stream
+    first waits for the current stream once (changes the loop made between steps)."""
+    if device.type != "cuda":
+        return
+    current = torch.cuda.current_stream(device)
+    update = _UPDATE_STREAMS.get(device)
+    if _UPDATE_STREAMS.take_caller_wait(device):
+        update.wait_stream(current)
+    current.wait_stream(update)
+    for tensor in tensors:
+        tensor.record_stream(current)
 
 
 def join_update_stream(device: torch.device) -> None:

@@ -9,7 +9,8 @@ at its end, under one model-wide lock.
 from __future__ import annotations
 
 import threading
-import time
+from time import perf_counter
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from lightning_pdasgd.compensation import StalenessCompensation
 from lightning_pdasgd.device_checks import DeviceNonFinite
 from lightning_pdasgd.optimizers import BucketOptimizer
 from lightning_pdasgd.parameters import make_buckets
+from lightning_pdasgd.reads import LazyReads
 from lightning_pdasgd.stash import StashBuffers, StashPool, WeightStash
 
 NONFINITE_POLICIES = ("error", "skip", "off")
@@ -43,6 +45,7 @@ class LayerwiseUpdater:
         bucket_numel: int = 0,
         detached: frozenset[int] = frozenset(),
         compensation: StalenessCompensation | None = None,
+        lazy_reads: bool = True,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -56,6 +59,7 @@ class LayerwiseUpdater:
         self.buckets = make_buckets(module, optimizer, bucket_numel, detached)
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
         self._pool = StashPool(self.buckets, self._on_gradient if layerwise else None, self.compensation)
+        self.reads = LazyReads(module, self.buckets, self._pool, lazy_reads)
         device = self.buckets[0].device
         # CUDA: non-finite values are counted on the device and read lazily (device_checks.py), never in a hook
         self.device_checks = DeviceNonFinite(device) if device.type == "cuda" and nonfinite != "off" else None
@@ -70,11 +74,20 @@ class LayerwiseUpdater:
 
     # ------------------------------------------------------------------------------------------- stashes
     def stash(self) -> WeightStash:
-        """Copy the live weights for one forward (each bucket under its lock: no torn reads)."""
+        """The leaves of one forward, nothing read yet: run the forward inside ``reading(stash)``."""
         return self._pool.take()
 
+    def reading(self, stash: WeightStash) -> AbstractContextManager[None]:
+        """The forward of ``stash`` runs inside: each bucket is read (aliased, no copy) as the forward reaches it."""
+        return self.reads.forward(stash)
+
     def release(self, stash: WeightStash, reusable: bool) -> None:
+        """After the backward (``reusable=True``), or for a forward that was never handed off (``False``)."""
         self._pool.give_back(stash, reusable)
+
+    def close(self) -> None:
+        """Remove the read hooks from the user's modules (end of fit, or a rebuild)."""
+        self.reads.close()
 
     # ------------------------------------------------------------------------------------------- gradients in
     def _on_gradient(self, buffers: StashBuffers, bucket_index: int, position: int) -> None:
@@ -100,11 +113,11 @@ class LayerwiseUpdater:
     # ------------------------------------------------------------------------------------------- updates out
     def _apply_bucket(self, stash: WeightStash, index: int) -> None:
         """Step one bucket's live parameters with the gradients computed at the stashed weights."""
-        started = time.perf_counter()
+        started = perf_counter()
         try:
             self._step_bucket(stash, index)
         finally:
-            stash.record.update_seconds += time.perf_counter() - started
+            stash.record.update_seconds += perf_counter() - started
 
     def _step_bucket(self, stash: WeightStash, index: int) -> None:
         leaves = stash.buffers.leaves[index]
@@ -141,17 +154,26 @@ class LayerwiseUpdater:
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
         read = [leaf for leaf, grad in zip(leaves, grads) if grad is not None]
-        applied = [alias for alias, grad in zip(bucket.aliases, grads) if grad is not None]
 
-        def step(staleness: int, version: int) -> None:
+        def step(staleness: int, version: int, targets: list[Tensor]) -> None:
             # staleness compensation sees the bucket's staleness, may change the gradients in place and may
             # override hyperparameters for this step only (the next step starts from the snapshot again)
+            applied = [target for target, grad in zip(targets, grads) if grad is not None]
             overrides = self.compensation.before_step(index, applied, present, read, staleness, version,
                                                       hyperparameters)
-            optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters)
+            optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
 
         staleness = bucket.update(stash.versions[index], step)
-        stash.record.add_update(staleness, len(present))
+        self._count_update(stash, index, staleness, len(present))
+
+    def _count_update(self, stash: WeightStash, index: int, staleness: int, parameters: int) -> None:
+        record = stash.record
+        record.add_update(staleness, parameters)
+        order = self.reads.forward_order
+        if index == order[0]:
+            record.add_depth(record.first_bucket, staleness)
+        if index == order[-1]:
+            record.add_depth(record.last_bucket, staleness)
 
     # ------------------------------------------------------------------------------------------- CUDA
     def _step_bucket_cuda(
@@ -167,10 +189,9 @@ class LayerwiseUpdater:
         optimizer = self._optimizers[index]
         leaves = stash.buffers.leaves[index]
         read = [leaf for leaf, grad in zip(leaves, grads) if grad is not None]
-        applied = [alias for alias, grad in zip(bucket.aliases, grads) if grad is not None]
         checks = self.device_checks
 
-        def step(staleness: int, version: int) -> None:  # on the update stream (ParameterBucket.update)
+        def step(staleness: int, version: int, targets: list[Tensor]) -> None:  # on the update stream
             streams.record_on_current(present)  # allocated on autograd's stream, read and freed here
             used = present
             if checks is not None:
@@ -185,8 +206,9 @@ class LayerwiseUpdater:
                 _internals.foreach_clamp_(used, self.clip_value)
             if self.log_grad_norm:
                 stash.record.grad_sq_sum += _internals.sum_of_squares(used)
+            applied = [target for target, grad in zip(targets, grads) if grad is not None]
             overrides = self.compensation.before_step(index, applied, used, read, staleness, version, hyperparameters)
-            optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters)
+            optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
 
         staleness = bucket.update(stash.versions[index], step)
-        stash.record.add_update(staleness, len(present))
+        self._count_update(stash, index, staleness, len(present))

@@ -288,10 +288,10 @@ def _exchange_rank(rank: int, port: int, out: str, dtype_name: str, updates: int
                     for bucket in buckets:
                         grads = [torch.full_like(p, -step_value) for p in bucket.params]
 
-                        def step(staleness: int, version: int, bucket: Any = bucket, grads: Any = grads) -> None:
+                        def step(staleness: int, version: int, targets: list[torch.Tensor], grads: Any = grads) -> None:
                             for grad in grads:  # allocated on `side`, read on the update stream
                                 grad.record_stream(torch.cuda.current_stream())
-                            torch._foreach_sub_(bucket.aliases, grads)
+                            torch._foreach_sub_(targets, grads)
 
                         bucket.update(bucket.version, step)
 

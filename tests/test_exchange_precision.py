@@ -38,10 +38,10 @@ def _free_port() -> int:
 def _add(bucket: Any, value: float) -> None:
     """One local update of every element of the bucket, through the bucket's update path (counted, locked)."""
 
-    def step(staleness: int, version: int) -> None:
+    def step(staleness: int, version: int, targets: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for alias in bucket.aliases:
-                alias.add_(value)
+            for target in targets:
+                target.add_(value)
 
     bucket.update(bucket.version, step)
 
