@@ -76,6 +76,11 @@ class StalenessCompensation:
         self._states: dict[Key, _KeyState] = {}
         self._states_lock = threading.Lock()
 
+    def reset(self) -> None:
+        """Forget every running state (the weights were restored: the history no longer describes them)."""
+        with self._states_lock:
+            self._states = {}
+
     def _state(self, key: Key) -> _KeyState:
         state = self._states.get(key)
         if state is None:

@@ -32,12 +32,14 @@ REPLICA_DIVERGENCE = "pdasgd/replica_divergence"
 STASH_MS = "pdasgd/stash_ms"
 HANDOFF_MS = "pdasgd/handoff_ms"
 UPDATE_MS = "pdasgd/update_ms"
+GUARD_TRIPS = "pdasgd/guard_trips"  # blow-ups the divergence guard caught (guard.py)
 # staleness by depth: the bucket the forward reaches first (input side) and last (output side)
 STALENESS_FIRST_BUCKET = "pdasgd/staleness_first_bucket"
 STALENESS_LAST_BUCKET = "pdasgd/staleness_last_bucket"
 # `metrics="basic"` (the default) logs these; "full" logs every metric; "off" none
 BASIC_METRICS = frozenset(
-    {SAMPLES_PER_SECOND, STALENESS_MEAN, STALENESS_MAX, QUEUE_DEPTH, WALL_TIME, SKIPPED_UPDATES, REPLICA_DIVERGENCE}
+    {SAMPLES_PER_SECOND, STALENESS_MEAN, STALENESS_MAX, QUEUE_DEPTH, WALL_TIME, SKIPPED_UPDATES, REPLICA_DIVERGENCE,
+     GUARD_TRIPS}
 )
 PROGRESS_BAR_METRICS = (SAMPLES_PER_SECOND, STALENESS_MEAN)
 # staleness histogram: the fraction of updates whose staleness falls in each bucket (any logger can plot scalars)
@@ -155,6 +157,7 @@ class EngineStats:
         self.total_stash_seconds = 0.0  # the engine's own cost, for benchmarks' per-step overhead
         self.total_handoff_seconds = 0.0
         self.total_update_seconds = 0.0
+        self.guard_trips = 0  # blow-ups the divergence guard caught, over every fit of the strategy
 
     def record_skipped_loss(self, parameters: int) -> None:
         """A non-finite loss under policy "skip": none of its parameters' updates happen."""
@@ -218,6 +221,8 @@ def window_metrics(session: Any) -> dict[str, float]:
     )
     metrics[WALL_TIME] = perf_counter() - session.started_at
     metrics[BACKWARD_THREADS] = 0.0 if session.plain_steps else float(session.backward_threads)
+    if session.config.divergence_guard:
+        metrics[GUARD_TRIPS] = float(session.stats.guard_trips)
     if session.exchange is not None:
         metrics.update(session.exchange.metrics())
     return metrics

@@ -28,6 +28,7 @@ from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.device_checks import act_on_device_nonfinite
 from lightning_pdasgd.engine import BackwardEngine, BackwardWork
 from lightning_pdasgd.exchange import ReplicaExchange
+from lightning_pdasgd.guard import DivergenceGuard, Trip
 from lightning_pdasgd.metrics import EngineStats, batch_size_of, describe_session, log_window
 from lightning_pdasgd.optimizers import hyperparameter_snapshot
 from lightning_pdasgd.reads import add_unread_note
@@ -90,6 +91,9 @@ class FitSession:
         self.on_consistent: Callable[[str], None] | None = None
         self._local_batches: Callable[[], int] = lambda: 0
         self._current: tuple[WeightStash, Any] | None = None  # the forward whose loss is not handed off yet
+        self.guard = DivergenceGuard() if config.divergence_guard else None
+        self._pending_trip: Trip | None = None  # several devices: this rank's trip, acted on at the guard point
+        self._step = 0  # the global step of the latest hand-off (for the guard's messages and snapshots)
         self._saved_switch_interval: float | None = sys.getswitchinterval()
         self.started_at = perf_counter()
 
@@ -213,6 +217,8 @@ class FitSession:
             local_batches=self._local_batches,
         )
         self.in_sync = True
+        if self.guard is not None and self.guard.good is None:  # replicas identical: the first good state
+            self.guard.keep(self._module, self._optimizer, self._step)
         self.exchange.start()
 
     @property
@@ -265,11 +271,15 @@ class FitSession:
         """
         self.drain()
         if self.exchange is None or (self.in_sync and not stop):
+            if self.exchange is None and self.guard is not None and self.guard.watch.healthy and not stop:
+                self.guard.keep(self._module, self._optimizer, self._step)
             return
         self.exchange.consistent_point(kind, stop, self.engine.raise_if_failed)
         self.in_sync = True
         if self.on_consistent is not None:
             self.on_consistent(kind)
+        if self.guard is not None and kind not in ("guard", "fit_end") and self._all_ranks_healthy():
+            self.guard.keep(self._module, self._optimizer, self._step)
 
     # ------------------------------------------------------------------------------------------- the step
     def before_step(self) -> str | None:
@@ -304,6 +314,8 @@ class FitSession:
             output = run()
             self.stats.record_forward(perf_counter() - started, batch_size)
             return output
+        if self.guard is not None:
+            self._guard_before_forward()
         engine = self.engine
         engine.acquire_slot()
         self.in_sync = False
@@ -340,6 +352,13 @@ class FitSession:
         assert self._current is not None
         stash, stream = self._current
         stash.step, stash.rank = step, rank
+        self._step = step
+        if self.guard is not None:
+            trip = self.guard.observe(loss)
+            if trip is not None:
+                self.end_step()  # this loss is not applied; its slot is free before the engine is reconfigured
+                self._on_trip(trip, step)
+                return
         if loss.is_cuda and self.updater.device_checks is not None:  # CUDA: checked on the device, no host sync
             self.updater.device_checks.note_loss(loss)
             self._check_device_nonfinite(wait=False)
@@ -369,6 +388,58 @@ class FitSession:
         if self._current is not None:
             self._drop_current()
             self.engine.release_slot()
+
+    # ------------------------------------------------------------------------------------------- the guard
+    def _guard_before_forward(self) -> None:
+        """Several devices: meet at a "guard" point once any rank tripped. One device: keep a good state every
+        ``snapshot_every`` healthy steps (a drain: one pipeline bubble)."""
+        guard = self.guard
+        assert guard is not None
+        if self.exchange is not None:
+            if self.exchange.guard_seen.is_set():
+                self._recover_everywhere()
+            return
+        if guard.due_for_snapshot():
+            self.drain()
+            guard.keep(self._module, self._optimizer, self._step)
+
+    def _on_trip(self, trip: Trip, step: int) -> None:
+        if self.exchange is not None:  # every rank decides together, at the next "guard" consistent point
+            self._pending_trip = trip
+            self.exchange.guard_flag.set()
+            return
+        self.drain()
+        self._slow_down(self.guard.recover(trip, self._module, self._optimizer, step, self.max_in_flight))  # type: ignore[union-attr]
+
+    def _recover_everywhere(self) -> None:
+        """Several devices: every rank restores the good state kept at the last consistent point (identical on
+        every rank), with the same smaller ``max_in_flight``, and the exchange restarts from it."""
+        self.reach_consistent_point("guard", stop=True)
+        self.exchange.join(self.config.wait_timeout)  # type: ignore[union-attr]
+        self.exchange = None
+        trip = self._pending_trip or Trip("another rank's loss blew up", float("nan"), float("nan"))
+        self._pending_trip = None
+        self._slow_down(self.guard.recover(trip, self._module, self._optimizer, self._step, self.max_in_flight))  # type: ignore[union-attr]
+        self.start_exchange(self._exchange_group)
+
+    def _slow_down(self, in_flight: int) -> None:
+        """Fewer losses in flight from now on (drained by the caller); compensation starts over."""
+        self.stats.guard_trips += 1
+        self._compensation.reset()
+        threads = min(self.backward_threads, in_flight)
+        intra_op = self._intra_op_threads(threads, in_flight, None)
+        torch.set_num_threads(intra_op)
+        self.engine.reconfigure(threads, in_flight, partial(torch.set_num_threads, intra_op))
+        self.backward_threads, self.max_in_flight, self.intra_op_threads = threads, in_flight, intra_op
+        self._streams = streams.StreamPool(self._device, in_flight)
+
+    def _all_ranks_healthy(self) -> bool:
+        """At a consistent point (ranks synchronous): whether every rank's loss is healthy, so that all keep the
+        same good state or none does."""
+        device = self._device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        healthy = torch.tensor([float(self.guard is not None and self.guard.watch.healthy)], device=device)
+        torch.distributed.all_reduce(healthy, op=torch.distributed.ReduceOp.MIN)
+        return bool(healthy.item() > 0)
 
     def _drop_current(self) -> None:
         """Forget a forward whose loss was never handed off: its graph may live on (the user may hold the output),

@@ -186,6 +186,20 @@ def _trainer(strategy: Any = None, devices: int = 2, **kwargs: Any) -> L.Trainer
     return L.Trainer(strategy=strategy or PDASGDStrategy(), **trainer_kwargs(devices=devices, **kwargs))
 
 
+class SpikeOnRankOne(DigitsClassifier):
+    """Rank 1's loss (and so its gradients) jumps 100x from its 15th batch until the divergence guard trips."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.local_batches = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.local_batches += 1
+        spiking = self.trainer.global_rank == 1 and self.local_batches >= 15
+        return loss * 100 if spiking and self.trainer.strategy.stats.guard_trips == 0 else loss
+
+
 def main(case: str, out: Path, *args: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = BatchLog()
@@ -283,6 +297,13 @@ def main(case: str, out: Path, *args: str) -> None:
         test_loader = DigitsData().val_dataloader()
         tested = trainer.test(model, test_loader, ckpt_path="best", verbose=False)
         result.update(test_acc=tested[0]["test_acc"], tested_path=trainer.ckpt_path)
+    elif case == "guard":
+        L.seed_everything(0)
+        model = SpikeOnRankOne(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
+        trainer = _trainer(max_epochs=4, callbacks=[log])
+        trainer.fit(model, DigitsData(batch_size=32))
+        result.update(accuracy=_accuracy(model), state=_state(model), trips=trainer.strategy.stats.guard_trips,
+                      val_accuracy=model.val_accuracy)
     elif case == "resume":
         devices, ckpt = int(args[0]), args[1]
         L.seed_everything(1)

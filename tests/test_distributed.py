@@ -242,3 +242,14 @@ def test_two_rank_checkpoint_resumes_on_any_device_count(learned: Path, tmp_path
         assert all(torch.equal(resumed["state"][k], other["state"][k]) for k in resumed["state"])
     else:
         assert resumed["batches"] == 2 * 45
+
+
+def test_the_divergence_guard_decides_on_every_rank_together(tmp_path: Path) -> None:
+    """Rank 1's loss blows up; both ranks meet at a "guard" consistent point, restore the same good state, go on
+    with one loss in flight, and end with bitwise-identical replicas."""
+    _ok(_launch("guard", tmp_path))
+    first, second = _results(tmp_path, "guard")
+    assert first["trips"] == second["trips"] == 1
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), key
+    assert first["accuracy"] >= 0.9

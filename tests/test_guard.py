@@ -1,0 +1,151 @@
+"""The divergence guard: a blow-up is caught, the last good state restored, asynchrony reduced, the user told.
+
+The model is a least-squares problem whose Hessian is known, trained with heavy-ball momentum 0.9 at
+``lr x curvature = 1``: inside plain SGD's stable region (up to 3.8) and far outside the region with one step of
+delay (up to 0.10, ``shared/notes/staleness.md``). An event gate makes every update exactly one update stale while
+the guard has not tripped, so the blow-up is the algorithm's, on any machine.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from typing import Any, Callable
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_pdasgd import PDASGDStrategy
+from lightning_pdasgd.guard import DivergedError, LossWatch
+from tests.helpers import trainer_kwargs
+
+FEATURES = 8
+STEPS = 240
+WAIT_S = 60.0
+
+
+def _data() -> TensorDataset:
+    """Whitened features scaled so that the loss's Hessian has largest eigenvalue 2 * 4 = 8."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, FEATURES, generator=generator)
+    x = (x - x.mean(0)) / x.std(0) * torch.linspace(0.5, 2.0, FEATURES)
+    y = x @ torch.randn(FEATURES, 1, generator=generator) + 0.1 * torch.randn(256, 1, generator=generator)
+    return TensorDataset(x, y)
+
+
+def _loader() -> DataLoader:
+    data = _data()  # every batch is the whole data set: a deterministic quadratic
+    return DataLoader(TensorDataset(*(t.repeat(STEPS, 1) for t in data.tensors)), batch_size=256)
+
+
+class _OneStaleGate(torch.autograd.Function):
+    """Identity whose backward waits until the next forward ran (while ``active()``): every update one stale."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gate: "_Gate", step: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.gate, ctx.step = gate, step
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
+        ctx.gate.wait_for_forward(ctx.step + 1)
+        return grad, None, None
+
+
+class _Gate:
+    def __init__(self, active: Callable[[], bool]) -> None:
+        self.active = active
+        self.forwards = -1
+        self.changed = threading.Condition()
+
+    def forward_ran(self, step: int) -> None:
+        with self.changed:
+            self.forwards = step
+            self.changed.notify_all()
+
+    def wait_for_forward(self, step: int) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.forwards >= step or not self.active(), timeout=WAIT_S):
+                raise TimeoutError(f"forward {step} never ran")
+
+
+class LeastSquares(L.LightningModule):
+    def __init__(self, lr: float, stale: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(FEATURES, 1)
+        self.lr = lr
+        self.stale = stale
+        self.gate = _Gate(active=lambda: self.trainer.strategy.stats.guard_trips == 0)
+        self.losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.linear(x), y)
+        self.losses.append(float(loss.detach()))
+        if self.stale and batch_idx < STEPS - 1:
+            loss = _OneStaleGate.apply(loss, self.gate, batch_idx)
+        self.gate.forward_ran(batch_idx)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def _fit(model: LeastSquares, strategy: Any) -> L.Trainer:
+    trainer = L.Trainer(strategy=strategy, **trainer_kwargs(max_epochs=1))
+    trainer.fit(model, train_dataloaders=_loader())
+    return trainer
+
+
+def test_a_blow_up_is_caught_restored_and_trained_on_with_less_asynchrony() -> None:
+    plain = LeastSquares(lr=1 / 8, stale=False)
+    _fit(plain, "auto")
+    assert plain.losses[-1] < 0.05  # plain heavy-ball converges at this lr
+
+    unguarded = LeastSquares(lr=1 / 8, stale=True)
+    _fit(unguarded, PDASGDStrategy(staleness_compensation="none", divergence_guard=False, nonfinite="off"))
+    assert not unguarded.losses[-1] < 1.0, "one step of delay should diverge here"
+
+    guarded = LeastSquares(lr=1 / 8, stale=True)
+    with pytest.warns(RuntimeWarning, match=r"divergence guard: at step \d+ the smoothed loss rose") as caught:
+        trainer = _fit(guarded, PDASGDStrategy(staleness_compensation="none"))
+    message = next(str(w.message) for w in caught if "divergence guard" in str(w.message))
+    assert "max_in_flight=1 (was 2)" in message and "lower the learning rate" in message
+    assert trainer.strategy.stats.guard_trips == 1
+    assert guarded.losses[-1] <= plain.losses[-1] * 1.5 + 1e-3  # recovered: trained on like plain
+    assert max(guarded.losses) < 1e6  # caught long before the loss overflowed
+
+
+def test_a_blow_up_with_one_loss_in_flight_stops_with_the_learning_rate_named() -> None:
+    model = LeastSquares(lr=1.0, stale=False)  # lr x curvature = 8: beyond plain SGD's own stable region
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the first trip's warning
+        with pytest.raises(DivergedError, match="one loss in flight.*learning rate"):
+            _fit(model, PDASGDStrategy(staleness_compensation="none"))
+    assert all(math.isfinite(loss) for loss in model.losses)  # stopped before NaN
+
+
+def test_the_guard_off_keeps_the_raw_behaviour() -> None:
+    model = LeastSquares(lr=1.0, stale=False)
+    trainer = _fit(model, PDASGDStrategy(staleness_compensation="none", divergence_guard=False, nonfinite="off"))
+    assert trainer.strategy.stats.guard_trips == 0
+    assert not model.losses[-1] < 1.0
+
+
+def test_loss_watch_trips_on_a_sustained_rise_not_on_noise() -> None:
+    watch = LossWatch(factor=3.0, smoothing_steps=10, warmup_steps=5)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(300):  # a noisy decreasing loss: +-50% noise never trips
+        noisy = (1.0 / (1 + step / 20)) * (1 + 0.5 * (2 * torch.rand(1, generator=generator).item() - 1))
+        assert watch.observe(noisy) is None, step
+    assert watch.healthy
+    trip = None
+    for step in range(40):
+        trip = trip or watch.observe(0.05 * 1.3**step)
+    assert trip is not None and trip.now > 3 * trip.best
+    assert watch.observe(float("nan")) is None  # NaN/Inf is the `nonfinite` policy's, not the guard's
