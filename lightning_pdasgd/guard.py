@@ -71,6 +71,15 @@ class LossWatch:
         self.seen = 0
 
     @property
+    def rising(self) -> bool:
+        """Past the warm-up, the smoothed value ``factor`` times its best (a positive best: a loss that can go
+        negative has no scale to compare against, and is never called a blow-up)."""
+        return (
+            self.smoothed is not None and self.seen >= self._warmup and 0 < self.best < math.inf
+            and self.smoothed > self.factor * self.best
+        )
+
+    @property
     def healthy(self) -> bool:
         """Past the warm-up and near the best loss: a good moment to keep the state."""
         return (
@@ -87,7 +96,7 @@ class LossWatch:
         if self.seen < self._warmup:
             return None
         self.best = min(self.best, self.smoothed)
-        if self.best > 0 and self.smoothed > self.factor * self.best:
+        if self.rising:
             return Trip(f"the smoothed loss rose above {self.factor:g}x its best", self.best, self.smoothed)
         return None
 
@@ -158,18 +167,35 @@ class DivergenceGuard:
 
     def __init__(self, snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, watch: Optional[LossWatch] = None) -> None:
         self.watch = watch if watch is not None else LossWatch()
+        # the mean gradient norm of the backwards: near a minimum the loss grows like its square, hence the root
+        self.gradients = LossWatch(math.sqrt(self.watch.factor))
+        self._gradient_totals = (0.0, 0)
+        self._gradient_norm: Optional[float] = None  # the mean norm of the latest backwards (repeated until new ones)
         self.reader = LossReader()
         self.snapshot_every = snapshot_every
         self.good: Optional[GoodState] = None
         self._since_snapshot = 0
         self.trips = 0
 
-    def observe(self, loss: Tensor) -> Optional[Trip]:
-        """This step's loss (values on CUDA arrive a step or two late); a ``Trip`` on a blow-up."""
+    def observe(self, loss: Tensor, gradient_totals: Optional[tuple[float, int]]) -> Optional[Trip]:
+        """This step's loss (values on CUDA arrive a step or two late) and the gradient totals so far
+        (``EngineStats.gradient_totals``; ``None`` where they are not measured, CUDA); a ``Trip`` on a blow-up.
+
+        Both must rise where both are measured: a real blow-up grows the gradients with the loss, while a loss that
+        merely wanders upwards (an unbounded or shifting objective) does not.
+        """
         self._since_snapshot += 1
+        if gradient_totals is not None:
+            squares, backwards = gradient_totals
+            new = backwards - self._gradient_totals[1]
+            if new > 0:
+                self._gradient_norm = math.sqrt(max(squares - self._gradient_totals[0], 0.0) / new)
+                self._gradient_totals = gradient_totals
+            if self._gradient_norm is not None:  # one observation per step, like the loss's
+                self.gradients.observe(self._gradient_norm)
         for value in self.reader.push(loss):
             trip = self.watch.observe(value)
-            if trip is not None:
+            if trip is not None and (gradient_totals is None or self.gradients.rising):
                 return trip
         return None
 
@@ -196,6 +222,8 @@ class DivergenceGuard:
             )
         self.good.restore(module, optimizer)
         self.watch.reset()
+        self.gradients.reset()
+        self._gradient_norm = None
         self._since_snapshot = 0
         slower = max(1, in_flight // 2)
         message = (

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from time import perf_counter
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 from torch import Tensor
@@ -158,6 +158,7 @@ class EngineStats:
         self.total_handoff_seconds = 0.0
         self.total_update_seconds = 0.0
         self.guard_trips = 0  # blow-ups the divergence guard caught, over every fit of the strategy
+        self.total_grad_sq_sum = 0.0  # squared gradient norms of every backward (CPU), for the divergence guard
 
     def record_skipped_loss(self, parameters: int) -> None:
         """A non-finite loss under policy "skip": none of its parameters' updates happen."""
@@ -174,6 +175,7 @@ class EngineStats:
             window.backwards += 1
             window.backward_seconds += record.seconds
             window.grad_sq_sum += record.grad_sq_sum
+            self.total_grad_sq_sum += record.grad_sq_sum
             window.skipped += record.skipped
             window.update_seconds += record.update_seconds
             self.total_update_seconds += record.update_seconds
@@ -201,6 +203,11 @@ class EngineStats:
         with self._lock:
             self._window.handoff_seconds += seconds
             self.total_handoff_seconds += seconds
+
+    def gradient_totals(self) -> tuple[float, int]:
+        """(sum of squared gradient norms, backwards) so far: the guard reads the mean norm of new backwards."""
+        with self._lock:
+            return self.total_grad_sq_sum, self.total_backwards
 
     def take_window(self) -> StatsWindow:
         """Hand back the finished window and start a new one."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from time import perf_counter
 from collections.abc import Callable
+from time import perf_counter
 from functools import partial
 from typing import Any
 
@@ -91,7 +91,8 @@ class FitSession:
         self.on_consistent: Callable[[str], None] | None = None
         self._local_batches: Callable[[], int] = lambda: 0
         self._current: tuple[WeightStash, Any] | None = None  # the forward whose loss is not handed off yet
-        self.guard = DivergenceGuard() if config.divergence_guard else None
+        # the guard watches asynchrony: a run configured with one loss in flight is exactly plain Lightning's
+        self.guard = DivergenceGuard() if config.divergence_guard and config.in_flight > 1 else None
         self._pending_trip: Trip | None = None  # several devices: this rank's trip, acted on at the guard point
         self._step = 0  # the global step of the latest hand-off (for the guard's messages and snapshots)
         self._saved_switch_interval: float | None = sys.getswitchinterval()
@@ -152,6 +153,7 @@ class FitSession:
             clip_value=self._clip_value,
             log_grad_norm=config.log_grad_norm,
             nonfinite=config.nonfinite,
+            grad_norms=config.divergence_guard,
             bucket_numel=config.bucket_numel,
             detached=detached,
             compensation=self._compensation,
@@ -354,7 +356,7 @@ class FitSession:
         stash.step, stash.rank = step, rank
         self._step = step
         if self.guard is not None:
-            trip = self.guard.observe(loss)
+            trip = self.guard.observe(loss, None if loss.is_cuda else self.stats.gradient_totals())
             if trip is not None:
                 self.end_step()  # this loss is not applied; its slot is free before the engine is reconfigured
                 self._on_trip(trip, step)

@@ -8,9 +8,10 @@ at its end, under one model-wide lock.
 
 from __future__ import annotations
 
+import math
 import threading
-from time import perf_counter
 from contextlib import AbstractContextManager
+from time import perf_counter
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ class LayerwiseUpdater:
         clip_value: float | None = None,
         log_grad_norm: bool = False,
         nonfinite: str = "error",
+        grad_norms: bool = False,
         bucket_numel: int = 0,
         detached: frozenset[int] = frozenset(),
         compensation: StalenessCompensation | None = None,
@@ -54,6 +56,7 @@ class LayerwiseUpdater:
         self.layerwise = layerwise
         self.clip_value = clip_value
         self.log_grad_norm = log_grad_norm
+        self.grad_norms = grad_norms or log_grad_norm  # gradient norms per backward (metric, divergence guard)
         self._model_lock = threading.Lock()
         self.compensation = compensation if compensation is not None else StalenessCompensation()
         self.buckets = make_buckets(module, optimizer, bucket_numel, detached)
@@ -132,7 +135,9 @@ class LayerwiseUpdater:
         if bucket.is_cuda:
             self._step_bucket_cuda(stash, index, grads, present)
             return
-        if self.nonfinite != "off" and not _internals.all_finite(present):
+        # one L2 reduction per tensor serves the non-finite check, `pdasgd/grad_norm` and the divergence guard
+        squares = _internals.sum_of_squares(present) if self.nonfinite != "off" or self.grad_norms else 0.0
+        if self.nonfinite != "off" and not math.isfinite(squares) and not _internals.all_finite(present):
             bad = [position for position, grad in enumerate(grads) if grad is not None and not _internals.all_finite([grad])]
             if self.nonfinite == "error":
                 raise NonFiniteError(
@@ -146,10 +151,10 @@ class LayerwiseUpdater:
             present = [grad for grad in grads if grad is not None]
             if not present:
                 return
+            squares = _internals.sum_of_squares(present)
+        stash.record.grad_sq_sum += squares
         if self.clip_value is not None:
             _internals.foreach_clamp_(present, self.clip_value)
-        if self.log_grad_norm:
-            stash.record.grad_sq_sum += _internals.sum_of_squares(present)
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]

@@ -68,7 +68,7 @@ class _TestState:
         self.phases: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, dict[str, Any]] = {}
         self.leaks: list[dict[str, Any]] = []
-        self.reruns = 0
+        self.rerun = False  # this attempt failed and pytest-rerunfailures runs the test again
         self.started = time.time()
 
 
@@ -301,12 +301,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.outcome == "rerun":  # pytest-rerunfailures (Lightning's `flaky` marker): keep the last attempt only
-        STATE.reruns += 1
-        STATE.phases.clear()
-        STATE.errors.clear()
-        STATE.leaks.clear()
-        return
+    if report.outcome == "rerun":  # pytest-rerunfailures (Lightning's `flaky` marker): another attempt follows
+        STATE.rerun = True
     STATE.phases[report.when] = {
         "outcome": report.outcome,
         "xfail": hasattr(report, "wasxfail"),
@@ -335,12 +331,12 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str])
         {
             "event": "finish",
             "nodeid": nodeid,
-            "outcome": _outcome(STATE.phases),
+            "outcome": "rerun" if STATE.rerun else _outcome(STATE.phases),
             "duration": round(time.time() - STATE.started, 3),
             "injected": STATE.injected,
             "left_alone": STATE.left_alone,
             "errors": STATE.errors,
             "leaked_threads": STATE.leaks,
-            "reruns": STATE.reruns,
+            "time": time.time(),
         }
     )
