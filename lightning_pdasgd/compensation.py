@@ -175,7 +175,7 @@ class WeightPrediction(StalenessCompensation):
             not self.wants_fill(key, version)
             or state is None
             or state.previous is None
-            or len(state.previous) != len(params)  # the last update left some of the bucket's parameters out
+            or [p.shape for p in state.previous] != [p.shape for p in params]  # the last update left some out
         ):
             torch._foreach_copy_(leaves, params)
             return
@@ -197,7 +197,7 @@ class WeightPrediction(StalenessCompensation):
     ) -> Optional[dict[str, Any]]:
         state = self._observe(key, staleness)
         params = list(params)
-        if state.previous is None or len(state.previous) != len(params):
+        if state.previous is None or [p.shape for p in state.previous] != [p.shape for p in params]:
             state.previous = [torch.empty_like(param) for param in params]
         torch._foreach_copy_(state.previous, params)
         state.previous_version = version

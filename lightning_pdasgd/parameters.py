@@ -118,6 +118,22 @@ class ParameterBucket:
                     fill(self._live.tensors, leaves, self._version)
             return self._version
 
+    def follow_external_storage(self) -> bool:
+        """Adopt a storage that code outside the engine gave a parameter (``param.data = x``: e.g. the lottery-ticket
+        reset of Lightning's ``ModelPruning``, or ``torch.nn.utils.prune.remove``); returns whether it did.
+
+        The new values are the live ones from now on, as they would be for a plain ``optimizer.step()``; the old
+        storage stays with the forwards that read it and is never reused (its shape may differ).
+        """
+        live = self._live.tensors
+        if all(p.data_ptr() == t.data_ptr() and p.shape == t.shape for p, t in zip(self.params, live)):
+            return False
+        with self._lock:
+            self._live.pinned = True
+            self._live = WeightVersion([param.detach() for param in self.params])
+            self._spares.clear()
+        return True
+
     # ------------------------------------------------------------------------------------------- writes
     def update(self, read_version: int, step: Callable[[int, int, list[Tensor]], None]) -> int:
         """Run ``step(staleness, version, targets)`` as one update; returns its staleness.

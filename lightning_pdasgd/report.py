@@ -10,7 +10,8 @@ Lightning writes without extra services -- CSVLogger's ``metrics.csv`` and Tenso
   baseline's;
 - ``throughput.png``: ``pdasgd/samples_per_sec`` against the step, with its median;
 - ``staleness.png``: the staleness distribution over the run (the ``pdasgd/staleness_frac_*`` buckets, stacked),
-  with the mean staleness on the right axis.
+  with the mean staleness below and, where logged (``metrics="full"``), the staleness of the bucket the forward
+  reaches first (input side) and last (output side).
 
 Every plot on a step axis has a dotted line at each epoch boundary, taken from the ``epoch`` value Lightning logs
 with every row. A plot whose metrics are missing is skipped with a message naming them.
@@ -32,6 +33,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from lightning_pdasgd.metrics import STALENESS_FIRST_BUCKET, STALENESS_LAST_BUCKET
 from lightning_pdasgd.report_logs import (  # noqa: F401 - re-exported: the report's public reading functions
     BASELINE_COLOR,
     EPOCH,
@@ -178,6 +180,12 @@ def plot_staleness(run: Run, baseline: Optional[Run], path: Path) -> Path:
         mean = run.get(STALENESS_MEAN)
         below.plot(mean.steps, mean.values, color="black", linewidth=1.2,
                    label=f"mean (over the run {mean.values.mean():.2f})")  # fmt: skip
+    for name, label, color in ((STALENESS_FIRST_BUCKET, "input-side bucket (the forward reads it first)", "tab:blue"),
+                               (STALENESS_LAST_BUCKET, "output-side bucket (read last)", "tab:green")):
+        if run.has(name):  # staleness by depth (`metrics="full"`): lazy reads keep the output side fresh
+            depth = run.get(name)
+            below.plot(depth.steps, depth.values, color=color, linewidth=1.0,
+                       label=f"{label} ({depth.values.mean():.2f})")  # fmt: skip
     if run.has(STALENESS_MAX):
         most = run.get(STALENESS_MAX)
         below.plot(most.steps, most.values, color="tab:red", linewidth=0.8, linestyle="--",

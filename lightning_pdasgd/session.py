@@ -192,6 +192,7 @@ class FitSession:
         self.drain()
         self._optimizer = optimizer
         self.updater.close()
+        self._compensation.reset()  # its running state is per bucket, and the buckets are about to change
         trained_before = frozenset(id(param) for bucket in self.updater.buckets for param in bucket.params)
         self.updater = self._build_updater(optimizer, detached=trained_before)
         if exchanging:

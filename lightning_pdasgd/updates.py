@@ -77,7 +77,11 @@ class LayerwiseUpdater:
 
     # ------------------------------------------------------------------------------------------- stashes
     def stash(self) -> WeightStash:
-        """The leaves of one forward, nothing read yet: run the forward inside ``reading(stash)``."""
+        """The leaves of one forward, nothing read yet: run the forward inside ``reading(stash)``.
+
+        First, parameters whose storage was replaced from outside since the last forward are followed."""
+        for bucket in self.buckets:
+            bucket.follow_external_storage()
         return self._pool.take()
 
     def reading(self, stash: WeightStash) -> AbstractContextManager[None]:

@@ -19,7 +19,7 @@ EXPECTED = {
     "pdasgd/samples_per_sec", "pdasgd/staleness_mean", "pdasgd/staleness_max", "pdasgd/queue_depth",
     "pdasgd/forward_ms", "pdasgd/backward_ms", "pdasgd/forward_busy", "pdasgd/backward_busy",
     "pdasgd/updates_per_sec", "pdasgd/wall_time_s", "pdasgd/backward_threads", "pdasgd/staleness_frac_0",
-    "pdasgd/staleness_frac_9+",
+    "pdasgd/staleness_frac_9+", "pdasgd/staleness_first_bucket", "pdasgd/staleness_last_bucket",
 }
 
 
@@ -67,7 +67,7 @@ def test_progress_bars_show_throughput_and_staleness(tmp_path: Path, bar: type) 
     [
         ("off", set()),
         ("basic", {"pdasgd/samples_per_sec", "pdasgd/staleness_mean", "pdasgd/staleness_max",
-                   "pdasgd/queue_depth", "pdasgd/wall_time_s", "pdasgd/skipped_updates"}),
+                   "pdasgd/queue_depth", "pdasgd/wall_time_s", "pdasgd/skipped_updates", "pdasgd/guard_trips"}),
     ],
 )
 def test_metrics_level_controls_what_is_logged(tmp_path: Path, level: str, expected: set[str]) -> None:

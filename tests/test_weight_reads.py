@@ -275,3 +275,22 @@ def test_a_forward_that_was_never_handed_off_pins_what_it_read() -> None:
     for _ in range(3):
         bucket.update(bucket.version, _add_one)
         assert module.weight.data_ptr() != pinned_ptr
+
+
+class _RepointAtEpochEnd(L.Callback):
+    """Gives a parameter new storage from outside the engine (``param.data = x``), as Lightning's lottery-ticket
+    pruning and ``torch.nn.utils.prune.remove`` do."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        module.body.weight.data = torch.full_like(module.body.weight, 0.01)
+
+
+def test_storage_given_to_a_parameter_from_outside_is_followed() -> None:
+    plain = _EarlyUses()
+    L.Trainer(strategy="auto", callbacks=[_RepointAtEpochEnd()], **trainer_kwargs(max_epochs=2)).fit(
+        plain, train_dataloaders=_batches())
+    engine = _EarlyUses()
+    L.Trainer(strategy=PDASGDStrategy(max_in_flight=1), callbacks=[_RepointAtEpochEnd()],
+              **trainer_kwargs(max_epochs=2)).fit(engine, train_dataloaders=_batches())
+    for (name, got), want in zip(engine.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name} differs from plain Lightning")

@@ -24,7 +24,8 @@ for the ``flaky`` marker.) Steps:
    - ``fails with plain too``: failed plain as well (environment, version skew between tests and installed package);
    - ``refused``: our setup-time refusal: a ``MisconfigurationException`` (or ``ValueError``/``TypeError``) whose
      message starts with "PD-ASGD"/"PDASGDStrategy" or that was raised in ``lightning_pdasgd`` (some refusals start
-     with the setting, e.g. "`configure_optimizers` returned multiple optimizers"); grouped by the setting named;
+     with the setting, e.g. "`configure_optimizers` returned multiple optimizers"), also when the test's
+     ``pytest.raises(match=...)`` caught it instead of the error it expects; grouped by the setting named;
    - ``crash``: any other exception (not an assertion) raised in, or passing through, a ``lightning_pdasgd`` frame,
      or a pytest process that died in the test;
    - ``semantic difference``: the rest: assertion failures (hook orders, logged keys, progress bar text, ...) and
@@ -70,6 +71,7 @@ REFUSAL_TYPES = ("MisconfigurationException", "ValueError", "TypeError", "Config
 REFUSAL_SETTINGS: tuple[tuple[str, str], ...] = (
     (r"automatic_optimization = False|manual optimization\W+but|\(manual optimization\)", "manual optimization"),
     (r"returned None", "no optimizer (configure_optimizers returns None)"),
+    (r"no parameter that requires grad", "optimizer without trainable parameters"),
     (r"multiple optimizers|exactly one optimizer|several optimizers", "several optimizers"),
     (r"LBFGS|closure", "closure optimizer (LBFGS)"),
     (r"GradientAccumulationScheduler", "GradientAccumulationScheduler"),
@@ -241,6 +243,15 @@ def _is_refusal(error: dict[str, Any]) -> bool:
     return error.get("type") in REFUSAL_TYPES and ours
 
 
+def _refusal_inside_raises(error: dict[str, Any]) -> str | None:
+    """Our refusal's message when ``pytest.raises(match=...)`` caught it instead of the error the test expects."""
+    via = error.get("ours_via") or ""
+    caught = re.search(r'Actual message: "(.*)"', error.get("message") or "", re.DOTALL)
+    if error.get("type") == "AssertionError" and via.removeprefix("cause ") in REFUSAL_TYPES and caught:
+        return caught.group(1)
+    return None
+
+
 def _plain_text(record: dict[str, Any] | None) -> str:
     if record is None:
         return "not run"
@@ -275,6 +286,9 @@ def classify(record: dict[str, Any], plain: dict[str, Any] | None) -> Failure:
     elif _is_refusal(error):
         failure.cls = "refused"
         failure.setting = refusal_setting(error.get("message") or error["line"])
+    elif (refusal := _refusal_inside_raises(error)) is not None:
+        failure.cls, failure.kind = "refused", "caught by the test's pytest.raises instead of the error it expects"
+        failure.setting = refusal_setting(refusal)
     elif record["outcome"] == "died" or (
         error.get("type") not in (None, "AssertionError", "Failed") and bool(error.get("ours"))
     ):
@@ -415,7 +429,7 @@ def _revision() -> str:
         result = subprocess.run(["git", *args], cwd=TOOLS_DIR.parent, capture_output=True, text=True, check=False)
         return result.stdout.strip()
 
-    changed = git("status", "--porcelain", "--", "lightning_pdasgd").splitlines()
+    changed = [line.strip() for line in git("status", "--porcelain", "--", "lightning_pdasgd").splitlines()]
     return git("rev-parse", "--short", "HEAD") + (f" + uncommitted: {', '.join(changed)}" if changed else "")
 
 
@@ -466,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = Counter(records[nodeid]["outcome"] for nodeid in universe if nodeid in records)
     summary = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        **json.loads(run_info.read_text(encoding="utf-8")),
+        **(json.loads(run_info.read_text(encoding="utf-8")) if run_info.exists() else {}),
         "lightning_src": str(src),
         "lightning_tests": _lightning_tests_version(src),
         "lightning": _version("lightning"),
