@@ -33,6 +33,7 @@ DEFAULT_SMOOTHING_STEPS = 20  # the span of the loss's exponential moving averag
 DEFAULT_WARMUP_STEPS = 20  # losses observed before a rise can count (the first ones move fast)
 DEFAULT_SNAPSHOT_EVERY = 200  # one device: steps between snapshots of the last good state
 HEALTHY_FACTOR = 1.5  # a snapshot is taken only while the smoothed loss is within this factor of the best
+DEFAULT_RECLAIM = 0.5  # and the rise undid at least this share of the progress since the start
 
 
 class DivergedError(RuntimeError):
@@ -56,28 +57,34 @@ class LossWatch:
         factor: float = DEFAULT_FACTOR,
         smoothing_steps: int = DEFAULT_SMOOTHING_STEPS,
         warmup_steps: int = DEFAULT_WARMUP_STEPS,
+        reclaim: float = DEFAULT_RECLAIM,
     ) -> None:
         if not factor > 1.0:
             raise ValueError(f"the guard's `factor` must be > 1, got {factor!r}.")
         self.factor = factor
+        self.reclaim = reclaim
         self._alpha = 2.0 / (smoothing_steps + 1)
         self._warmup = warmup_steps
+        self.start = -math.inf  # the highest smoothed value of the first warm-up: where the run started
         self.reset()
 
     def reset(self) -> None:
-        """Start over (after a restore: the history before it no longer describes the run)."""
+        """Start over (after a restore: the history before it no longer describes the run); the level the run
+        started at is kept."""
         self.smoothed: Optional[float] = None
         self.best = math.inf
         self.seen = 0
 
     @property
     def rising(self) -> bool:
-        """Past the warm-up, the smoothed value ``factor`` times its best (a positive best: a loss that can go
-        negative has no scale to compare against, and is never called a blow-up)."""
-        return (
-            self.smoothed is not None and self.seen >= self._warmup and 0 < self.best < math.inf
-            and self.smoothed > self.factor * self.best
-        )
+        """Past the warm-up, the smoothed value ``factor`` times its best, and up by at least ``reclaim`` of the
+        way back to where the run started. The second condition keeps a loss that converged towards zero from
+        tripping on its noise (3x of almost nothing); a positive best is needed (a loss that can go negative has no
+        scale to compare against, and is never called a blow-up)."""
+        if self.smoothed is None or self.seen < self._warmup or not 0 < self.best < math.inf:
+            return False
+        undone = self.smoothed - self.best >= self.reclaim * (self.start - self.best)
+        return self.smoothed > self.factor * self.best and undone
 
     @property
     def healthy(self) -> bool:
@@ -94,6 +101,8 @@ class LossWatch:
         self.seen += 1
         self.smoothed = loss if self.smoothed is None else self.smoothed + self._alpha * (loss - self.smoothed)
         if self.seen < self._warmup:
+            if self.best == math.inf:  # the first warm-up only (a restore keeps where the run started)
+                self.start = max(self.start, self.smoothed)
             return None
         self.best = min(self.best, self.smoothed)
         if self.rising:
@@ -167,8 +176,9 @@ class DivergenceGuard:
 
     def __init__(self, snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, watch: Optional[LossWatch] = None) -> None:
         self.watch = watch if watch is not None else LossWatch()
-        # the mean gradient norm of the backwards: near a minimum the loss grows like its square, hence the root
-        self.gradients = LossWatch(math.sqrt(self.watch.factor))
+        # the mean gradient norm of the backwards: near a minimum the loss grows like its square, hence the root;
+        # gradients often grow during healthy training, so only the loss is held to where the run started
+        self.gradients = LossWatch(math.sqrt(self.watch.factor), reclaim=0.0)
         self._gradient_totals = (0.0, 0)
         self._gradient_norm: Optional[float] = None  # the mean norm of the latest backwards (repeated until new ones)
         self.reader = LossReader()
@@ -203,7 +213,9 @@ class DivergenceGuard:
         return self.good is None or (self._since_snapshot >= self.snapshot_every and self.watch.healthy)
 
     def keep(self, module: nn.Module, optimizer: Optimizer, step: int) -> None:
-        """The state now is good: keep it (drained by the caller)."""
+        """The state now is good: keep it (drained by the caller). The previous one goes first, so that only one
+        copy exists at any time."""
+        self.good = None
         self.good = GoodState.take(module, optimizer, step)
         self._since_snapshot = 0
 
