@@ -141,7 +141,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "target": target,
         "time_to_target_s": reached,
         "staleness_mean": stats.mean_staleness if stats is not None else None,
-        "guard_trips": getattr(trainer.strategy, "guard_trips", None),
+        "guard_trips": stats.guard_trips if stats is not None else None,
     }
 
 
@@ -202,6 +202,14 @@ def _cells(grid: str) -> list[dict[str, Any]]:
         at_start = [{**cell, "lazy_reads": False} for cell in cells
                     if cell["kind"] == "pdasgd" and cell["compensation"] == default and cell["epochs"] == 2]
         return cells + at_start
+    if grid == "deep-guard":  # the rows where the compensation alone fell short, with the guard on (the default)
+        candidates = ("none", "predict", default)
+        add("resnet18-digits", 2, 0.05, 0.9, candidates, single, optimizer="nesterov")
+        add("vgg-bn-digits", 2, 0.05, 0.9, candidates, single)
+        add("digits-cnn", 3, 0.1, 0.9, candidates, single)
+        for momentum in (0.5, 0.9):
+            add("digits-mlp-small", 3, 0.05, momentum, candidates, single)
+        return [{**cell, "guard": True} if cell["kind"] == "pdasgd" else cell for cell in cells]
     if grid == "quick":
         for lr in (0.1, 0.2, 0.4):
             add("digits-mlp-small", 3, lr, 0.9, methods, single, seeds_=(0,))
@@ -444,7 +452,7 @@ def _plot(summary: dict[tuple, dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--grid", choices=("quick", "full", "multi", "deep"), default="quick")
+    parser.add_argument("--grid", choices=("quick", "full", "multi", "deep", "deep-guard"), default="quick")
     parser.add_argument("--out", default="/tmp/conv")
     parser.add_argument("--report", action="store_true", help="only (re)write convergence.md/.png from OUT")
     args = parser.parse_args()

@@ -10,7 +10,8 @@ an error naming the step by default). The session then restores the last
 good weights, buffers and optimizer state (kept at consistent points and, on one device, every ``snapshot_every``
 steps while the loss is healthy), halves ``max_in_flight`` (down to one loss in flight: exactly plain Lightning's
 updates) and warns once with the numbers. A blow-up with one loss in flight is the learning rate's, not the
-asynchrony's: the guard then stops the run with an error that says so.
+asynchrony's (plain Lightning diverges there too): the guard then warns so and stops watching, and the run goes on
+as plain Lightning's would.
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ DEFAULT_WARMUP_STEPS = 20  # losses observed before a rise can count (the first 
 DEFAULT_SNAPSHOT_EVERY = 200  # one device: steps between snapshots of the last good state
 HEALTHY_FACTOR = 1.5  # a snapshot is taken only while the smoothed loss is within this factor of the best
 DEFAULT_RECLAIM = 0.5  # and the rise undid at least this share of the progress since the start
-
-
-class DivergedError(RuntimeError):
-    """The loss blew up with one loss in flight (no asynchrony left to reduce): the settings diverge as they are."""
 
 
 @dataclass
@@ -219,19 +216,27 @@ class DivergenceGuard:
         self.good = GoodState.take(module, optimizer, step)
         self._since_snapshot = 0
 
-    def recover(self, trip: Trip, module: nn.Module, optimizer: Optimizer, step: int, in_flight: int) -> int:
+    def recover(
+        self, trip: Trip, module: nn.Module, optimizer: Optimizer, step: int, in_flight: int
+    ) -> Optional[int]:
         """Restore the last good state after ``trip`` and return the new ``max_in_flight`` (half, at least 1).
 
-        Raises ``DivergedError`` when nothing is left to reduce (one loss in flight) or no good state exists.
+        ``None`` when nothing is left to reduce: with one loss in flight the updates are exactly plain Lightning's,
+        so the blow-up is the settings' own (plain Lightning diverges too). The run then goes on as plain Lightning
+        would, with a warning that says so, and the guard stops watching.
         """
         self.trips += 1
         if in_flight <= 1 or self.good is None:
-            raise DivergedError(
-                f"PD-ASGD: training diverged at step {step} ({trip.reason}: best smoothed loss {trip.best:.4g},"
-                f" now {trip.now:.4g}) with one loss in flight, i.e. with exactly plain Lightning's updates. The"
-                " learning rate (or the schedule's peak) is too high for this model: lower it, add warm-up, or clip"
-                " gradients by value (`gradient_clip_val` with `gradient_clip_algorithm='value'`)."
+            warnings.warn(
+                f"PD-ASGD's divergence guard: at step {step} {trip.reason} (best smoothed loss {trip.best:.4g}, now"
+                f" {trip.now:.4g}) with one loss in flight, i.e. with exactly plain Lightning's updates: plain"
+                " Lightning diverges here too. Training goes on unguarded, as it would without PD-ASGD. Lower the"
+                " learning rate (or the schedule's peak), add warm-up, or clip gradients by value"
+                " (`gradient_clip_val` with `gradient_clip_algorithm='value'`).",
+                RuntimeWarning,
+                stacklevel=2,
             )
+            return None
         self.good.restore(module, optimizer)
         self.watch.reset()
         self.gradients.reset()

@@ -414,6 +414,7 @@ class FitSession:
         self.drain()
         self._slow_down(self.guard.recover(trip, self._module, self._optimizer, step, self.max_in_flight))  # type: ignore[union-attr]
 
+
     def _recover_everywhere(self) -> None:
         """Several devices: every rank restores the good state kept at the last consistent point (identical on
         every rank), with the same smaller ``max_in_flight``, and the exchange restarts from it."""
@@ -425,9 +426,13 @@ class FitSession:
         self._slow_down(self.guard.recover(trip, self._module, self._optimizer, self._step, self.max_in_flight))  # type: ignore[union-attr]
         self.start_exchange(self._exchange_group)
 
-    def _slow_down(self, in_flight: int) -> None:
-        """Fewer losses in flight from now on (drained by the caller); compensation starts over."""
+    def _slow_down(self, in_flight: int | None) -> None:
+        """Fewer losses in flight from now on (drained by the caller); compensation starts over. ``None``: the
+        blow-up happened with one loss in flight, plain Lightning's own updates: the guard stops watching."""
         self.stats.guard_trips += 1
+        if in_flight is None:
+            self.guard = None
+            return
         self._compensation.reset()
         threads = min(self.backward_threads, in_flight)
         intra_op = self._intra_op_threads(threads, in_flight, None)

@@ -8,9 +8,7 @@ the guard has not tripped (from step ``STALE_FROM`` on), so the blow-up is the a
 
 from __future__ import annotations
 
-import math
 import threading
-import warnings
 from typing import Any, Callable
 
 import lightning as L
@@ -20,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
-from lightning_pdasgd.guard import DivergedError, LossWatch
+from lightning_pdasgd.guard import LossWatch
 from tests.helpers import trainer_kwargs
 
 FEATURES = 8
@@ -122,13 +120,15 @@ def test_a_blow_up_is_caught_restored_and_trained_on_with_less_asynchrony() -> N
     assert max(guarded.losses) < 1e6  # caught long before the loss overflowed
 
 
-def test_a_blow_up_with_one_loss_in_flight_stops_with_the_learning_rate_named() -> None:
-    model = LeastSquares(lr=1.0, stale=False)  # lr x curvature = 8: beyond plain SGD's own stable region
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the first trip's warning
-        with pytest.raises(DivergedError, match="one loss in flight.*learning rate"):
-            _fit(model, PDASGDStrategy(staleness_compensation="none"))
-    assert all(math.isfinite(loss) for loss in model.losses)  # stopped before NaN
+def test_a_blow_up_with_one_loss_in_flight_is_plain_lightnings_own_and_trains_on_with_a_warning() -> None:
+    """lr x curvature = 8, beyond plain SGD's own stable region: after the first restore the run is plain Lightning's
+    updates and diverges again. Plain Lightning trains on regardless (as Lightning's own demo model does at its
+    defaults), so the guard says so and stops watching instead of ending the fit."""
+    model = LeastSquares(lr=1.0, stale=False)
+    with pytest.warns(RuntimeWarning, match="plain Lightning diverges here too.*Lower the learning rate"):
+        trainer = _fit(model, PDASGDStrategy(staleness_compensation="none", nonfinite="off"))
+    assert trainer.strategy.stats.guard_trips == 2
+    assert trainer.global_step == STEPS  # the fit ran to its end
 
 
 def test_the_guard_off_keeps_the_raw_behaviour() -> None:

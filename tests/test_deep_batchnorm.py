@@ -1,0 +1,48 @@
+"""Default settings on a deep BatchNorm network: torchvision's ResNet-18 at plain Lightning's hyperparameters.
+
+Why this test exists: one step of delay on every layer takes this model to chance accuracy (a single-threaded
+simulation: 0.10 against plain's 0.96), and a scheduling change once did exactly that to the engine without any
+MLP test noticing. Lazy layer-wise reads keep the output side fresh, which is what makes it train. Measured on
+2 CPU cores (benchmarks/results/convergence-deep): plain 0.925-0.953 over 3 seeds; the default 0.92-0.96; every
+bucket read at the step's start (the old engine) 0.24-0.62.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_pdasgd import PDASGDStrategy
+from tests.helpers import trainer_kwargs
+from tests.models import DigitsClassifier, DigitsData
+
+
+def _digits_resnet18() -> nn.Module:
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Upsample(size=(16, 16), mode="bilinear"), model)
+
+
+class DigitsResNet(DigitsClassifier):
+    def __init__(self) -> None:
+        super().__init__(optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True,
+                                                                   weight_decay=1e-3))
+        self.net = _digits_resnet18()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_resnet18_with_batchnorm_trains_at_plain_hyperparameters_with_default_settings() -> None:
+    L.seed_everything(0)
+    model = DigitsResNet()
+    trainer = L.Trainer(strategy=PDASGDStrategy(), max_epochs=2, **trainer_kwargs())
+    trainer.fit(model, DigitsData(batch_size=64))
+    assert trainer.strategy.stats.mean_staleness > 0.3, "the run must be asynchronous to mean anything"
+    assert model.val_accuracy[-1] >= 0.85, model.val_accuracy
