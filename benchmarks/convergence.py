@@ -209,6 +209,8 @@ def _cells(grid: str) -> list[dict[str, Any]]:
         add("digits-cnn", 3, 0.1, 0.9, candidates, single)
         for momentum in (0.5, 0.9):
             add("digits-mlp-small", 3, 0.05, momentum, candidates, single)
+        add("digits-mlp-small", 3, 0.1, 0.0, candidates, single)
+        add("digits-mlp-small", 3, 0.01, 0.0, candidates, single, optimizer="adam")
         return [{**cell, "guard": True} if cell["kind"] == "pdasgd" else cell for cell in cells]
     if grid == "quick":
         for lr in (0.1, 0.2, 0.4):
@@ -350,11 +352,12 @@ FINDINGS = """## Findings (read with the tables below)
 """
 
 
-def write_report(rows: list[dict[str, Any]], out: Path, command: str) -> None:
+def write_report(rows: list[dict[str, Any]], out: Path, command: str, findings: str = FINDINGS) -> None:
+    """``findings``: the full grid's commentary (issue #11); other grids keep theirs in a README beside."""
     summary = summarize(rows)
     settings = sorted({key[0] for key in summary}, key=lambda s: (s[4], s[0], s[1], s[3], s[2]))
     lines = [
-        "# Convergence under asynchrony (issue #11)",
+        "# Convergence under asynchrony",
         "",
         f"Command: `{command}` (2 shared CPU cores, `nice -n 5`). Final validation accuracy: mean of 3 seeds",
         "[min, max]; time to target: median wall time from train start to the first epoch-end validation at or",
@@ -362,7 +365,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, command: str) -> None:
         "Baseline (plain Lightning on one device, DDP on two) trains the same model, seeds and hyperparameters.",
         "Each PD-ASGD cell is `acc [min, max] | time to target | E[s]`; Δ is the difference to the baseline.",
         "",
-        FINDINGS,
+        findings,
     ]
     for setting in settings:
         workload, optimizer, lr, momentum, devices = setting
@@ -454,7 +457,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--grid", choices=("quick", "full", "multi", "deep", "deep-guard"), default="quick")
     parser.add_argument("--out", default="/tmp/conv")
-    parser.add_argument("--report", action="store_true", help="only (re)write convergence.md/.png from OUT")
+    parser.add_argument("--report", action="store_true", help="only (re)write convergence.md/.png from OUT (with --grid: which grid OUT holds)")
     args = parser.parse_args()
     if args.worker:
         _worker(args.worker)
@@ -462,7 +465,11 @@ def main() -> None:
     out = Path(args.out)
     if args.report:
         rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
-        write_report(rows, out, "nice -n 5 python -m benchmarks.convergence --grid full && ... --grid multi --out benchmarks/results")
+        if args.grid in ("full", "multi"):
+            write_report(rows, out, "nice -n 5 python -m benchmarks.convergence --grid full && ... --grid multi"
+                         " --out benchmarks/results")
+        else:
+            write_report(rows, out, f"nice -n 5 python -m benchmarks.convergence --grid {args.grid} --out {out}", "")
         return
     import logging
     import warnings
@@ -473,7 +480,8 @@ def main() -> None:
     cells = _multi_cells() if args.grid == "multi" else _cells(args.grid)
     run_grid(cells, out)
     rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
-    write_report(rows, out, " ".join(["python -m benchmarks.convergence", *sys.argv[1:]]))
+    command = " ".join(["python -m benchmarks.convergence", *sys.argv[1:]])
+    write_report(rows, out, command, FINDINGS if args.grid in ("full", "multi") else "")
 
 
 if __name__ == "__main__":
