@@ -457,7 +457,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--grid", choices=("quick", "full", "multi", "deep", "deep-guard"), default="quick")
     parser.add_argument("--out", default="/tmp/conv")
-    parser.add_argument("--report", action="store_true", help="only (re)write convergence.md/.png from OUT (with --grid: which grid OUT holds)")
+    parser.add_argument("--report", action="store_true",
+                        help="only (re)write convergence.md/.png from OUT (with --grid: which grid OUT holds)")
     args = parser.parse_args()
     if args.worker:
         _worker(args.worker)

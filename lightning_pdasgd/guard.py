@@ -129,7 +129,8 @@ class GoodState:
         """Put the state back (the caller has drained); the optimizer keeps its current hyperparameters."""
         module.load_state_dict(self.module, strict=False)
         current = optimizer.state_dict()
-        optimizer.load_state_dict({"state": copy.deepcopy(self.optimizer_state), "param_groups": current["param_groups"]})
+        state = copy.deepcopy(self.optimizer_state)
+        optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 class LossReader:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from time import perf_counter
 from functools import partial
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -413,7 +413,6 @@ class FitSession:
             return
         self.drain()
         self._slow_down(self.guard.recover(trip, self._module, self._optimizer, step, self.max_in_flight))  # type: ignore[union-attr]
-
 
     def _recover_everywhere(self) -> None:
         """Several devices: every rank restores the good state kept at the last consistent point (identical on

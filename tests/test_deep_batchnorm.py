@@ -9,8 +9,6 @@ bucket read at the step's start (the old engine) 0.24-0.62.
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import pytest
 import torch
