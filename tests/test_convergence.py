@@ -72,6 +72,17 @@ def test_default_predicts_and_corrects_momentum() -> None:
     assert overrides is not None and overrides["betas"] == (pytest.approx(0.85), 0.999)
 
 
+def test_default_corrects_momentum_only_where_delay_threatens_stability() -> None:
+    """None at momentum 0.5 and below (it cost per-step progress there), all of it from 0.9, linear between."""
+    method = resolve(DEFAULT_STALENESS_COMPENSATION)
+    p, g = torch.zeros(3), torch.ones(3)
+    assert method.before_step(0, [p], [g], [p], 1, 0, {**SGD_MOMENTUM, "momentum": 0.5}) is None
+    overrides = method.before_step(1, [p], [g], [p], 1, 0, {**SGD_MOMENTUM, "momentum": 0.7})
+    assert overrides == {"momentum": pytest.approx(1 - 0.3 * (1 + 0.5 * 0.5))}  # strength 1/2 x half the ramp
+    assert method.before_step(2, [p], [g], [p], 1, 0, {**SGD_MOMENTUM, "momentum": 0.95}) == {
+        "momentum": pytest.approx(1 - 0.05 * 1.5)}
+
+
 def test_staleness_aware_lr() -> None:
     method = StalenessAwareLR()
     p, g = torch.zeros(2), torch.ones(2)
