@@ -125,14 +125,18 @@ class ParameterBucket:
         The new values are the live ones from now on, as they would be for a plain ``optimizer.step()``; the old
         storage stays with the forwards that read it and is never reused (its shape may differ).
         """
-        live = self._live.tensors
-        if all(p.data_ptr() == t.data_ptr() and p.shape == t.shape for p, t in zip(self.params, live)):
+        if self._follows_params():  # the common case, without the lock
             return False
-        with self._lock:
+        with self._lock:  # again under the lock: an update may have been re-pointing the parameters just now
+            if self._follows_params():
+                return False
             self._live.pinned = True
             self._live = WeightVersion([param.detach() for param in self.params])
             self._spares.clear()
         return True
+
+    def _follows_params(self) -> bool:
+        return all(p.data_ptr() == t.data_ptr() and p.shape == t.shape for p, t in zip(self.params, self._live.tensors))
 
     # ------------------------------------------------------------------------------------------- writes
     def update(self, read_version: int, step: Callable[[int, int, list[Tensor]], None]) -> int:
