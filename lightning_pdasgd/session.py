@@ -195,6 +195,8 @@ class FitSession:
         self._compensation.reset()  # its running state is per bucket, and the buckets are about to change
         trained_before = frozenset(id(param) for bucket in self.updater.buckets for param in bucket.params)
         self.updater = self._build_updater(optimizer, detached=trained_before)
+        if self.guard is not None:  # the good state holds the old parameter set
+            self.guard.restart()
         if exchanging:
             self.start_exchange(self._exchange_group)
 
@@ -317,6 +319,8 @@ class FitSession:
             output = run()
             self.stats.record_forward(perf_counter() - started, batch_size)
             return output
+        if self.updater.follow_external_storage() and self.guard is not None:
+            self.guard.restart()
         if self.guard is not None:
             self._guard_before_forward()
         engine = self.engine
@@ -331,7 +335,7 @@ class FitSession:
             stream = self._streams.next()
             stashed = perf_counter()
             with (
-                streams.forward_on(stream, stash, inputs),
+                streams.forward_on(stream, inputs),
                 _internals.reparametrized(self._module, stash.tensors),
                 self.updater.reading(stash),
             ):
