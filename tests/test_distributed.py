@@ -245,11 +245,11 @@ def test_two_rank_checkpoint_resumes_on_any_device_count(learned: Path, tmp_path
 
 
 def test_the_divergence_guard_decides_on_every_rank_together(tmp_path: Path) -> None:
-    """Rank 1's loss blows up; at the next consistent point both ranks agree, meet at a "guard" point, restore the
-    same good state, go on with one loss in flight, and end with bitwise-identical replicas."""
+    """Rank 1's loss blows up; both ranks meet at a "guard" consistent point, restore the same good state, go on
+    with one loss in flight, and end with bitwise-identical replicas."""
     _ok(_launch("guard", tmp_path))
     first, second = _results(tmp_path, "guard")
     assert first["trips"] == second["trips"] == 1
     for key, value in first["state"].items():
         assert torch.equal(value, second["state"][key]), key
-    assert first["accuracy"] >= 0.8  # learned after the recovery (chance is 0.1)
+    assert first["accuracy"] >= 0.9

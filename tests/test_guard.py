@@ -161,4 +161,3 @@ def test_a_loss_that_converged_towards_zero_does_not_trip_on_its_noise() -> None
         level = max(1.0 * 0.9**step, 1e-4)
         noisy = level * float(torch.empty(1).exponential_(generator=generator)) * 4
         assert watch.observe(noisy) is None, step
-
