@@ -114,8 +114,6 @@ class ReplicaExchange:
         self._thread: threading.Thread | None = None
         self.sigterm_flag = threading.Event()  # set locally when this process got SIGTERM
         self.sigterm_seen = threading.Event()  # some rank got SIGTERM
-        self.guard_flag = threading.Event()  # set locally when this rank's divergence guard tripped
-        self.guard_seen = threading.Event()  # some rank's guard tripped: every rank meets at a "guard" point
         self.rounds = 0
         self.round_seconds = 0.0
         self.cpu_seconds = 0.0  # CPU time of the exchange thread (its share of the core budget)
@@ -208,38 +206,33 @@ class ReplicaExchange:
             self._stopped.set()
 
     def _control(self) -> tuple[bool, str | None, bool]:
-        """One small all-reduce: who asks for a consistent point (and which), who failed, who got SIGTERM, whose
-        divergence guard tripped."""
+        """One small all-reduce: who asks for a consistent point (and which), who failed, who got SIGTERM."""
         with self._request_lock:
             request = self._request
         kinds = len(CONSISTENT_POINT_KINDS)
         world = self._world_size
-        # layout: [ready, stop, sigterm, guard, kind one-hot (kinds), failed ranks (world)]
-        head = 4
-        control = torch.zeros(head + kinds + world, dtype=torch.float64, device=self._control_device)
+        # layout: [ready, stop, sigterm, kind one-hot (kinds), failed ranks (world)]
+        control = torch.zeros(3 + kinds + world, dtype=torch.float64, device=self._control_device)
         if request is not None:
             control[0] = 1
             control[1] = float(request[1])
-            control[head + CONSISTENT_POINT_KINDS.index(request[0])] = 1
+            control[3 + CONSISTENT_POINT_KINDS.index(request[0])] = 1
         control[2] = float(self.sigterm_flag.is_set())
-        control[3] = float(self.guard_flag.is_set())
         aborting = self._abort.is_set()
         if aborting:
-            control[head + kinds + self._rank] = 1
+            control[3 + kinds + self._rank] = 1
         dist.all_reduce(control, group=self._control_group)
         values = control.tolist()
-        failed = [rank for rank in range(world) if values[head + kinds + rank] > 0]
+        failed = [rank for rank in range(world) if values[3 + kinds + rank] > 0]
         if aborting:
             return False, None, True
         if failed:
             raise RankFailedError(f"PD-ASGD: rank(s) {failed} failed; stopping this rank (rank {self._rank}) too.")
         if values[2] > 0:
             self.sigterm_seen.set()
-        if values[3] > 0:
-            self.guard_seen.set()
         if values[0] < world:
             return False, None, False
-        asked = [CONSISTENT_POINT_KINDS[i] for i in range(kinds) if values[head + i] > 0]
+        asked = [CONSISTENT_POINT_KINDS[i] for i in range(kinds) if values[3 + i] > 0]
         if len(asked) != 1:
             raise ConsistentPointMismatchError(
                 f"PD-ASGD: ranks reached different consistent points {asked}: their Lightning loops diverged."

@@ -155,15 +155,6 @@ class LossReader:
             ready.append(float(self._pending.pop(0)[1]))
         return ready
 
-    def flush(self) -> list[float]:
-        """Every queued value (waits for the copies: used at drains, which may synchronise)."""
-        values = []
-        for event, host in self._pending:
-            event.synchronize()
-            values.append(float(host))
-        self._pending.clear()
-        return values
-
 
 class DivergenceGuard:
     """One fit's guard: the loss watch, the last good state, and what to do on a blow-up.
@@ -184,6 +175,16 @@ class DivergenceGuard:
         self.good: Optional[GoodState] = None
         self._since_snapshot = 0
         self.trips = 0
+
+    def restart(self) -> None:
+        """The weights changed from outside the engine (pruning, a replaced layer, new storage): the history and the
+        good state no longer describe them, and a loss that jumps with them (a lottery-ticket reset) is no
+        blow-up. The next forward keeps a new good state."""
+        self.good = None
+        self.watch.reset()
+        self.gradients.reset()
+        self._gradient_norm = None
+        self._since_snapshot = 0
 
     def observe(self, loss: Tensor, gradient_totals: Optional[tuple[float, int]]) -> Optional[Trip]:
         """This step's loss (values on CUDA arrive a step or two late) and the gradient totals so far

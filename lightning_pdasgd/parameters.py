@@ -13,6 +13,12 @@ the live storage (``param.data`` is re-pointed, the parameter object stays the s
 live storage, the write is in place. So a backward always computes the exact gradient at the weights its forward
 read, and the weights cost one buffer per version still read, not one copy per forward.
 
+Storage given from outside: code outside the engine may point a parameter at a storage it keeps an alias of
+(``param.data = x``: the lottery-ticket reset of Lightning's ``ModelPruning`` points ``weight_orig`` at its copy
+of the initial weights and relies on plain steps writing into it, so its later resets are no-ops). Such a storage
+stays the live one and every write goes in place, as with plain ``optimizer.step()``; forwards read a private copy
+of it instead of aliasing it.
+
 CUDA: the lock orders the host's queueing of each access; running all of them on one in-order update stream per
 device (``streams.update_stream``) makes the GPU execute them in that same order. A forward's stream waits for
 the update stream when it reads a bucket; a buffer returns to the pool only after the backwards that read it
@@ -40,6 +46,7 @@ class WeightVersion:
     tensors: list[Tensor]
     readers: int = 0  # forwards that aliased this storage and whose backward has not finished
     pinned: bool = False  # read by a forward that was never handed off: its graph may live on, never reuse it
+    shared: bool = False  # given from outside (code may hold an alias): written in place, read through copies
 
 
 class ParameterBucket:
@@ -50,9 +57,17 @@ class ParameterBucket:
         names: each parameter's name in the module (the stash is keyed by these).
         params: the live parameters.
         group_index: the optimizer param group they belong to (a bucket never spans two groups).
+        shared: the parameters' storage was given from outside the engine (see the module docstring).
     """
 
-    def __init__(self, index: int, names: Sequence[str], params: Sequence[nn.Parameter], group_index: int) -> None:
+    def __init__(
+        self,
+        index: int,
+        names: Sequence[str],
+        params: Sequence[nn.Parameter],
+        group_index: int,
+        shared: bool = False,
+    ) -> None:
         self.index = index
         self.names = list(names)
         self.params = list(params)
@@ -61,7 +76,7 @@ class ParameterBucket:
         self.is_cuda = self.params[0].is_cuda
         self._lock = threading.Lock()
         # the live storage: aliases of the parameters (their `.grad` is ours, never the user's `param.grad`)
-        self._live = WeightVersion([param.detach() for param in self.params])
+        self._live = WeightVersion([param.detach() for param in self.params], shared=shared)
         self._spares: list[WeightVersion] = []
         self._version = 0  # updates applied to this replica's bucket (local and, with several ranks, remote)
         self._local_updates = 0  # updates made by this rank's backward threads
@@ -79,6 +94,14 @@ class ParameterBucket:
         """The live values (read-only use: writes go through ``update`` or ``merge``)."""
         return self._live.tensors
 
+    def given_from_outside(self) -> list[nn.Parameter]:
+        """The parameters whose storage was given from outside: followed already, or since the last forward."""
+        return [
+            param
+            for param, tensor in zip(self.params, self._live.tensors)
+            if self._live.shared or param.data_ptr() != tensor.data_ptr()
+        ]
+
     @property
     def device(self) -> torch.device:
         return self.params[0].device
@@ -89,13 +112,16 @@ class ParameterBucket:
 
     # ------------------------------------------------------------------------------------------- reads
     def read(self) -> tuple[WeightVersion, int]:
-        """A forward reads the live storage (no copy); returns it and its version. ``release`` it after the
-        backward. CUDA: the caller's stream is ordered after every queued update of the bucket."""
+        """A forward reads the live storage (no copy; a private copy of a storage given from outside); returns it
+        and its version. ``release`` it after the backward. CUDA: the caller's stream is ordered after every queued
+        update of the bucket."""
         with self._lock:
-            live = self._live
-            live.readers += 1
-            streams.read_after_updates(self.device, live.tensors)
-            return live, self._version
+            read = self._live
+            if read.shared:
+                read = self._spare_copy()
+            read.readers += 1
+            streams.read_after_updates(self.device, read.tensors)
+            return read, self._version
 
     def release(self, read: WeightVersion, reusable: bool = True) -> None:
         """A forward's graph no longer holds ``read`` (its backward ran). ``reusable=False``: the forward was never
@@ -131,7 +157,7 @@ class ParameterBucket:
             if self._follows_params():
                 return False
             self._live.pinned = True
-            self._live = WeightVersion([param.detach() for param in self.params])
+            self._live = WeightVersion([param.detach() for param in self.params], shared=True)
             self._spares.clear()
         return True
 
@@ -176,12 +202,20 @@ class ParameterBucket:
             self._version += remote_updates
 
     def _writable(self) -> WeightVersion:
-        """The live storage when nothing reads it, else a spare buffer holding a copy of the live values."""
+        """The live storage when nothing reads it (or it was given from outside), else a spare buffer holding a
+        copy of the live values."""
         live = self._live
-        if live.readers == 0 and not live.pinned:
+        if live.shared or (live.readers == 0 and not live.pinned):
             return live
+        return self._spare_copy()
+
+    def _spare_copy(self) -> WeightVersion:
+        """A pooled buffer holding a copy of the live values (the caller holds the lock; CUDA: on the update
+        stream, so the copy runs after every queued update)."""
+        live = self._live
         spare = self._spares.pop() if self._spares else WeightVersion([torch.empty_like(t) for t in live.tensors])
-        _internals.foreach_copy_(spare.tensors, live.tensors)
+        with streams.on_update_stream(self.device, wait=False), torch.no_grad():
+            _internals.foreach_copy_(spare.tensors, live.tensors)
         return spare
 
     def _make_live(self, target: WeightVersion) -> None:
@@ -194,7 +228,11 @@ class ParameterBucket:
 
 
 def make_buckets(
-    module: nn.Module, optimizer: torch.optim.Optimizer, bucket_numel: int, detached: frozenset[int] = frozenset()
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    bucket_numel: int,
+    detached: frozenset[int] = frozenset(),
+    shared: frozenset[int] = frozenset(),
 ) -> list[ParameterBucket]:
     """Group the optimizer's trainable parameters into buckets, in the order their gradients usually arrive.
 
@@ -204,6 +242,7 @@ def make_buckets(
     param groups, dtypes or devices. Frozen parameters get none: the forward reads them live and nothing updates
     them. ``detached``: ids of parameters that left the module during fit (a replaced layer whose old parameters
     are still in the optimizer); like a plain step, which never sees a gradient for them, they are left alone.
+    ``shared``: ids of parameters whose storage was given from outside the engine (their bucket writes in place).
     """
     names = {id(param): name for name, param in module.named_parameters()}
     ordered: list[tuple[int, str, nn.Parameter]] = []
@@ -231,10 +270,10 @@ def make_buckets(
     members: list[tuple[int, str, nn.Parameter]] = []
     for item in ordered:
         if members and _starts_new_bucket(members, item, bucket_numel):
-            buckets.append(_bucket(len(buckets), members))
+            buckets.append(_bucket(len(buckets), members, shared))
             members = []
         members.append(item)
-    buckets.append(_bucket(len(buckets), members))
+    buckets.append(_bucket(len(buckets), members, shared))
     return buckets
 
 
@@ -251,5 +290,7 @@ def _starts_new_bucket(members: list[tuple[int, str, nn.Parameter]], item: tuple
     return sum(member[2].numel() for member in members) >= bucket_numel
 
 
-def _bucket(index: int, members: list[tuple[int, str, nn.Parameter]]) -> ParameterBucket:
-    return ParameterBucket(index, [m[1] for m in members], [m[2] for m in members], members[0][0])
+def _bucket(index: int, members: list[tuple[int, str, nn.Parameter]], shared: frozenset[int]) -> ParameterBucket:
+    params = [m[2] for m in members]
+    given = any(id(param) in shared for param in params)
+    return ParameterBucket(index, [m[1] for m in members], params, members[0][0], shared=given)

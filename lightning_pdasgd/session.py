@@ -144,7 +144,9 @@ class FitSession:
             return chosen
         return intra_op_threads_per_thread(self._saved_num_threads, backward_threads, max_in_flight)
 
-    def _build_updater(self, optimizer: Optimizer, detached: frozenset[int] = frozenset()) -> LayerwiseUpdater:
+    def _build_updater(
+        self, optimizer: Optimizer, detached: frozenset[int] = frozenset(), shared: frozenset[int] = frozenset()
+    ) -> LayerwiseUpdater:
         config = self.config
         updater = LayerwiseUpdater(
             self._module,
@@ -156,6 +158,7 @@ class FitSession:
             grad_norms=config.divergence_guard,
             bucket_numel=config.bucket_numel,
             detached=detached,
+            shared=shared,
             compensation=self._compensation,
             lazy_reads=config.lazy_reads,
         )
@@ -194,7 +197,10 @@ class FitSession:
         self.updater.close()
         self._compensation.reset()  # its running state is per bucket, and the buckets are about to change
         trained_before = frozenset(id(param) for bucket in self.updater.buckets for param in bucket.params)
-        self.updater = self._build_updater(optimizer, detached=trained_before)
+        shared = self.updater.storage_given_from_outside()
+        self.updater = self._build_updater(optimizer, detached=trained_before, shared=shared)
+        if self.guard is not None:  # the good state holds the old parameter set
+            self.guard.restart()
         if exchanging:
             self.start_exchange(self._exchange_group)
 
@@ -281,7 +287,12 @@ class FitSession:
         self.in_sync = True
         if self.on_consistent is not None:
             self.on_consistent(kind)
-        if self.guard is not None and kind not in ("guard", "fit_end") and self._all_ranks_healthy():
+        if self.guard is None or stop or kind == "guard":
+            return
+        all_healthy, any_tripped = self._agree_on_guard()
+        if any_tripped:
+            self._recover_everywhere()
+        elif all_healthy:
             self.guard.keep(self._module, self._optimizer, self._step)
 
     # ------------------------------------------------------------------------------------------- the step
@@ -317,6 +328,8 @@ class FitSession:
             output = run()
             self.stats.record_forward(perf_counter() - started, batch_size)
             return output
+        if self.updater.follow_external_storage() and self.guard is not None:
+            self.guard.restart()  # e.g. a lottery-ticket reset: the loss jumps back to where it started
         if self.guard is not None:
             self._guard_before_forward()
         engine = self.engine
@@ -331,7 +344,7 @@ class FitSession:
             stream = self._streams.next()
             stashed = perf_counter()
             with (
-                streams.forward_on(stream, stash, inputs),
+                streams.forward_on(stream, inputs),
                 _internals.reparametrized(self._module, stash.tensors),
                 self.updater.reading(stash),
             ):
@@ -356,6 +369,9 @@ class FitSession:
         stash, stream = self._current
         stash.step, stash.rank = step, rank
         self._step = step
+        if self._pending_trip is not None:  # several devices: tripped, waiting for the consistent point
+            self.end_step()
+            return
         if self.guard is not None:
             trip = self.guard.observe(loss, None if loss.is_cuda else self.stats.gradient_totals())
             if trip is not None:
@@ -394,29 +410,26 @@ class FitSession:
 
     # ------------------------------------------------------------------------------------------- the guard
     def _guard_before_forward(self) -> None:
-        """Several devices: meet at a "guard" point once any rank tripped. One device: keep a good state every
-        ``snapshot_every`` healthy steps (a drain: one pipeline bubble)."""
+        """One device: keep a good state every ``snapshot_every`` healthy steps (a drain: one pipeline bubble)."""
         guard = self.guard
         assert guard is not None
-        if self.exchange is not None:
-            if self.exchange.guard_seen.is_set():
-                self._recover_everywhere()
+        if self.exchange is not None:  # several devices: good states and recoveries only at consistent points
             return
         if guard.due_for_snapshot():
             self.drain()
             guard.keep(self._module, self._optimizer, self._step)
 
     def _on_trip(self, trip: Trip, step: int) -> None:
-        if self.exchange is not None:  # every rank decides together, at the next "guard" consistent point
-            self._pending_trip = trip
-            self.exchange.guard_flag.set()
+        if self.exchange is not None:  # every rank decides together at the next consistent point; until then this
+            self._pending_trip = trip  # rank applies no more of its own updates
             return
         self.drain()
         self._slow_down(self.guard.recover(trip, self._module, self._optimizer, step, self.max_in_flight))  # type: ignore[union-attr]
 
     def _recover_everywhere(self) -> None:
-        """Several devices: every rank restores the good state kept at the last consistent point (identical on
-        every rank), with the same smaller ``max_in_flight``, and the exchange restarts from it."""
+        """Several devices, at a consistent point where some rank had tripped: every rank meets again at a
+        "guard" point that stops the exchange, restores the good state kept at an earlier consistent point
+        (identical on every rank), takes the same smaller ``max_in_flight``, and the exchange restarts from it."""
         self.reach_consistent_point("guard", stop=True)
         self.exchange.join(self.config.wait_timeout)  # type: ignore[union-attr]
         self.exchange = None
@@ -440,13 +453,16 @@ class FitSession:
         self.backward_threads, self.max_in_flight, self.intra_op_threads = threads, in_flight, intra_op
         self._streams = streams.StreamPool(self._device, in_flight)
 
-    def _all_ranks_healthy(self) -> bool:
-        """At a consistent point (ranks synchronous): whether every rank's loss is healthy, so that all keep the
-        same good state or none does."""
+    def _agree_on_guard(self) -> tuple[bool, bool]:
+        """At a consistent point (ranks synchronous): whether every rank's loss is healthy (all keep the same good
+        state, or none does) and whether any rank tripped (all recover, or none does). One all-reduce."""
+        guard = self.guard
+        assert guard is not None
         device = self._device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-        healthy = torch.tensor([float(self.guard is not None and self.guard.watch.healthy)], device=device)
-        torch.distributed.all_reduce(healthy, op=torch.distributed.ReduceOp.MIN)
-        return bool(healthy.item() > 0)
+        flags = torch.tensor([float(not guard.watch.healthy), float(self._pending_trip is not None)], device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        unhealthy, tripped = flags.tolist()
+        return unhealthy == 0, tripped > 0
 
     def _drop_current(self) -> None:
         """Forget a forward whose loss was never handed off: its graph may live on (the user may hold the output),

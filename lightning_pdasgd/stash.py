@@ -56,7 +56,6 @@ class WeightStash:
     hyperparameters: list[dict[str, Any]] | None = None  # per param group, snapshot at hand-off
     step: int = -1  # Lightning's global_step when the forward ran, for error messages
     rank: int = 0
-    ready: Any = None  # kept for ``streams.forward_on``: reads order themselves on the forward's stream
 
     @property
     def tensors(self) -> dict[str, Tensor]:

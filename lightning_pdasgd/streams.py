@@ -2,7 +2,7 @@
 
 On CPU every function here is a no-op, so the engine keeps one code path. The rules on CUDA (DESIGN.md, "CUDA"):
 
-- **Every read and write of the live parameters runs on the device's update stream** (stash copies, optimizer
+- **Every write of the live parameters runs on the device's update stream** (predicted copies, optimizer
   steps, the exchange's snapshots and merges). One in-order stream makes the GPU order equal to the order in
   which the host queued the work under each bucket's lock, so a stash copy can never read a newer or half-applied
   value than the version it records, whichever thread queued it.
@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import itertools
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,15 +95,6 @@ def on_update_stream(device: torch.device, wait: bool = True, join: bool = False
         current.wait_stream(stream)
 
 
-def copies_ready(device: torch.device) -> Any:
-    """An event after the stash copies just queued (a forward's stream waits for it); ``None`` on CPU."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(_UPDATE_STREAMS.get(device))
-    return event
-
-
 def before_stash_copy(device: torch.device) -> None:
     """Called by the loop thread before queueing stash copies: after a drain (or at the start) the update stream
     first waits for the caller's stream, so changes the loop made to the weights between steps (resume, callbacks
@@ -155,7 +145,6 @@ class BatchStream:
     done: Any = None  # event recorded when the last backward on this stream was queued completely
     busy: bool = False  # handed to a forward whose backward has not finished yet
     handed_out: int = 0  # when it was last handed out (for least-recently-used fallback)
-    leaves_recorded: Any = field(default_factory=weakref.WeakSet)  # stash buffers already marked for this stream
 
 
 class StreamPool:
@@ -187,11 +176,12 @@ class StreamPool:
 
 
 @contextmanager
-def forward_on(stream: BatchStream | None, stash: Any = None, inputs: Any = None) -> Iterator[None]:
-    """Run a forward on ``stream``: after the caller's work and the stash copies, with the caller ordered after it.
+def forward_on(stream: BatchStream | None, inputs: Any = None) -> Iterator[None]:
+    """Run a forward on ``stream``: after the caller's work, with the caller ordered after it.
 
-    The batch's tensors (allocated on the caller's stream) and the stash leaves are marked as used on ``stream``,
-    since autograd frees saved tensors during the backward, before the stream has run it.
+    The batch's tensors (allocated on the caller's stream) are marked as used on ``stream``, since autograd frees
+    saved tensors during the backward, before the stream has run it; the weights a forward reads are ordered and
+    marked when each bucket is read (``read_after_updates``).
     """
     if stream is None:
         yield
@@ -199,16 +189,9 @@ def forward_on(stream: BatchStream | None, stash: Any = None, inputs: Any = None
     caller = torch.cuda.current_stream(stream.device)
     cuda_stream = stream.stream
     cuda_stream.wait_stream(caller)
-    ready = getattr(stash, "ready", None)
-    if ready is not None:
-        cuda_stream.wait_event(ready)
     for tensor in tree_leaves(inputs):
         if isinstance(tensor, Tensor) and tensor.is_cuda:
             tensor.record_stream(cuda_stream)
-    if stash is not None and stash.buffers not in stream.leaves_recorded:  # once per (leaves, stream)
-        stream.leaves_recorded.add(stash.buffers)
-        for leaf in stash.leaves:
-            leaf.record_stream(cuda_stream)
     try:
         with torch.cuda.stream(cuda_stream):
             yield

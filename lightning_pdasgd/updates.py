@@ -46,6 +46,7 @@ class LayerwiseUpdater:
         grad_norms: bool = False,
         bucket_numel: int = 0,
         detached: frozenset[int] = frozenset(),
+        shared: frozenset[int] = frozenset(),
         compensation: StalenessCompensation | None = None,
         lazy_reads: bool = True,
     ) -> None:
@@ -59,7 +60,7 @@ class LayerwiseUpdater:
         self.grad_norms = grad_norms or log_grad_norm  # gradient norms per backward (metric, divergence guard)
         self._model_lock = threading.Lock()
         self.compensation = compensation if compensation is not None else StalenessCompensation()
-        self.buckets = make_buckets(module, optimizer, bucket_numel, detached)
+        self.buckets = make_buckets(module, optimizer, bucket_numel, detached, shared)
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
         self._pool = StashPool(self.buckets, self._on_gradient if layerwise else None, self.compensation)
         self.reads = LazyReads(module, self.buckets, self._pool, lazy_reads)
@@ -76,12 +77,20 @@ class LayerwiseUpdater:
         return [bucket.version for bucket in self.buckets]
 
     # ------------------------------------------------------------------------------------------- stashes
-    def stash(self) -> WeightStash:
-        """The leaves of one forward, nothing read yet: run the forward inside ``reading(stash)``.
-
-        First, parameters whose storage was replaced from outside since the last forward are followed."""
+    def follow_external_storage(self) -> bool:
+        """Follow parameters whose storage was replaced from outside since the last forward; whether any was."""
+        followed = False
         for bucket in self.buckets:
-            bucket.follow_external_storage()
+            followed = bucket.follow_external_storage() or followed
+        return followed
+
+    def storage_given_from_outside(self) -> frozenset[int]:
+        """Ids of the parameters whose storage came from outside the engine (a rebuild keeps writing it in
+        place): followed already, or given since the last forward."""
+        return frozenset(id(param) for bucket in self.buckets for param in bucket.given_from_outside())
+
+    def stash(self) -> WeightStash:
+        """The leaves of one forward, nothing read yet: run the forward inside ``reading(stash)``."""
         return self._pool.take()
 
     def reading(self, stash: WeightStash) -> AbstractContextManager[None]:

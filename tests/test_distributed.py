@@ -245,8 +245,8 @@ def test_two_rank_checkpoint_resumes_on_any_device_count(learned: Path, tmp_path
 
 
 def test_the_divergence_guard_decides_on_every_rank_together(tmp_path: Path) -> None:
-    """Rank 1's loss blows up; both ranks meet at a "guard" consistent point, restore the same good state, go on
-    with one loss in flight, and end with bitwise-identical replicas."""
+    """Rank 1's loss blows up; at the next consistent point both ranks agree, meet at a "guard" point, restore the
+    same good state, go on with one loss in flight, and end with bitwise-identical replicas."""
     _ok(_launch("guard", tmp_path))
     first, second = _results(tmp_path, "guard")
     assert first["trips"] == second["trips"] == 1

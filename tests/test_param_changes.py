@@ -171,6 +171,34 @@ def test_model_pruning_accuracy_near_plain_with_default_settings() -> None:
     assert accuracy(pdasgd) >= accuracy(plain) - ACCURACY, (accuracy(pdasgd), accuracy(plain))
 
 
+def test_a_lottery_ticket_reset_is_not_taken_for_a_blow_up() -> None:
+    """`ModelPruning` resets the weights to their initial values when it first prunes (lottery ticket) and renames
+    them (`weight` -> `weight_orig`): the loss jumps back to where it started. The divergence guard starts over
+    with the new parameter set instead of restoring a state of the old one."""
+    strategy = default()
+    _pruned_fit(strategy, BATCHES_FOR_ACCURACY)
+    assert strategy.stats.guard_trips == 0
+
+
+class KeepsAnAliasOfTheHead(MatrixNet):
+    """At the end of epoch 0 the head's weight is pointed at a tensor the module keeps (``param.data = kept``, as
+    the lottery-ticket reset of ``ModelPruning`` does): plain steps write into ``kept`` from then on."""
+
+    def on_train_epoch_end(self) -> None:
+        if self.current_epoch == 0:
+            self.kept = self.head.weight.detach().clone()
+            self.kept_at_start = self.kept.clone()
+            self.head.weight.data = self.kept
+
+
+def test_a_storage_given_from_outside_keeps_receiving_the_updates() -> None:
+    """Copy-on-write must not move a parameter away from a storage that outside code gave it and still holds: the
+    updates of every later step land in it, with several losses in flight as with plain Lightning."""
+    model, _ = fit(default(), model_factory=KeepsAnAliasOfTheHead)
+    assert model.head.weight.data_ptr() == model.kept.data_ptr()
+    assert not torch.equal(model.kept, model.kept_at_start), "the head trained on after the storage was given"
+
+
 # ------------------------------------------------------------------------------------------- module surgery
 class NewHeadAtEpoch1(MatrixNet):
     """At epoch 1 the head is replaced by a fresh ``nn.Linear`` and the optimizer is re-created for it."""
