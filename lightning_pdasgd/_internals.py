@@ -60,6 +60,13 @@ def foreach_clamp_(tensors: Sequence[torch.Tensor], bound: float) -> None:
     torch._foreach_clamp_max_(list(tensors), bound)
 
 
+def foreach_scale_to_norm_(tensors: Sequence[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale tensors whose total norm is ``total_norm`` to at most ``max_norm``, with the coefficient and kernels
+    of ``torch.nn.utils.clip_grads_with_norm_`` (which takes parameters, not the gradients themselves)."""
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    torch._foreach_mul_(list(tensors), coefficient.to(tensors[0].device))
+
+
 def foreach_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The L2 norm of each tensor (one reduction per tensor, no per-element temporary)."""
     return list(torch._foreach_norm(list(tensors)))

@@ -80,26 +80,11 @@ def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, opti
             "PD-ASGD applies each parameter's update without a closure; `torch.optim.LBFGS` re-evaluates the loss"
             " through one. Use an element-wise optimizer (SGD, Adam, AdamW, RMSprop, ...)."
         )
-    GradientAccumulationScheduler = _flavor.every_imported("callbacks.GradientAccumulationScheduler")
-    for callback in trainer.callbacks:
-        if isinstance(callback, GradientAccumulationScheduler) and any(f != 1 for f in callback.scheduling.values()):
-            raise MisconfigurationException(
-                f"`GradientAccumulationScheduler({callback.scheduling})` would make PD-ASGD accumulate gradients,"
-                " but PD-ASGD applies every backward's gradient as soon as it is ready and cannot accumulate."
-                " Remove the callback and raise the batch size (or the learning rate) instead."
-            )
-    if trainer.accumulate_grad_batches != 1:
+    if accumulates_gradients(trainer) and trainer.world_size > 1:
         raise MisconfigurationException(
-            f"PD-ASGD applies every backward's gradient as soon as it is ready, so"
-            f" `Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches})` cannot accumulate."
-            " Use accumulate_grad_batches=1 and a larger batch size instead."
-        )
-    if trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value":
-        raise MisconfigurationException(
-            f"`Trainer(gradient_clip_val={trainer.gradient_clip_val},"
-            f" gradient_clip_algorithm={trainer.gradient_clip_algorithm!r})` clips by the global norm of all"
-            " gradients, which never exist together under PD-ASGD (each parameter is updated on its own). Use"
-            " `gradient_clip_algorithm='value'`, which PD-ASGD applies to every parameter's gradient."
+            "PD-ASGD accumulates gradients on one device only so far: `Trainer(accumulate_grad_batches=...)` (or a"
+            f" `GradientAccumulationScheduler`) with {trainer.world_size} devices is not supported. Use"
+            " accumulate_grad_batches=1 with a larger batch size per device, or train on one device."
         )
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None:
@@ -107,6 +92,17 @@ def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, opti
             f"`Trainer(precision={trainer.precision!r})` uses a GradScaler, whose unscale and inf check need every"
             " gradient of a step at once. Use `precision='bf16-mixed'` (no scaler) or `'32-true'` with PD-ASGD."
         )
+
+
+def accumulates_gradients(trainer: pl.Trainer) -> bool:
+    """Whether the fit sums gradients over several batches (``accumulate_grad_batches`` now, or a scheduler that
+    sets it later): the engine then keeps accumulation windows (``accumulation.py``)."""
+    GradientAccumulationScheduler = _flavor.every_imported("callbacks.GradientAccumulationScheduler")
+    scheduled = any(
+        isinstance(callback, GradientAccumulationScheduler) and any(f != 1 for f in callback.scheduling.values())
+        for callback in trainer.callbacks
+    )
+    return scheduled or trainer.accumulate_grad_batches != 1
 
 
 def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -> None:
@@ -127,7 +123,7 @@ def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -
             f"PD-ASGD never holds a whole-model gradient in `.grad`, so these overrides are not called: {overridden}."
             " Gradients are private to each backward pass and applied per parameter. For gradient statistics use"
             " `PDASGDStrategy(log_grad_norm=True)` (logs `pdasgd/grad_norm`); for clipping use"
-            " `Trainer(gradient_clip_val=..., gradient_clip_algorithm='value')`."
+            " `Trainer(gradient_clip_val=...)` (by norm, per backward, or `gradient_clip_algorithm='value'`)."
         )
 
 

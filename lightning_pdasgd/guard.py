@@ -233,8 +233,8 @@ class DivergenceGuard:
                 f"PD-ASGD's divergence guard: at step {step} {trip.reason} (best smoothed loss {trip.best:.4g}, now"
                 f" {trip.now:.4g}) with one loss in flight, i.e. with exactly plain Lightning's updates: plain"
                 " Lightning diverges here too. Training goes on unguarded, as it would without PD-ASGD. Lower the"
-                " learning rate (or the schedule's peak), add warm-up, or clip gradients by value"
-                " (`gradient_clip_val` with `gradient_clip_algorithm='value'`).",
+                " learning rate (or the schedule's peak), add warm-up, or clip gradients"
+                " (`Trainer(gradient_clip_val=...)`).",
                 RuntimeWarning,
                 stacklevel=2,
             )

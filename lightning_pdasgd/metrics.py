@@ -274,6 +274,12 @@ def batch_size_of(args: tuple[Any, ...]) -> int:
     return 0
 
 
+def _update_kind(updater: Any) -> str:
+    if updater.layerwise:
+        return "layer-wise"
+    return "whole-backward, clipped by norm" if updater.clip_norm is not None else "whole-model"
+
+
 def describe_session(session: Any, world_size: int) -> str:
     """One line with a fit session's engine configuration, logged at INFO when fit starts."""
     tuning = f", autotuning {len(session.tuner.candidates)} candidates" if session.tuner is not None else ""
@@ -282,5 +288,5 @@ def describe_session(session: Any, world_size: int) -> str:
         f"PD-ASGD: 1 forward : {session.backward_threads} backward threads{ranks},"
         f" max_in_flight={session.max_in_flight}, {session.intra_op_threads} intra-op thread(s) per engine thread,"
         f" {len(session.updater.buckets)} update buckets"
-        f" ({'layer-wise' if session.config.layerwise else 'whole-model'} updates){tuning}"
+        f" ({_update_kind(session.updater)} updates){tuning}"
     )

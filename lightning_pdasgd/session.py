@@ -51,6 +51,8 @@ class FitSession:
         device: this rank's device.
         stats: where the engine's counters go (kept by the strategy after fit).
         clip_value: ``gradient_clip_val`` with the ``"value"`` algorithm, applied per parameter.
+        clip_norm: ``gradient_clip_val`` with the ``"norm"`` algorithm, applied per backward (``updates.py``).
+        accumulate: the fit accumulates gradients (``accumulation.py``).
     """
 
     def __init__(
@@ -61,6 +63,8 @@ class FitSession:
         device: torch.device,
         stats: EngineStats,
         clip_value: float | None,
+        clip_norm: float | None = None,
+        accumulate: bool = False,
     ) -> None:
         self.config = config
         self._module = module
@@ -70,6 +74,8 @@ class FitSession:
         self.backward_threads = config.backward_threads
         self.max_in_flight = config.in_flight
         self._clip_value = clip_value
+        self._clip_norm = clip_norm
+        self._accumulate = accumulate
         self._compensation = resolve_compensation(config.staleness_compensation)  # fresh state for each fit
         self.updater = self._build_updater(optimizer)
         self._streams = streams.StreamPool(device, self.max_in_flight)
@@ -100,11 +106,21 @@ class FitSession:
 
     @classmethod
     def for_fit(
-        cls, config: PDASGDConfig, trainer: Any, optimizer: Optimizer, device: torch.device, stats: EngineStats
+        cls,
+        config: PDASGDConfig,
+        trainer: Any,
+        optimizer: Optimizer,
+        device: torch.device,
+        stats: EngineStats,
+        accumulate: bool = False,
     ) -> FitSession:
-        """The session of ``trainer``'s fit, with ``gradient_clip_val`` (the ``"value"`` algorithm) per parameter."""
+        """The session of ``trainer``'s fit, with its ``gradient_clip_val`` by value or by norm."""
         clip = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
-        return cls(config, trainer.lightning_module, optimizer, device, stats, clip)
+        by_value = trainer.gradient_clip_algorithm == "value"
+        module = trainer.lightning_module
+        return cls(
+            config, module, optimizer, device, stats, clip if by_value else None, None if by_value else clip, accumulate
+        )
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start_for(self, world_size: int, run_steps: float) -> str:
@@ -133,7 +149,7 @@ class FitSession:
             self.backward_threads,
             self.max_in_flight,
             self.intra_op_threads,
-            self.config.layerwise,
+            self.updater.layerwise,
             len(self.updater.buckets),
         )
 
@@ -153,6 +169,8 @@ class FitSession:
             optimizer,
             layerwise=config.layerwise,
             clip_value=self._clip_value,
+            clip_norm=self._clip_norm,
+            accumulate=self._accumulate,
             log_grad_norm=config.log_grad_norm,
             nonfinite=config.nonfinite,
             grad_norms=config.divergence_guard,
@@ -363,12 +381,16 @@ class FitSession:
         """A forward ran on a stash whose loss has not been handed to the engine yet."""
         return self._current is not None and not self.plain_steps
 
-    def hand_off(self, loss: Tensor, step: int, rank: int) -> None:
-        """Queue the forward's loss for a backward thread (the step returns without waiting for it)."""
+    def hand_off(self, loss: Tensor, step: int, rank: int, closes_window: bool = True) -> None:
+        """Queue the forward's loss for a backward thread (the step returns without waiting for it).
+
+        ``closes_window``: with gradient accumulation, whether this loss is the last of its window (handed off
+        inside Lightning's ``optimizer_step``)."""
         assert self._current is not None
         stash, stream = self._current
         stash.step, stash.rank = step, rank
         self._step = step
+        stash.hyperparameters = hyperparameter_snapshot(self._optimizer)
         if self._pending_trip is not None:  # several devices: tripped, waiting for the consistent point
             self.end_step()
             return
@@ -389,9 +411,12 @@ class FitSession:
                     " in `pdasgd/skipped_updates` instead."
                 )
             self.stats.record_skipped_loss(self.updater.num_parameters)
+            if closes_window:
+                self.updater.close_window_without(stash)
             return  # `end_step` releases the slot (and the weights read) of a loss that was not handed off
         started = perf_counter()
-        stash.hyperparameters = hyperparameter_snapshot(self._optimizer)
+        if self.updater.windows is not None:
+            stash.window = self.updater.windows.join(closes_window)
         self.engine.submit(BackwardWork(loss=loss, context=(stash, stream)))
         self._current = None  # the slot now belongs to the queued work
         self.stats.record_handoff(perf_counter() - started)
@@ -442,6 +467,8 @@ class FitSession:
         """Fewer losses in flight from now on (drained by the caller); compensation starts over. ``None``: the
         blow-up happened with one loss in flight, plain Lightning's own updates: the guard stops watching."""
         self.stats.guard_trips += 1
+        if self.updater.windows is not None:  # gradients summed before the restore do not belong to its weights
+            self.updater.windows.discard()
         if in_flight is None:
             self.guard = None
             return

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_pdasgd import streams
+from lightning_pdasgd.accumulation import AccumulationWindow
 from lightning_pdasgd.compensation import StalenessCompensation
 from lightning_pdasgd.metrics import BackwardRecord
 from lightning_pdasgd.parameters import ParameterBucket, WeightVersion
@@ -56,6 +57,7 @@ class WeightStash:
     hyperparameters: list[dict[str, Any]] | None = None  # per param group, snapshot at hand-off
     step: int = -1  # Lightning's global_step when the forward ran, for error messages
     rank: int = 0
+    window: AccumulationWindow | None = None  # with gradient accumulation: the window its backward adds to
 
     @property
     def tensors(self) -> dict[str, Tensor]:

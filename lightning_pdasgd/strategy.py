@@ -155,6 +155,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         self._steps: Optional[steps.StepAccounting] = None  # several devices, fitting: the global step count
         self.autotune_report: Optional[str] = None
         self._fit_loop_started = False  # on_train_start came, on_exception/teardown not yet (`training_step`)
+        self._in_optimizer_step = False  # a closure run inside `optimizer_step` closes its accumulation window
         for warning in self._config.ineffective_settings():
             rank_zero_warn(warning)
 
@@ -253,7 +254,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         trainer = module.trainer
         self._end_stale_session()
         self._stats = EngineStats()
-        session = FitSession.for_fit(self._config, trainer, self.optimizers[0], self.root_device, self._stats)
+        session = FitSession.for_fit(self._config, trainer, self.optimizers[0], self.root_device, self._stats,
+                                     accumulate=checks.accumulates_gradients(trainer))
         self._session = session
         rank_zero_info(session.start_for(self.process_count, trainer.estimated_stepping_batches))
         if self.process_count > 1:
@@ -356,7 +358,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         checks.check_loss(closure_loss)
         with _EngineCall("the hand-off of a loss"):
-            session.hand_off(closure_loss, module.trainer.global_step, self.global_rank)
+            # Lightning runs the closure inside `optimizer_step` only for the batch that ends an accumulation window
+            session.hand_off(closure_loss, module.trainer.global_step, self.global_rank, self._in_optimizer_step)
         return closure_loss
 
     @override
@@ -378,9 +381,11 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         with _EngineCall("an optimizer step"):
             session.engine.raise_if_failed()
+        self._in_optimizer_step = True
         try:
             output = closure()  # the user's step: its StopIteration is Lightning's (`training_step` above)
         finally:
+            self._in_optimizer_step = False
             with _EngineCall("an optimizer step"):
                 session.end_step()
         _internals.mark_optimizer_stepped(getattr(optimizer, "_optimizer", optimizer))

@@ -4,20 +4,30 @@
 as the backward pass has produced all of its gradients; one update at a time per bucket (the bucket's lock), none
 across buckets. ``layerwise=False`` (the D-ASGD ablation): the gradients of a whole backward are applied together
 at its end, under one model-wide lock.
+
+Clipping by norm (``Trainer(gradient_clip_val=..., gradient_clip_algorithm="norm")``, Lightning's default
+algorithm) scales one backward's gradients by ``min(1, max_norm / (total_norm + 1e-6))``, as
+``torch.nn.utils.clip_grad_norm_`` does in a plain step. The total norm of a backward is known only when its last
+gradient is, so a backward's buckets are then held until its end and applied together (as with
+``layerwise=False``): exact at ``max_in_flight=1``; with more in flight the layer-wise freshness is given up.
+Clipping by value needs no total and is applied per bucket.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from time import perf_counter
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd import _internals, streams
+from lightning_pdasgd.accumulation import GradientWindows, ReadySum
 from lightning_pdasgd.compensation import StalenessCompensation
 from lightning_pdasgd.device_checks import DeviceNonFinite
 from lightning_pdasgd.optimizers import BucketOptimizer
@@ -41,6 +51,8 @@ class LayerwiseUpdater:
         optimizer: Optimizer,
         layerwise: bool = True,
         clip_value: float | None = None,
+        clip_norm: float | None = None,
+        accumulate: bool = False,
         log_grad_norm: bool = False,
         nonfinite: str = "error",
         grad_norms: bool = False,
@@ -54,15 +66,17 @@ class LayerwiseUpdater:
             raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.optimizer = optimizer
-        self.layerwise = layerwise
+        self.layerwise = layerwise and clip_norm is None  # a norm needs the whole backward's gradients
         self.clip_value = clip_value
+        self.clip_norm = clip_norm
+        self.windows = GradientWindows() if accumulate else None  # Trainer(accumulate_grad_batches=...)
         self.log_grad_norm = log_grad_norm
         self.grad_norms = grad_norms or log_grad_norm  # gradient norms per backward (metric, divergence guard)
         self._model_lock = threading.Lock()
         self.compensation = compensation if compensation is not None else StalenessCompensation()
         self.buckets = make_buckets(module, optimizer, bucket_numel, detached, shared)
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
-        self._pool = StashPool(self.buckets, self._on_gradient if layerwise else None, self.compensation)
+        self._pool = StashPool(self.buckets, self._on_gradient if self.layerwise else None, self.compensation)
         self.reads = LazyReads(module, self.buckets, self._pool, lazy_reads)
         device = self.buckets[0].device
         # CUDA: non-finite values are counted on the device and read lazily (device_checks.py), never in a hook
@@ -111,42 +125,105 @@ class LayerwiseUpdater:
         buffers.arrived[bucket_index] += 1
         stash = buffers.current
         if stash is not None and buffers.arrived[bucket_index] == len(self.buckets[bucket_index]):
-            self._apply_bucket(stash, bucket_index)
+            self._timed(stash, self._bucket_gradients_ready, stash, bucket_index)
 
     def finish(self, stash: WeightStash) -> None:
         """After the backward: apply what is left (every bucket for ``layerwise=False``; with ``layerwise=True``
-        only buckets some of whose parameters got no gradient in this backward)."""
+        only buckets some of whose parameters got no gradient in this backward, and with accumulation every bucket
+        that has not contributed to its window yet)."""
         if not self.layerwise:
             with self._model_lock:
+                ready = []
                 for index in range(len(self.buckets)):
-                    self._apply_bucket(stash, index)
+                    grads = self._take_gradients(stash, index)
+                    summed = self._accumulate(stash, index, grads)
+                    if summed is not None:
+                        ready.append(summed)
+                self._timed(stash, self._step_together, stash, ready)
             return
         arrived = stash.buffers.arrived
         for index, bucket in enumerate(self.buckets):
-            if 0 < arrived[index] < len(bucket):
-                self._apply_bucket(stash, index)
+            if arrived[index] < len(bucket) and (arrived[index] > 0 or self.windows is not None):
+                self._timed(stash, self._bucket_gradients_ready, stash, index)
+
+    def close_window_without(self, stash: WeightStash) -> None:
+        """Accumulation: the loss that closes the window was dropped (never handed to a backward); step the
+        buckets whose sums are complete already (``stash``: the dropped forward's, for its step and
+        hyperparameters)."""
+        if self.windows is None:
+            return
+        with self._model_lock:
+            self._step_together(stash, self.windows.close_without_member())
+
+    def _take_gradients(self, stash: WeightStash, index: int) -> list[Tensor | None]:
+        grads: list[Tensor | None] = []
+        for leaf in stash.buffers.leaves[index]:
+            grads.append(leaf.grad)
+            leaf.grad = None
+        return grads
+
+    def _accumulate(self, stash: WeightStash, index: int, grads: list[Tensor | None]) -> ReadySum | None:
+        """Without accumulation the backward's own gradients; with it, the window's sum once it is complete."""
+        if self.windows is None:
+            return ReadySum(index, grads, stash.versions[index])
+        assert stash.window is not None, "a stash joins its window at hand-off"
+        with streams.on_update_stream(self.buckets[index].device):
+            return self.windows.contribute(stash.window, index, grads, stash.versions[index])
+
+    def _bucket_gradients_ready(self, stash: WeightStash, index: int) -> None:
+        summed = self._accumulate(stash, index, self._take_gradients(stash, index))
+        if summed is not None:
+            self._step_bucket(stash, summed)
+
+    def _step_together(self, stash: WeightStash, ready: list[ReadySum]) -> None:
+        """Whole-backward updates (the caller holds the model lock): clipped by their total norm, then stepped."""
+        if self.clip_norm is not None:
+            self._clip_by_total_norm(stash, [grad for summed in ready for grad in summed.grads if grad is not None])
+        for summed in ready:
+            self._step_bucket(stash, summed)
+
+    def _clip_by_total_norm(self, stash: WeightStash, grads: list[Tensor]) -> None:
+        """Scale gradients in place as ``clip_grad_norm_`` does (their total 2-norm at most ``clip_norm``).
+
+        The unclipped norm is what ``pdasgd/grad_norm`` and the divergence guard see (a blow-up under clipping
+        still shows in it). On CPU a non-finite gradient is left out of the total (the ``nonfinite`` policy acts on
+        it next, per bucket); on CUDA nothing is read on the host, so it makes every gradient non-finite, as in
+        ``clip_grad_norm_``, and the device checks act on them.
+        """
+        assert self.clip_norm is not None
+        if not grads:
+            return
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        if not total.is_cuda:
+            if self.nonfinite != "off" and not math.isfinite(float(total)):
+                grads = [grad for grad in grads if _internals.all_finite([grad])]
+                total = torch.nn.utils.get_total_norm(grads, 2.0)
+            if self.grad_norms:
+                stash.record.grad_sq_sum += float(total) ** 2
+        elif self.log_grad_norm:
+            stash.record.grad_sq_sum += float(total) ** 2
+        _internals.foreach_scale_to_norm_(grads, self.clip_norm, total)
 
     # ------------------------------------------------------------------------------------------- updates out
-    def _apply_bucket(self, stash: WeightStash, index: int) -> None:
-        """Step one bucket's live parameters with the gradients computed at the stashed weights."""
+    @staticmethod
+    def _timed(stash: WeightStash, apply: Callable[..., None], *args: Any) -> None:
+        """Run an update and add its time to the backward's record."""
         started = perf_counter()
         try:
-            self._step_bucket(stash, index)
+            apply(*args)
         finally:
             stash.record.update_seconds += perf_counter() - started
 
-    def _step_bucket(self, stash: WeightStash, index: int) -> None:
-        leaves = stash.buffers.leaves[index]
-        grads: list[Tensor | None] = []
-        for leaf in leaves:
-            grads.append(leaf.grad)
-            leaf.grad = None
+    def _step_bucket(self, stash: WeightStash, summed: ReadySum) -> None:
+        """Step one bucket's live parameters with gradients computed at the weights its forwards read."""
+        index, grads = summed.index, summed.grads
         present = [grad for grad in grads if grad is not None]
         if not present:
             return
+        leaves = stash.buffers.leaves[index]
         bucket = self.buckets[index]
         if bucket.is_cuda:
-            self._step_bucket_cuda(stash, index, grads, present)
+            self._step_bucket_cuda(stash, summed, present)
             return
         # one L2 reduction per tensor serves the non-finite check, `pdasgd/grad_norm` and the divergence guard
         squares = _internals.sum_of_squares(present) if self.nonfinite != "off" or self.grad_norms else 0.0
@@ -165,23 +242,24 @@ class LayerwiseUpdater:
             if not present:
                 return
             squares = _internals.sum_of_squares(present)
-        stash.record.grad_sq_sum += squares
+        if self.clip_norm is None:  # else the unclipped total was recorded before the scaling
+            stash.record.grad_sq_sum += squares
         if self.clip_value is not None:
             _internals.foreach_clamp_(present, self.clip_value)
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
-        read = [leaf for leaf, grad in zip(leaves, grads) if grad is not None]
 
         def step(staleness: int, version: int, targets: list[Tensor]) -> None:
             # staleness compensation sees the bucket's staleness, may change the gradients in place and may
             # override hyperparameters for this step only (the next step starts from the snapshot again)
             applied = [target for target, grad in zip(targets, grads) if grad is not None]
+            read = _weights_read(leaves, targets, grads)
             overrides = self.compensation.before_step(index, applied, present, read, staleness, version,
                                                       hyperparameters)
             optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
 
-        staleness = bucket.update(stash.versions[index], step)
+        staleness = bucket.update(summed.read_version, step)
         self._count_update(stash, index, staleness, len(present))
 
     def _count_update(self, stash: WeightStash, index: int, staleness: int, parameters: int) -> None:
@@ -194,19 +272,17 @@ class LayerwiseUpdater:
             record.add_depth(record.last_bucket, staleness)
 
     # ------------------------------------------------------------------------------------------- CUDA
-    def _step_bucket_cuda(
-        self, stash: WeightStash, index: int, grads: list[Tensor | None], present: list[Tensor]
-    ) -> None:
+    def _step_bucket_cuda(self, stash: WeightStash, summed: ReadySum, present: list[Tensor]) -> None:
         """The CUDA update of one bucket: no host synchronisation (it runs on autograd's device thread, where a
         sync would stall every in-flight backward). Non-finite gradients are counted and masked on the device
         (``device_checks.py``); the error or skip is reported by the loop thread. ``log_grad_norm`` still reads
         the norm on the host (an opt-in metric)."""
+        index, grads = summed.index, summed.grads
         bucket = self.buckets[index]
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
         leaves = stash.buffers.leaves[index]
-        read = [leaf for leaf, grad in zip(leaves, grads) if grad is not None]
         checks = self.device_checks
 
         def step(staleness: int, version: int, targets: list[Tensor]) -> None:  # on the update stream
@@ -222,11 +298,22 @@ class LayerwiseUpdater:
                     grads[:] = [None if grad is None else next(used_iter) for grad in grads]
             if self.clip_value is not None:
                 _internals.foreach_clamp_(used, self.clip_value)
-            if self.log_grad_norm:
+            if self.log_grad_norm and self.clip_norm is None:
                 stash.record.grad_sq_sum += _internals.sum_of_squares(used)
             applied = [target for target, grad in zip(targets, grads) if grad is not None]
+            read = _weights_read(leaves, targets, grads)
             overrides = self.compensation.before_step(index, applied, used, read, staleness, version, hyperparameters)
             optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
 
-        staleness = bucket.update(stash.versions[index], step)
+        staleness = bucket.update(summed.read_version, step)
         self._count_update(stash, index, staleness, len(present))
+
+
+def _weights_read(leaves: list[Tensor], targets: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+    """The weights the stepping backward's forward read, per parameter with a gradient; the live values where it
+    read none (accumulation: the gradient came from another forward of the window)."""
+    return [
+        leaf if leaf.shape == target.shape else target
+        for leaf, target, grad in zip(leaves, targets, grads)
+        if grad is not None
+    ]

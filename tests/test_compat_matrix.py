@@ -441,12 +441,16 @@ def test_model_pruning(matrix: Callable[..., Row]) -> None:
 
 
 def test_gradient_accumulation_scheduler(matrix: Callable[..., Row]) -> None:
-    row = matrix("GradientAccumulationScheduler", "refused: PD-ASGD cannot accumulate gradients", DEFAULT)
-    row.expect_refusal(
-        lambda: fit(default(), callbacks=[cb.GradientAccumulationScheduler({0: 1, 1: 2})]),
-        "GradientAccumulationScheduler",
-        "accumulate",
-    )
+    row = matrix("GradientAccumulationScheduler", "1 batch per step in epoch 0, then 2: weights and global_step", ONE)
+
+    def run(strategy: Any) -> tuple[torch.nn.Module, int]:
+        model, trainer = fit(strategy, callbacks=[cb.GradientAccumulationScheduler({0: 1, 1: 2})], batches=11)
+        return model, trainer.global_step
+
+    plain, plain_steps = run("auto")
+    pdasgd, pdasgd_steps = run_pdasgd(row, lambda: run(one_in_flight()))
+    row.compare("global_step", plain_steps, pdasgd_steps)
+    compare_weights(row, plain, pdasgd)
     row.finish()
 
 

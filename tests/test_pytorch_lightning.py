@@ -267,9 +267,13 @@ def test_pytorch_lightning_refusal_is_its_misconfiguration_exception() -> None:
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-    trainer = pl.Trainer(strategy="pdasgd", accumulate_grad_batches=2, max_steps=2, logger=False,
+    import torch
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = pl.Trainer(strategy="pdasgd", plugins=[scaled], max_steps=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=2"):
+    with pytest.raises(MisconfigurationException, match="GradScaler"):
         trainer.fit(_pl_module(), _pl_data())
     assert type(trainer.strategy).__module__ == "lightning_pdasgd.pl.strategy"
 
