@@ -16,7 +16,7 @@ from typing import Any
 from lightning_pdasgd import _flavor
 from lightning_pdasgd.engine import EngineTimeoutError
 from lightning_pdasgd.exchange import ConsistentPointMismatchError, RankFailedError
-from lightning_pdasgd.updates import NonFiniteError
+from lightning_pdasgd.nonfinite import NonFiniteError
 
 __all__ = [
     "ConsistentPointMismatchError",

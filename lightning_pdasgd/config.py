@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from lightning_pdasgd import nonfinite
 from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
 from lightning_pdasgd.compensation import resolve as resolve_compensation
-from lightning_pdasgd.updates import NONFINITE_POLICIES
 
 ThreadCount = Union[int, Literal["auto"]]
 
@@ -88,10 +88,7 @@ class PDASGDConfig:
             )
         if not self.wait_timeout > 0:
             raise ValueError(f"PDASGDStrategy: `wait_timeout` must be > 0 seconds, got {self.wait_timeout!r}.")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"PDASGDStrategy: `nonfinite` must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}."
-            )
+        nonfinite.validate(self.nonfinite)
         if not self.exchange_interval >= 0:
             raise ValueError(
                 f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {self.exchange_interval!r}."

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_pdasgd import streams
+from lightning_pdasgd import nonfinite, streams
 
 _INF = float("inf")
 
@@ -103,14 +103,10 @@ def act_on_device_nonfinite(checks: DeviceNonFinite, policy: str, device: Any, w
     if not (losses or gradients):
         return 0
     if policy == "error":
-        from lightning_pdasgd.updates import NonFiniteError
-
         what = "loss" if losses else "gradient"
-        raise NonFiniteError(
-            f"PD-ASGD: non-finite {what} on {device} ({losses} loss(es), {gradients} gradient tensor(s)) found by"
-            " the on-device check, read without a host synchronisation, so up to a few steps after it happened;"
-            " the updates it would have caused were skipped on the device. Pass"
-            " `PDASGDStrategy(nonfinite='skip')` to drop such updates and count them in `pdasgd/skipped_updates`"
-            " instead."
+        raise nonfinite.error(
+            f"non-finite {what} on {device} ({losses} loss(es), {gradients} gradient tensor(s)) found by the"
+            " on-device check, read without a host synchronisation, so up to a few steps after it happened; the"
+            " updates it would have caused were skipped on the device."
         )
     return gradients

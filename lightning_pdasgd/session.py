@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd import _internals, streams
+from lightning_pdasgd import _internals, nonfinite, streams
 from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
 from lightning_pdasgd.budget import intra_op_threads_per_thread
 from lightning_pdasgd.changes import ParameterSetFingerprint
@@ -33,7 +33,7 @@ from lightning_pdasgd.metrics import EngineStats, batch_size_of, describe_sessio
 from lightning_pdasgd.optimizers import hyperparameter_snapshot
 from lightning_pdasgd.reads import add_unread_note
 from lightning_pdasgd.stash import WeightStash
-from lightning_pdasgd.updates import LayerwiseUpdater, NonFiniteError
+from lightning_pdasgd.updates import LayerwiseUpdater
 
 log = logging.getLogger(__name__)
 
@@ -405,10 +405,9 @@ class FitSession:
             self._check_device_nonfinite(wait=False)
         elif self.config.nonfinite != "off" and not bool(torch.isfinite(loss.detach()).all()):
             if self.config.nonfinite == "error":
-                raise NonFiniteError(
-                    f"PD-ASGD: non-finite loss ({float(loss.detach())}) at step {step} on rank {rank}; no update"
-                    " was applied from it. Pass `PDASGDStrategy(nonfinite='skip')` to drop such steps and count them"
-                    " in `pdasgd/skipped_updates` instead."
+                raise nonfinite.error(
+                    f"non-finite loss ({float(loss.detach())}) at step {step} on rank {rank}; no update was applied"
+                    " from it."
                 )
             self.stats.record_skipped_loss(self.updater.num_parameters)
             if closes_window:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd import _internals, streams
+from lightning_pdasgd import nonfinite as nonfinite_policy
 from lightning_pdasgd.accumulation import GradientWindows, ReadySum
 from lightning_pdasgd.compensation import StalenessCompensation
 from lightning_pdasgd.device_checks import DeviceNonFinite
@@ -34,12 +35,6 @@ from lightning_pdasgd.optimizers import BucketOptimizer
 from lightning_pdasgd.parameters import make_buckets
 from lightning_pdasgd.reads import LazyReads
 from lightning_pdasgd.stash import StashBuffers, StashPool, WeightStash
-
-NONFINITE_POLICIES = ("error", "skip", "off")
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient was NaN or Inf; the update it would have caused was not applied."""
 
 
 class LayerwiseUpdater:
@@ -62,9 +57,7 @@ class LayerwiseUpdater:
         compensation: StalenessCompensation | None = None,
         lazy_reads: bool = True,
     ) -> None:
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        self.nonfinite = nonfinite
+        self.nonfinite = nonfinite_policy.validate(nonfinite)
         self.optimizer = optimizer
         self.layerwise = layerwise and clip_norm is None  # a norm needs the whole backward's gradients
         self.clip_value = clip_value
@@ -230,10 +223,9 @@ class LayerwiseUpdater:
         if self.nonfinite != "off" and not math.isfinite(squares) and not _internals.all_finite(present):
             bad = [position for position, grad in enumerate(grads) if grad is not None and not _internals.all_finite([grad])]
             if self.nonfinite == "error":
-                raise NonFiniteError(
-                    f"PD-ASGD: non-finite gradient for parameter '{bucket.names[bad[0]]}' at step {stash.step} on"
-                    f" rank {stash.rank}; it was not applied. Pass `PDASGDStrategy(nonfinite='skip')` to drop such"
-                    " updates and count them in `pdasgd/skipped_updates` instead."
+                raise nonfinite_policy.error(
+                    f"non-finite gradient for parameter '{bucket.names[bad[0]]}' at step {stash.step} on rank"
+                    f" {stash.rank}; it was not applied."
                 )
             stash.record.skipped += len(bad)  # "skip": those parameters keep their values, the others are updated
             for position in bad:

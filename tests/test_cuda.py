@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
-from lightning_pdasgd.updates import NonFiniteError
+from lightning_pdasgd.nonfinite import NonFiniteError
 from tests.test_concurrency import LR, LinearLoss, _integer_batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
