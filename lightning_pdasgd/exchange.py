@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 
 from lightning_pdasgd import _internals
 from lightning_pdasgd.exchange_buffers import make_flat_groups, merge_rebased
-from lightning_pdasgd.metrics import REPLICA_DIVERGENCE
+from lightning_pdasgd.metrics import EXCHANGE_CPU_FRACTION, EXCHANGE_MS, EXCHANGE_ROUNDS, REPLICA_DIVERGENCE
 from lightning_pdasgd.parameters import ParameterBucket
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class ReplicaExchange:
         self._abort = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-        self.sigterm_flag = threading.Event()  # set locally when this process got SIGTERM
+        self._sigterm_flag = threading.Event()  # set locally when this process got SIGTERM (`note_sigterm`)
         self.sigterm_seen = threading.Event()  # some rank got SIGTERM
         self.rounds = 0
         self.round_seconds = 0.0
@@ -150,13 +150,18 @@ class ReplicaExchange:
             if self._abort.is_set() or self._request is not None:
                 return
 
+    def note_sigterm(self) -> None:
+        """This process got SIGTERM (safe in a signal handler: sets a flag that the next control round carries to
+        every rank, which then all see ``sigterm_seen``)."""
+        self._sigterm_flag.set()
+
     def metrics(self) -> dict[str, float]:
         rounds = max(self.rounds, 1)
         return {
             REPLICA_DIVERGENCE: self.divergence,
-            "pdasgd/exchange_rounds": float(self.rounds),
-            "pdasgd/exchange_ms": 1000.0 * self.round_seconds / rounds,
-            "pdasgd/exchange_cpu_frac": self.cpu_seconds / max(time.monotonic() - self._started_at, 1e-9),
+            EXCHANGE_ROUNDS: float(self.rounds),
+            EXCHANGE_MS: 1000.0 * self.round_seconds / rounds,
+            EXCHANGE_CPU_FRACTION: self.cpu_seconds / max(time.monotonic() - self._started_at, 1e-9),
         }
 
     # ----------------------------------------------------------------------------------------------- consistent points
@@ -217,7 +222,7 @@ class ReplicaExchange:
             control[0] = 1
             control[1] = float(request[1])
             control[3 + CONSISTENT_POINT_KINDS.index(request[0])] = 1
-        control[2] = float(self.sigterm_flag.is_set())
+        control[2] = float(self._sigterm_flag.is_set())
         aborting = self._abort.is_set()
         if aborting:
             control[3 + kinds + self._rank] = 1

@@ -34,6 +34,10 @@ HANDOFF_MS = "pdasgd/handoff_ms"
 UPDATE_MS = "pdasgd/update_ms"
 GUARD_TRIPS = "pdasgd/guard_trips"  # blow-ups the divergence guard caught (guard.py)
 # staleness by depth: the bucket the forward reaches first (input side) and last (output side)
+STALENESS_FRACTION_PREFIX = "pdasgd/staleness_frac_"  # + a staleness bucket's label
+EXCHANGE_ROUNDS = "pdasgd/exchange_rounds"  # several devices (exchange.py)
+EXCHANGE_MS = "pdasgd/exchange_ms"
+EXCHANGE_CPU_FRACTION = "pdasgd/exchange_cpu_frac"
 STALENESS_FIRST_BUCKET = "pdasgd/staleness_first_bucket"
 STALENESS_LAST_BUCKET = "pdasgd/staleness_last_bucket"
 # `metrics="basic"` (the default) logs these; "full" logs every metric; "off" none
@@ -125,7 +129,7 @@ class StatsWindow:
             metrics[STALENESS_MEAN] = self.staleness_sum / self.updates
             metrics[STALENESS_MAX] = float(self.staleness_max)
             for (_, _, label), count in zip(STALENESS_BUCKETS, self.histogram):
-                metrics[f"pdasgd/staleness_frac_{label}"] = count / self.updates
+                metrics[f"{STALENESS_FRACTION_PREFIX}{label}"] = count / self.updates
         for name, (total, updates) in ((STALENESS_FIRST_BUCKET, self.first_bucket),
                                        (STALENESS_LAST_BUCKET, self.last_bucket)):
             if updates:

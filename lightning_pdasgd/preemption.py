@@ -63,7 +63,7 @@ def watch_sigterm_through_exchange(trainer: Any, session: FitSession) -> None:
 
     def on_sigterm(signum: int, frame: Any) -> None:  # no collective inside a signal handler: a flag only
         if session.exchange is not None:
-            session.exchange.sigterm_flag.set()
+            session.exchange.note_sigterm()
 
     sigterm_exception = (_flavor.of(trainer) or FLAVOR).attribute("utilities.exceptions.SIGTERMException")
 

@@ -33,7 +33,15 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from lightning_pdasgd.metrics import STALENESS_FIRST_BUCKET, STALENESS_LAST_BUCKET
+from lightning_pdasgd.metrics import (
+    SAMPLES_PER_SECOND,
+    STALENESS_FIRST_BUCKET,
+    STALENESS_FRACTION_PREFIX,
+    STALENESS_LAST_BUCKET,
+    STALENESS_MAX,
+    STALENESS_MEAN,
+    WALL_TIME,
+)
 from lightning_pdasgd.report_logs import (  # noqa: F401 - re-exported: the report's public reading functions
     BASELINE_COLOR,
     EPOCH,
@@ -42,13 +50,8 @@ from lightning_pdasgd.report_logs import (  # noqa: F401 - re-exported: the repo
     EXIT_OK,
     LOSS_NAMES,
     RUN_COLOR,
-    SAMPLES_PER_SEC,
-    STALENESS_FRACTION_PREFIX,
-    STALENESS_MAX,
-    STALENESS_MEAN,
     STEP,
     VAL_ACC,
-    WALL_TIME,
     Report,
     ReportError,
     Run,
@@ -143,13 +146,13 @@ def plot_validation_accuracy(run: Run, baseline: Optional[Run], path: Path, name
 
 def plot_throughput(run: Run, baseline: Optional[Run], path: Path) -> Path:
     """Samples per second per logging window: the speed PD-ASGD is for, and where it dips (validation, drains)."""
-    series = run.get(SAMPLES_PER_SEC)
+    series = run.get(SAMPLES_PER_SECOND)
     figure, axes = _figure()
-    axes.plot(series.steps, series.values, color="tab:green", label=SAMPLES_PER_SEC)
+    axes.plot(series.steps, series.values, color="tab:green", label=SAMPLES_PER_SECOND)
     median = float(np.median(series.values))
     axes.axhline(median, color="gray", linestyle="--", label=f"median {median:,.0f}")
-    if baseline is not None and baseline.has(SAMPLES_PER_SEC):
-        other = baseline.get(SAMPLES_PER_SEC)
+    if baseline is not None and baseline.has(SAMPLES_PER_SECOND):
+        other = baseline.get(SAMPLES_PER_SECOND)
         axes.plot(other.steps, other.values, color=BASELINE_COLOR, label=f"{baseline.label}")
     _epoch_lines(axes, run)
     axes.set(xlabel=STEP, ylabel="samples / s", title="training throughput")
@@ -275,7 +278,7 @@ def _needs_staleness(run: Run) -> Optional[str]:
 PLOTS: tuple[tuple[str, Callable[[Run, Optional[Run], Path], Path], Callable[[Run], Optional[str]]], ...] = (
     ("loss.png", plot_loss, _needs_loss),
     ("val_accuracy.png", plot_validation_accuracy, _needs(VAL_ACC)),
-    ("throughput.png", plot_throughput, _needs(SAMPLES_PER_SEC)),
+    ("throughput.png", plot_throughput, _needs(SAMPLES_PER_SECOND)),
     ("staleness.png", plot_staleness, _needs_staleness),
 )
 

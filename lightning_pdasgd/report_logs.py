@@ -16,16 +16,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lightning_pdasgd.metrics import STALENESS_FRACTION_PREFIX, WALL_TIME
+
 METRICS_FILE = "metrics.csv"
 EVENTS_GLOB = "events.out.tfevents.*"
 STEP = "step"
 EPOCH = "epoch"
 VAL_ACC = "val_acc"
-WALL_TIME = "pdasgd/wall_time_s"
-SAMPLES_PER_SEC = "pdasgd/samples_per_sec"
-STALENESS_MEAN = "pdasgd/staleness_mean"
-STALENESS_MAX = "pdasgd/staleness_max"
-STALENESS_FRACTION_PREFIX = "pdasgd/staleness_frac_"
 # the training loss under the names LightningModules commonly log it; the first one present is plotted
 LOSS_NAMES = ("train_loss", "train_loss_step", "loss", "train/loss", "training_loss", "train_loss_epoch")
 

@@ -66,3 +66,27 @@ def test_accumulation_with_several_devices_is_refused_with_the_alternative() -> 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=1 with a larger batch size"):
         checks.check_trainer_settings(trainer, model, [optimizer])
+
+
+class LossAtBatch(MatrixNet):
+    """The loss of batch ``index`` (within each epoch) is multiplied by ``factor``: NaN, or 0 for a batch that adds
+    nothing to its window."""
+
+    def __init__(self, index: int, factor: float) -> None:
+        super().__init__()
+        self.index, self.factor = index, factor
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.factor if batch_idx == self.index else loss
+
+
+def test_a_skipped_loss_that_ends_a_window_still_ends_it() -> None:
+    """With ``nonfinite="skip"``, a NaN loss on the batch that ends a window is dropped, and the window is stepped
+    with the gradients it has: as plain Lightning's step when that batch adds nothing."""
+    plain, plain_trainer = fit("auto", model_factory=lambda: LossAtBatch(1, 0.0), accumulate_grad_batches=2)
+    strategy = PDASGDStrategy(max_in_flight=1, nonfinite="skip")
+    pdasgd, trainer = fit(strategy, model_factory=lambda: LossAtBatch(1, float("nan")), accumulate_grad_batches=2)
+    assert trainer.global_step == plain_trainer.global_step
+    assert strategy.stats.total_skipped > 0
+    assert max_difference(snapshot(plain), snapshot(pdasgd)) <= EXACT
