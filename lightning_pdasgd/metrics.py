@@ -170,13 +170,15 @@ class EngineStats:
             self._window.skipped += parameters
             self.total_skipped += parameters
 
-    def record_backward(self, record: BackwardRecord) -> None:
+    def record_backward(self, record: BackwardRecord, ran_backward: bool = True) -> None:
+        """Add one backward's record; ``ran_backward=False``: updates made without a backward of their own (an
+        accumulation window closed by a dropped loss)."""
         with self._lock:
             window = self._window
             window.updates += record.updates
             window.staleness_sum += record.staleness_sum
             window.staleness_max = max(window.staleness_max, record.staleness_max)
-            window.backwards += 1
+            window.backwards += int(ran_backward)
             window.backward_seconds += record.seconds
             window.grad_sq_sum += record.grad_sq_sum
             self.total_grad_sq_sum += record.grad_sq_sum
@@ -190,7 +192,7 @@ class EngineStats:
                 mine[1] += theirs[1]
             self.total_skipped += record.skipped
             self.total_updates += record.updates
-            self.total_backwards += 1
+            self.total_backwards += int(ran_backward)
             self.total_staleness_sum += record.staleness_sum
             self.total_staleness_max = max(self.total_staleness_max, record.staleness_max)
 

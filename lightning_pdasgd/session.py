@@ -412,6 +412,7 @@ class FitSession:
             self.stats.record_skipped_loss(self.updater.num_parameters)
             if closes_window:
                 self.updater.close_window_without(stash)
+                self.stats.record_backward(stash.record, ran_backward=False)
             return  # `end_step` releases the slot (and the weights read) of a loss that was not handed off
         started = perf_counter()
         if self.updater.windows is not None:
