@@ -72,8 +72,8 @@ class GradientWindows:
             self._open = AccumulationWindow()
 
     def close_without_member(self) -> list[ReadySum]:
-        """The loss that would close the open window was dropped (a non-finite loss skipped, a guard trip): close
-        the window anyway; returns the buckets that are complete already (to step now)."""
+        """The loss that would close the open window was dropped (a non-finite loss skipped): close the window
+        anyway; returns the buckets that are complete already (to step now)."""
         with self._lock:
             window = self._open
             window.closed = True

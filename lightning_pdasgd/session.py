@@ -467,11 +467,11 @@ class FitSession:
         """Fewer losses in flight from now on (drained by the caller); compensation starts over. ``None``: the
         blow-up happened with one loss in flight, plain Lightning's own updates: the guard stops watching."""
         self.stats.guard_trips += 1
-        if self.updater.windows is not None:  # gradients summed before the restore do not belong to its weights
-            self.updater.windows.discard()
-        if in_flight is None:
+        if in_flight is None:  # nothing was restored
             self.guard = None
             return
+        if self.updater.windows is not None:  # gradients summed before the restore do not belong to its weights
+            self.updater.windows.discard()
         self._compensation.reset()
         threads = min(self.backward_threads, in_flight)
         intra_op = self._intra_op_threads(threads, in_flight, None)

@@ -241,12 +241,12 @@ class LayerwiseUpdater:
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
+        read = _weights_read(leaves, bucket.params, grads)
 
         def step(staleness: int, version: int, targets: list[Tensor]) -> None:
             # staleness compensation sees the bucket's staleness, may change the gradients in place and may
             # override hyperparameters for this step only (the next step starts from the snapshot again)
             applied = [target for target, grad in zip(targets, grads) if grad is not None]
-            read = _weights_read(leaves, targets, grads)
             overrides = self.compensation.before_step(index, applied, present, read, staleness, version,
                                                       hyperparameters)
             optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
@@ -275,6 +275,7 @@ class LayerwiseUpdater:
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
         leaves = stash.buffers.leaves[index]
+        read = _weights_read(leaves, bucket.params, grads)
         checks = self.device_checks
 
         def step(staleness: int, version: int, targets: list[Tensor]) -> None:  # on the update stream
@@ -293,7 +294,6 @@ class LayerwiseUpdater:
             if self.log_grad_norm and self.clip_norm is None:
                 stash.record.grad_sq_sum += _internals.sum_of_squares(used)
             applied = [target for target, grad in zip(targets, grads) if grad is not None]
-            read = _weights_read(leaves, targets, grads)
             overrides = self.compensation.before_step(index, applied, used, read, staleness, version, hyperparameters)
             optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
 
@@ -301,11 +301,12 @@ class LayerwiseUpdater:
         self._count_update(stash, index, staleness, len(present))
 
 
-def _weights_read(leaves: list[Tensor], targets: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
-    """The weights the stepping backward's forward read, per parameter with a gradient; the live values where it
-    read none (accumulation: the gradient came from another forward of the window)."""
+def _weights_read(leaves: list[Tensor], params: list[nn.Parameter], grads: list[Tensor | None]) -> list[Tensor]:
+    """The weights the stepping backward's forward read, per parameter with a gradient (computed outside the
+    bucket's lock); the live parameter where it read none (accumulation: the gradient came from another forward
+    of the window)."""
     return [
-        leaf if leaf.shape == target.shape else target
-        for leaf, target, grad in zip(leaves, targets, grads)
+        leaf if leaf.shape == param.shape else param.detach()
+        for leaf, param, grad in zip(leaves, params, grads)
         if grad is not None
     ]
