@@ -78,7 +78,7 @@ def staleness_by_depth(lazy: bool, steps: int = 600) -> dict[str, float]:
     from lightning.pytorch.callbacks import Callback
 
     from lightning_pdasgd import PDASGDStrategy
-    from lightning_pdasgd.metrics import STALENESS_FIRST_BUCKET, STALENESS_LAST_BUCKET
+    from lightning_pdasgd.engine.metrics import STALENESS_FIRST_BUCKET, STALENESS_LAST_BUCKET
 
     torch.manual_seed(0)
     layers: list[nn.Module] = [nn.Linear(64, 256), nn.ReLU()]

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_pdasgd import _flavor
-from lightning_pdasgd.engine import EngineTimeoutError
-from lightning_pdasgd.exchange import ConsistentPointMismatchError, RankFailedError
-from lightning_pdasgd.nonfinite import NonFiniteError
+from lightning_pdasgd.distributed.replica_exchange import ConsistentPointMismatchError, RankFailedError
+from lightning_pdasgd.engine.backward_threads import EngineTimeoutError
+from lightning_pdasgd.engine.nonfinite import NonFiniteError
 
 __all__ = [
     "ConsistentPointMismatchError",

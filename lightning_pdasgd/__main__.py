@@ -2,7 +2,7 @@
 
 import sys
 
-from lightning_pdasgd.cli import main
+from lightning_pdasgd.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

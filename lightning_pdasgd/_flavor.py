@@ -37,17 +37,19 @@ STRATEGY_DESCRIPTION = "Partial Decoupled Asynchronous SGD (lightning-pdasgd)"
 # Modules that name Lightning classes, loaded once per flavour; every other module of the package is imported
 # absolutely and exists once (a test checks that nothing else loads under the ``pl`` prefix).
 FLAVOURED = (
-    "_lightning",
-    "_internals",
     "callbacks",
-    "checks",
     "cli_aliases",
-    "collectives",
-    "preemption",
-    "processes",
-    "steps",
     "straggler",
     "strategy",
+    "integration",
+    "integration._lightning",
+    "integration._lightning_internals",
+    "integration.collectives",
+    "integration.one_process_per_device",
+    "integration.preemption",
+    "integration.setup_checks",
+    "integration.state_access",
+    "integration.step_accounting",
 )
 
 
@@ -172,7 +174,7 @@ def _package_ready(flavor: Flavor) -> None:
         for other in FLAVORS:
             if other.name in _ready and other is not flavor:
                 _accept_in(flavor, other)
-    if f"{flavor.prefix}._lightning" not in sys.modules:
+    if f"{flavor.prefix}.integration._lightning" not in sys.modules:
         activate(flavor)
     # else: our copy's import of the package brought us here; its strategy module, once loaded, calls _copy_ready
 
@@ -193,12 +195,7 @@ def _copy_ready(flavor: Flavor) -> None:
 
 def _accept_in(trainer_flavor: Flavor, strategy_flavor: Flavor) -> None:
     """Make ``strategy_flavor``'s strategy (and launcher) pass ``trainer_flavor``'s ``isinstance`` checks."""
-    from lightning_pdasgd import _internals
-
-    processes = strategy_flavor.ours("processes")
-    _internals.register_virtual_subclasses(
-        trainer_flavor, processes.OneProcessPerDevice, processes.OneProcessPerDeviceLauncher
-    )
+    strategy_flavor.ours("integration.one_process_per_device").make_acceptable_to(trainer_flavor)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

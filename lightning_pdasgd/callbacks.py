@@ -6,8 +6,8 @@ from typing import Any
 
 from lightning_pdasgd import _flavor
 
-from ._lightning import Callback
-from ._lightning import pytorch as pl
+from .integration._lightning import Callback
+from .integration._lightning import pytorch as pl
 
 
 class EngineDrain(Callback):

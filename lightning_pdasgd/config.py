@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from lightning_pdasgd import nonfinite
-from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
-from lightning_pdasgd.compensation import resolve as resolve_compensation
+from lightning_pdasgd.engine import nonfinite
+from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
+from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
 
 ThreadCount = Union[int, Literal["auto"]]
 

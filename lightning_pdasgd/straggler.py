@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ._lightning import Callback
-from ._lightning import pytorch as pl
+from .integration._lightning import Callback
+from .integration._lightning import pytorch as pl
 
 
 class Straggler(Callback):

@@ -21,17 +21,18 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_pdasgd.checkpointing import DrainBeforeStateAccess
-from lightning_pdasgd.claiming import claim_batches
-from lightning_pdasgd.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
 from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, PDASGDConfig
-from lightning_pdasgd.engine import BackwardEngine
-from lightning_pdasgd.metrics import EngineStats
-from lightning_pdasgd.session import FitSession
-from lightning_pdasgd.updates import LayerwiseUpdater
+from lightning_pdasgd.distributed.claiming import claim_batches
+from lightning_pdasgd.engine import _torch_internals
+from lightning_pdasgd.engine.backward_threads import BackwardEngine
+from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
+from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
+from lightning_pdasgd.engine.metrics import EngineStats
+from lightning_pdasgd.engine.session import FitSession
 
-from . import _internals, checks, preemption, steps  # relative: the Lightning-facing modules (_flavor.py)
-from ._lightning import (
+from .callbacks import EngineDrain
+from .integration import _lightning_internals, preemption, setup_checks  # relative: flavoured (_flavor.py)
+from .integration._lightning import (
     STEP_OUTPUT,
     Accelerator,
     CheckpointIO,
@@ -44,9 +45,10 @@ from ._lightning import (
     rank_zero_info,
     rank_zero_warn,
 )
-from .callbacks import EngineDrain
-from .collectives import AsyncAwareCollectives
-from .processes import OneProcessPerDevice
+from .integration.collectives import AsyncAwareCollectives
+from .integration.one_process_per_device import OneProcessPerDevice
+from .integration.state_access import DrainBeforeStateAccess
+from .integration.step_accounting import StepAccounting, prepare_fit, start_exchange
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         )
         self._stats = EngineStats()
         self._session: Optional[FitSession] = None  # exists while fit trains; the strategy stays picklable
-        self._steps: Optional[steps.StepAccounting] = None  # several devices, fitting: the global step count
+        self._steps: Optional[StepAccounting] = None  # several devices, fitting: the global step count
         self.autotune_report: Optional[str] = None
         self._fit_loop_started = False  # on_train_start came, on_exception/teardown not yet (`training_step`)
         self._in_optimizer_step = False  # a closure run inside `optimizer_step` closes its accumulation window
@@ -197,8 +199,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         return self._session is not None and self._session.asynchronous
 
     @property
-    def step_accounting(self) -> Optional[steps.StepAccounting]:
-        return self._steps  # several devices, while fitting: Lightning's step count over all ranks (`steps.py`)
+    def step_accounting(self) -> Optional[StepAccounting]:
+        return self._steps  # several devices, while fitting: Lightning's step count over all ranks (`step_accounting.py`)
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -212,7 +214,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         super().setup_environment()
         # before the user's `setup`, which may load the data; one process never shares its data, whatever
         # `world_size` was set to (`processes.py`)
-        self._steps = steps.prepare_fit(self) if self.process_count > 1 else None
+        self._steps = prepare_fit(self) if self.process_count > 1 else None
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -226,13 +228,13 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
-            _internals.optimizers_to_device(self.optimizers, self.root_device)
-            checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.process_count)
+            _lightning_internals.optimizers_to_device(self.optimizers, self.root_device)
+            setup_checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.process_count)
             EngineDrain.attach(trainer)
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
-        with checks.one_optimizer_advice():
+        with setup_checks.one_optimizer_advice():
             super().setup_optimizers(trainer)
 
     @override
@@ -255,11 +257,11 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         self._end_stale_session()
         self._stats = EngineStats()
         session = FitSession.for_fit(self._config, trainer, self.optimizers[0], self.root_device, self._stats,
-                                     accumulate=checks.accumulates_gradients(trainer))
+                                     accumulate=setup_checks.accumulates_gradients(trainer))
         self._session = session
         rank_zero_info(session.start_for(self.process_count, trainer.estimated_stepping_batches))
         if self.process_count > 1:
-            steps.start_exchange(session, self.background_group, self._steps)
+            start_exchange(session, self.background_group, self._steps)
             preemption.watch_sigterm_through_exchange(trainer, session)
 
     def _end_stale_session(self) -> None:
@@ -341,7 +343,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
                 raise
 
         with _EngineCall("a training step", passed_through=raised_by_step):
-            session.follow_parameter_changes(self.optimizers, lambda: checks.check_trainer_settings(
+            session.follow_parameter_changes(self.optimizers, lambda: setup_checks.check_trainer_settings(
                 module.trainer, module, self.optimizers))
             output = session.forward(run_step, args)
             if _logs_metrics(module.trainer):
@@ -356,7 +358,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         module = self.lightning_module
         assert module is not None
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        checks.check_loss(closure_loss)
+        setup_checks.check_loss(closure_loss)
         with _EngineCall("the hand-off of a loss"):
             # Lightning runs the closure inside `optimizer_step` only for the batch that ends an accumulation window
             session.hand_off(closure_loss, module.trainer.global_step, self.global_rank, self._in_optimizer_step)
@@ -388,7 +390,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
             self._in_optimizer_step = False
             with _EngineCall("an optimizer step"):
                 session.end_step()
-        _internals.mark_optimizer_stepped(getattr(optimizer, "_optimizer", optimizer))
+        _torch_internals.mark_optimizer_stepped(getattr(optimizer, "_optimizer", optimizer))
         return output
 
     @classmethod

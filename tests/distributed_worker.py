@@ -154,7 +154,7 @@ class StepRecord(Callback):
         self.points: list[tuple[Any, ...]] = []
 
     def _record(self, kind: str, trainer: L.Trainer) -> None:
-        from lightning_pdasgd import _internals
+        from lightning_pdasgd.integration import _lightning_internals as _internals
 
         (config,) = trainer.lr_scheduler_configs
         scheduler = config.scheduler

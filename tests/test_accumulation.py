@@ -58,7 +58,7 @@ def test_accumulation_with_default_settings_keeps_plains_steps_and_accuracy(mode
 def test_accumulation_with_several_devices_is_refused_with_the_alternative() -> None:
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from lightning_pdasgd import checks
+    from lightning_pdasgd.integration import setup_checks as checks
     from tests.helpers import trainer_kwargs
 
     trainer = L.Trainer(strategy=PDASGDStrategy(), **trainer_kwargs(devices=2, accumulate_grad_batches=2))

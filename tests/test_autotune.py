@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import lightning as L
 import pytest
 import torch
 
 from lightning_pdasgd import PDASGDStrategy
-from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
+from lightning_pdasgd.engine.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
 from tests.helpers import trainer_kwargs
 from tests.models import DelayedBackward, DigitsClassifier, DigitsData
 from tests.test_concurrency import LR, LinearLoss, _integer_batches

@@ -9,7 +9,7 @@ import torch
 from torch.distributed import TCPStore
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pdasgd.claiming import ClaimingBatchSampler, claiming_dataloader
+from lightning_pdasgd.distributed.claiming import ClaimingBatchSampler, claiming_dataloader
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_pdasgd import PDASGDStrategy, cli
-from lightning_pdasgd.cli_errors import ConfigurationError
+from lightning_pdasgd import PDASGDStrategy
+from lightning_pdasgd.cli import main as cli
+from lightning_pdasgd.cli.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CLI = ROOT / "examples" / "configs" / "digits_cli.yaml"
@@ -207,7 +208,7 @@ def test_short_error_parser_in_a_plain_lightning_cli_script(tmp_path: Path) -> N
     script.write_text(
         "from lightning.pytorch.cli import LightningCLI\n"
         "from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel\n"
-        "from lightning_pdasgd.cli_errors import ShortErrorParser\n"
+        "from lightning_pdasgd.cli.errors import ShortErrorParser\n"
         "LightningCLI(BoringModel, BoringDataModule, parser_class=ShortErrorParser)\n"
     )
     command = [sys.executable, str(script), "fit", "--trainer.strategy", "PDASGDStrategy",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_pdasgd import PDASGDStrategy
-from lightning_pdasgd.compensation import (
+from lightning_pdasgd.engine.compensation import (
     DEFAULT_STALENESS_COMPENSATION,
     STALENESS_COMPENSATIONS,
     DelayCompensation,

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
-from lightning_pdasgd.nonfinite import NonFiniteError
+from lightning_pdasgd.engine.nonfinite import NonFiniteError
 from tests.test_concurrency import LR, LinearLoss, _integer_batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -260,8 +260,8 @@ def _exchange_rank(rank: int, port: int, out: str, dtype_name: str, updates: int
     """One rank on cuda:0: updates from a backward-like thread while the exchange runs rounds (gloo on CUDA)."""
     import threading
 
-    from lightning_pdasgd.exchange import ReplicaExchange
-    from lightning_pdasgd.parameters import make_buckets
+    from lightning_pdasgd.distributed.replica_exchange import ReplicaExchange
+    from lightning_pdasgd.engine.parameter_buckets import make_buckets
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(0)

@@ -17,7 +17,8 @@ from torch import nn
 
 from examples.cifar10_resnet import CIFAR10DataModule, cifar_resnet18, train_transform
 from examples.sequence_classifier import SequenceClassifier, SequenceDataModule, read_tsv
-from lightning_pdasgd import PDASGDStrategy, cli
+from lightning_pdasgd import PDASGDStrategy
+from lightning_pdasgd.cli import main as cli
 from tests.helpers import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_pdasgd.exchange import ReplicaExchange
-from lightning_pdasgd.parameters import make_buckets
+from lightning_pdasgd.distributed.replica_exchange import ReplicaExchange
+from lightning_pdasgd.engine.parameter_buckets import make_buckets
 
 
 def _small(dtype: torch.dtype) -> float:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
-from lightning_pdasgd.guard import LossWatch
+from lightning_pdasgd.engine.divergence_guard import LossWatch
 from tests.helpers import trainer_kwargs
 
 FEATURES = 8

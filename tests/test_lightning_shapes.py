@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
-from lightning_pdasgd.optimizers import closure_arguments
+from lightning_pdasgd.engine.bucket_optimizer import closure_arguments
 from tests.helpers import trainer_kwargs
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes (simulated)"

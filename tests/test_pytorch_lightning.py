@@ -199,10 +199,10 @@ import pytorch_lightning as pl, lightning, lightning_pdasgd, json, torch
 from lightning_fabric.plugins.environments import LightningEnvironment
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning_pdasgd import checks, preemption
+from lightning_pdasgd.integration import preemption, setup_checks
 out = {"class": lightning_pdasgd.PDASGDStrategy.__module__}
 try:
-    checks.check_multi_device_settings(pl.Trainer(max_time="00:00:01:00", logger=False))
+    setup_checks.check_multi_device_settings(pl.Trainer(max_time="00:00:01:00", logger=False))
 except MisconfigurationException as error:
     out["timer"] = "max_time" in str(error)
 out["sigterm"] = preemption.is_preemption(SIGTERMException())
@@ -259,16 +259,16 @@ def test_only_lightning_facing_modules_load_twice() -> None:
     import lightning_pdasgd.pl  # noqa: F401
     from lightning_pdasgd import _flavor
 
-    loaded = {name.rsplit(".", 1)[1] for name in sys.modules if name.startswith("lightning_pdasgd.pl.")}
+    prefix = "lightning_pdasgd.pl."
+    loaded = {name.removeprefix(prefix) for name in sys.modules if name.startswith(prefix)}
     assert loaded <= set(_flavor.FLAVOURED), f"Lightning-free modules must load once: {loaded - set(_flavor.FLAVOURED)}"
 
 
 def test_pytorch_lightning_refusal_is_its_misconfiguration_exception() -> None:
     import pytorch_lightning as pl
-    from pytorch_lightning.utilities.exceptions import MisconfigurationException
-
     import torch
     from pytorch_lightning.plugins.precision import MixedPrecision
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     trainer = pl.Trainer(strategy="pdasgd", plugins=[scaled], max_steps=2, logger=False,
@@ -280,9 +280,8 @@ def test_pytorch_lightning_refusal_is_its_misconfiguration_exception() -> None:
 
 def test_pytorch_lightning_timer_refused_with_several_devices() -> None:
     import pytorch_lightning as pl
+    from lightning_pdasgd.pl.integration.setup_checks import check_multi_device_settings
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
-
-    from lightning_pdasgd.pl.checks import check_multi_device_settings
 
     with pytest.raises(MisconfigurationException, match="max_time"):
         check_multi_device_settings(pl.Trainer(max_time="00:00:01:00", logger=False))
@@ -291,7 +290,7 @@ def test_pytorch_lightning_timer_refused_with_several_devices() -> None:
 def test_pytorch_lightning_gradient_hook_warning_names_real_overrides_only() -> None:
     import warnings
 
-    from lightning_pdasgd.pl.checks import warn_gradient_hooks
+    from lightning_pdasgd.pl.integration.setup_checks import warn_gradient_hooks
 
     with pytest.warns(UserWarning, match=r"Hooked\.on_after_backward"):
         warn_gradient_hooks(_pl_module(override_gradient_hook=True), [])
@@ -301,9 +300,8 @@ def test_pytorch_lightning_gradient_hook_warning_names_real_overrides_only() -> 
 
 
 def test_pytorch_lightning_sigterm_is_preemption() -> None:
+    from lightning_pdasgd.pl.integration.preemption import is_preemption
     from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-    from lightning_pdasgd.pl.preemption import is_preemption
 
     assert is_preemption(SIGTERMException()) and is_preemption(KeyboardInterrupt())
     assert not is_preemption(RuntimeError())
@@ -323,7 +321,6 @@ def test_pytorch_lightning_launcher_is_recognised_by_its_call_module() -> None:
 
 def test_pytorch_lightning_progress_bar_gets_the_estimate() -> None:
     import pytorch_lightning as pl
-
     from lightning_pdasgd.pl.callbacks import show_estimated_epoch_length
 
     totals: list[Any] = []

@@ -13,7 +13,9 @@ import pytest
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_pdasgd import PDASGDStrategy, cli, report
+from lightning_pdasgd import PDASGDStrategy
+from lightning_pdasgd.cli import main as cli
+from lightning_pdasgd.cli import report
 from tests.helpers import trainer_kwargs
 from tests.models import DigitsClassifier, DigitsData
 

@@ -190,7 +190,7 @@ def test_intra_op_threads_apply_during_fit_only() -> None:
     ],
 )
 def test_multi_device_refuses_per_rank_mid_epoch_points(overrides: dict[str, Any], match: str) -> None:
-    from lightning_pdasgd.checks import check_multi_device_settings
+    from lightning_pdasgd.integration.setup_checks import check_multi_device_settings
 
     trainer = L.Trainer(**trainer_kwargs(**overrides))
     with pytest.raises(MisconfigurationException, match=match):
@@ -204,7 +204,7 @@ def test_multi_device_refuses_per_rank_mid_epoch_points(overrides: dict[str, Any
 )
 def test_multi_device_accepts_limits_counted_over_all_ranks(overrides: dict[str, Any]) -> None:
     """max_steps and limit_train_batches count the batches of all ranks together (tested in test_distributed)."""
-    from lightning_pdasgd.checks import check_multi_device_settings
+    from lightning_pdasgd.integration.setup_checks import check_multi_device_settings
 
     check_multi_device_settings(L.Trainer(**trainer_kwargs(**overrides)))
 

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pdasgd import PDASGDStrategy, _internals
-from lightning_pdasgd.parameters import make_buckets
-from lightning_pdasgd.stash import UNREAD
-from lightning_pdasgd.updates import LayerwiseUpdater
+from lightning_pdasgd import PDASGDStrategy
+from lightning_pdasgd.engine import _torch_internals
+from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
+from lightning_pdasgd.engine.parameter_buckets import make_buckets
+from lightning_pdasgd.engine.weight_stash import UNREAD
 from tests.helpers import trainer_kwargs
 
 WAIT_S = 60.0
@@ -190,7 +191,7 @@ def test_the_first_forward_finds_which_buckets_to_read_early() -> None:
     batch = next(iter(_batches()))
     for _ in range(2):  # the first forward detects; the second reads the rest lazily
         stash = updater.stash()
-        with _internals.reparametrized(model, stash.tensors), updater.reading(stash):
+        with _torch_internals.reparametrized(model, stash.tensors), updater.reading(stash):
             model.training_step(batch, 0)
         assert UNREAD not in stash.versions
         updater.release(stash, reusable=False)

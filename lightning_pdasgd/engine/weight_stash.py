@@ -25,11 +25,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_pdasgd import streams
-from lightning_pdasgd.accumulation import AccumulationWindow
-from lightning_pdasgd.compensation import StalenessCompensation
-from lightning_pdasgd.metrics import BackwardRecord
-from lightning_pdasgd.parameters import ParameterBucket, WeightVersion
+from lightning_pdasgd.engine import cuda_streams
+from lightning_pdasgd.engine.accumulation import AccumulationWindow
+from lightning_pdasgd.engine.compensation import StalenessCompensation
+from lightning_pdasgd.engine.metrics import BackwardRecord
+from lightning_pdasgd.engine.parameter_buckets import ParameterBucket, WeightVersion
 
 GradientHook = Callable[["StashBuffers", int, int], None]
 UNREAD = -1  # the version of a bucket the forward has not read (yet)
@@ -112,12 +112,12 @@ class StashPool:
         if compensation is not None and compensation.wants_fill(index, bucket.version):
             private = stash.buffers.private[index]
             if private is None:
-                with streams.on_update_stream(bucket.device, wait=False):  # CUDA: allocated where it is written
+                with cuda_streams.on_update_stream(bucket.device, wait=False):  # CUDA: allocated where it is written
                     private = [torch.empty_like(tensor) for tensor in bucket.aliases]
                 stash.buffers.private[index] = private
-            streams.before_stash_copy(bucket.device)
+            cuda_streams.before_stash_copy(bucket.device)
             stash.versions[index] = bucket.read_into(private, partial(compensation.fill, index))
-            streams.read_after_updates(bucket.device, private)
+            cuda_streams.read_after_updates(bucket.device, private)
             for leaf, tensor in zip(leaves, private):
                 leaf.data = tensor
             return

@@ -33,16 +33,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from lightning_pdasgd.metrics import (
-    SAMPLES_PER_SECOND,
-    STALENESS_FIRST_BUCKET,
-    STALENESS_FRACTION_PREFIX,
-    STALENESS_LAST_BUCKET,
-    STALENESS_MAX,
-    STALENESS_MEAN,
-    WALL_TIME,
-)
-from lightning_pdasgd.report_logs import (  # noqa: F401 - re-exported: the report's public reading functions
+from lightning_pdasgd.cli.report_logs import (  # noqa: F401 - re-exported: the report's public reading functions
     BASELINE_COLOR,
     EPOCH,
     EXIT_NO_METRICS,
@@ -63,6 +54,15 @@ from lightning_pdasgd.report_logs import (  # noqa: F401 - re-exported: the repo
     read_tensorboard,
     staleness_fractions,
     validation_accuracy_series,
+)
+from lightning_pdasgd.engine.metrics import (
+    SAMPLES_PER_SECOND,
+    STALENESS_FIRST_BUCKET,
+    STALENESS_FRACTION_PREFIX,
+    STALENESS_LAST_BUCKET,
+    STALENESS_MAX,
+    STALENESS_MEAN,
+    WALL_TIME,
 )
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from lightning_pdasgd.metrics import STALENESS_FRACTION_PREFIX, WALL_TIME
+from lightning_pdasgd.engine.metrics import STALENESS_FRACTION_PREFIX, WALL_TIME
 
 METRICS_FILE = "metrics.csv"
 EVENTS_GLOB = "events.out.tfevents.*"

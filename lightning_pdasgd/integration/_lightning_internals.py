@@ -1,28 +1,24 @@
-"""Every private Lightning or torch internal this package touches, in one place.
+"""Every private Lightning internal this package touches, in one place.
 
-Read from torch 2.14.1, lightning 2.6.6 and pytorch-lightning 2.6.6. When either moves, this is the only module to
-re-check.
+Read from lightning 2.6.6 and pytorch-lightning 2.6.6. When either moves, this is the only module to re-check; the
+torch internals are in ``engine/_torch_internals.py``.
 
 Flavour-aware: like the other Lightning-facing modules it loads once per Lightning package (``_flavor.py``), and
 reads Lightning's helpers from the package its copy was loaded for (``lightning.fabric`` or ``lightning_fabric``),
-only inside the function that needs them, so the copy that Lightning-free modules import (for the torch helpers)
-imports no Lightning package.
+only inside the function that needs them.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
-from torch import nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd import _flavor
 
-TORCH_VERSION_READ = "2.14.1"
 LIGHTNING_VERSION_READ = "2.6.6"
 PYTORCH_LIGHTNING_VERSION_READ = "2.6.6"
 
@@ -35,82 +31,6 @@ def _fabric(module: str) -> ModuleType:
 def _pytorch(module: str) -> ModuleType:
     """``lightning.pytorch.<module>`` or ``pytorch_lightning.<module>``: the flavour this copy was loaded for."""
     return importlib.import_module(f"{_flavor.for_module(__name__).pytorch}.{module}")
-
-
-# ----------------------------------------------------------------------------------------------- torch's foreach ops
-# The multi-tensor kernels torch's own optimizers use (one call per list of tensors). Their names are private
-# (``torch._foreach_*``) but they are the documented building blocks of ``foreach=True`` optimizers.
-
-
-def foreach_copy_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-    """``target.copy_(source)`` for every pair, in one call."""
-    torch._foreach_copy_(list(targets), list(sources))
-
-
-def foreach_add_difference_(
-    targets: Sequence[torch.Tensor], new: Sequence[torch.Tensor], old: Sequence[torch.Tensor]
-) -> None:
-    """``target += new - old`` for every triple, in two calls."""
-    torch._foreach_add_(list(targets), torch._foreach_sub(list(new), list(old)))
-
-
-def foreach_clamp_(tensors: Sequence[torch.Tensor], bound: float) -> None:
-    """Clamp every element of every tensor to ``[-bound, bound]`` in place (gradient clipping by value)."""
-    torch._foreach_clamp_min_(list(tensors), -bound)
-    torch._foreach_clamp_max_(list(tensors), bound)
-
-
-def foreach_scale_to_norm_(tensors: Sequence[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale tensors whose total norm is ``total_norm`` to at most ``max_norm``, with the coefficient and kernels
-    of ``torch.nn.utils.clip_grads_with_norm_`` (which takes parameters, not the gradients themselves)."""
-    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    torch._foreach_mul_(list(tensors), coefficient.to(tensors[0].device))
-
-
-def foreach_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The L2 norm of each tensor (one reduction per tensor, no per-element temporary)."""
-    return list(torch._foreach_norm(list(tensors)))
-
-
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite.
-
-    One L2 reduction per tensor decides the common case; only when a norm is not finite (a NaN or Inf, or a
-    finite tensor whose squares overflow) does an exact element-wise check run.
-    """
-    norms = foreach_norms(tensors)
-    if bool(torch.stack(norms).isfinite().all()):
-        return True
-    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
-
-
-def sum_of_squares(tensors: Sequence[torch.Tensor]) -> float:
-    """The squared L2 norm of all tensors together (for ``pdasgd/grad_norm``)."""
-    norms = torch.stack([norm.double() for norm in foreach_norms(tensors)])
-    return float(norms.pow(2).sum())
-
-
-@contextmanager
-def reparametrized(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Run code on ``module`` with some parameters swapped for other tensors (tied weights stay tied).
-
-    ``torch.func.functional_call`` only calls ``forward``; we need to run ``training_step``, so we use the
-    context manager behind it: ``torch.nn.utils.stateless._reparametrize_module``.
-    """
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    with _reparametrize_module(module, tensors, tie_weights=True, strict=False):
-        yield
-
-
-def mark_optimizer_stepped(optimizer: Optimizer) -> None:
-    """Tell torch's LR schedulers that this optimizer stepped, although its ``step()`` was never called.
-
-    ``torch.optim.lr_scheduler.LRScheduler`` wraps ``optimizer.step`` to set ``optimizer._opt_called`` and warns
-    ("Detected call of `lr_scheduler.step()` before `optimizer.step()`") when it is missing. PD-ASGD applies the
-    updates through per-parameter optimizers instead, so we set the flag the wrapper would have set.
-    """
-    optimizer._opt_called = True  # type: ignore[attr-defined]
 
 
 def subprocess_script_launcher_class() -> type:
@@ -204,16 +124,6 @@ def optimizers_to_device(optimizers: list[Optimizer], device: torch.device) -> N
     _fabric("utilities.optimizer")._optimizers_to_device(optimizers, device)
 
 
-def default_store() -> object:
-    """The key-value store of torch.distributed's default group (TCPStore, or what torchrun/SLURM set up).
-
-    Ranks claim batches with atomic ``store.add``: the store every launcher already provides, no transport of ours.
-    """
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    return _get_default_store()
-
-
 def replace_sigterm_broadcast(trainer: object, check: Callable[[], None]) -> None:
     """Replace the per-batch SIGTERM broadcast of Lightning's training epoch loop.
 
@@ -264,8 +174,7 @@ def epoch_batches_ready(trainer: object) -> int:
 
 def step_lr_scheduler(trainer: object, config: object) -> None:
     """Step one scheduler the way ``_TrainingEpochLoop._update_learning_rates`` does (user's ``lr_scheduler_step``)."""
-    from lightning.pytorch.trainer import call
-
+    call = _pytorch("trainer.call")
     progress = trainer.fit_loop.epoch_loop.scheduler_progress  # type: ignore[attr-defined]
     progress.increment_ready()
     call._call_lightning_module_hook(trainer, "lr_scheduler_step", config.scheduler, None)  # type: ignore[attr-defined]

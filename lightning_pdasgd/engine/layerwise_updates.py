@@ -26,15 +26,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd import _internals, streams
-from lightning_pdasgd import nonfinite as nonfinite_policy
-from lightning_pdasgd.accumulation import GradientWindows, ReadySum
-from lightning_pdasgd.compensation import StalenessCompensation
-from lightning_pdasgd.device_checks import DeviceNonFinite
-from lightning_pdasgd.optimizers import BucketOptimizer
-from lightning_pdasgd.parameters import make_buckets
-from lightning_pdasgd.reads import LazyReads
-from lightning_pdasgd.stash import StashBuffers, StashPool, WeightStash
+from lightning_pdasgd.engine import _torch_internals, cuda_streams
+from lightning_pdasgd.engine import nonfinite as nonfinite_policy
+from lightning_pdasgd.engine.accumulation import GradientWindows, ReadySum
+from lightning_pdasgd.engine.bucket_optimizer import BucketOptimizer
+from lightning_pdasgd.engine.compensation import StalenessCompensation
+from lightning_pdasgd.engine.device_checks import DeviceNonFinite
+from lightning_pdasgd.engine.lazy_reads import LazyReads
+from lightning_pdasgd.engine.parameter_buckets import make_buckets
+from lightning_pdasgd.engine.weight_stash import StashBuffers, StashPool, WeightStash
 
 
 class LayerwiseUpdater:
@@ -160,7 +160,7 @@ class LayerwiseUpdater:
         if self.windows is None:
             return ReadySum(index, grads, stash.versions[index])
         assert stash.window is not None, "a stash joins its window at hand-off"
-        with streams.on_update_stream(self.buckets[index].device):
+        with cuda_streams.on_update_stream(self.buckets[index].device):
             return self.windows.contribute(stash.window, index, grads, stash.versions[index])
 
     def _bucket_gradients_ready(self, stash: WeightStash, index: int) -> None:
@@ -189,13 +189,13 @@ class LayerwiseUpdater:
         total = torch.nn.utils.get_total_norm(grads, 2.0)
         if not total.is_cuda:
             if self.nonfinite != "off" and not math.isfinite(float(total)):
-                grads = [grad for grad in grads if _internals.all_finite([grad])]
+                grads = [grad for grad in grads if _torch_internals.all_finite([grad])]
                 total = torch.nn.utils.get_total_norm(grads, 2.0)
             if self.grad_norms:
                 stash.record.grad_sq_sum += float(total) ** 2
         elif self.log_grad_norm:
             stash.record.grad_sq_sum += float(total) ** 2
-        _internals.foreach_scale_to_norm_(grads, self.clip_norm, total)
+        _torch_internals.foreach_scale_to_norm_(grads, self.clip_norm, total)
 
     # ------------------------------------------------------------------------------------------- updates out
     @staticmethod
@@ -219,9 +219,9 @@ class LayerwiseUpdater:
             self._step_bucket_cuda(stash, summed, present)
             return
         # one L2 reduction per tensor serves the non-finite check, `pdasgd/grad_norm` and the divergence guard
-        squares = _internals.sum_of_squares(present) if self.nonfinite != "off" or self.grad_norms else 0.0
-        if self.nonfinite != "off" and not math.isfinite(squares) and not _internals.all_finite(present):
-            bad = [position for position, grad in enumerate(grads) if grad is not None and not _internals.all_finite([grad])]
+        squares = _torch_internals.sum_of_squares(present) if self.nonfinite != "off" or self.grad_norms else 0.0
+        if self.nonfinite != "off" and not math.isfinite(squares) and not _torch_internals.all_finite(present):
+            bad = [position for position, grad in enumerate(grads) if grad is not None and not _torch_internals.all_finite([grad])]
             if self.nonfinite == "error":
                 raise nonfinite_policy.error(
                     f"non-finite gradient for parameter '{bucket.names[bad[0]]}' at step {stash.step} on rank"
@@ -233,11 +233,11 @@ class LayerwiseUpdater:
             present = [grad for grad in grads if grad is not None]
             if not present:
                 return
-            squares = _internals.sum_of_squares(present)
+            squares = _torch_internals.sum_of_squares(present)
         if self.clip_norm is None:  # else the unclipped total was recorded before the scaling
             stash.record.grad_sq_sum += squares
         if self.clip_value is not None:
-            _internals.foreach_clamp_(present, self.clip_value)
+            _torch_internals.foreach_clamp_(present, self.clip_value)
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
@@ -279,7 +279,7 @@ class LayerwiseUpdater:
         checks = self.device_checks
 
         def step(staleness: int, version: int, targets: list[Tensor]) -> None:  # on the update stream
-            streams.record_on_current(present)  # allocated on autograd's stream, read and freed here
+            cuda_streams.record_on_current(present)  # allocated on autograd's stream, read and freed here
             used = present
             if checks is not None:
                 finite = checks.finite_mask(present)
@@ -290,9 +290,9 @@ class LayerwiseUpdater:
                     used_iter = iter(used)
                     grads[:] = [None if grad is None else next(used_iter) for grad in grads]
             if self.clip_value is not None:
-                _internals.foreach_clamp_(used, self.clip_value)
+                _torch_internals.foreach_clamp_(used, self.clip_value)
             if self.log_grad_norm and self.clip_norm is None:
-                stash.record.grad_sq_sum += _internals.sum_of_squares(used)
+                stash.record.grad_sq_sum += _torch_internals.sum_of_squares(used)
             applied = [target for target, grad in zip(targets, grads) if grad is not None]
             overrides = self.compensation.before_step(index, applied, used, read, staleness, version, hyperparameters)
             optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)

@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import lightning_pdasgd  # noqa: F401 - registers strategy="pdasgd"
 from lightning_pdasgd import cli_aliases  # noqa: F401 - `--trainer.strategy pdasgd --trainer.strategy.<arg> V`
-from lightning_pdasgd.cli_errors import ConfigurationError, ShortErrorParser, instantiation_problem
+from lightning_pdasgd.cli.errors import ConfigurationError, ShortErrorParser, instantiation_problem
 
 PROG = "lightning-pdasgd"
 REPORT_COMMAND = "report"
@@ -50,7 +50,7 @@ def main(args: Optional[list[str]] = None) -> int:
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == REPORT_COMMAND:
-        from lightning_pdasgd import report
+        from lightning_pdasgd.cli import report
 
         return report.main(argv[1:], prog=f"{PROG} {REPORT_COMMAND}")
     try:

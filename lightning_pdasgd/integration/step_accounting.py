@@ -29,9 +29,9 @@ from typing import Any
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from lightning_pdasgd.claiming import ClaimingBatchSampler, new_claim_key
+from lightning_pdasgd.distributed.claiming import ClaimingBatchSampler, new_claim_key
 
-from . import _internals, checks  # relative: the Lightning-facing modules of this flavour (_flavor.py)
+from . import _lightning_internals, setup_checks  # relative: the Lightning-facing modules of this flavour (_flavor.py)
 from ._lightning import MisconfigurationException, TrainerFn, rank_zero_warn
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class StepAccounting:
             # Lightning would apply it to each rank's share (and make the claiming loader sized); the sampler applies
             # it to the whole epoch instead. Restored in `uninstall`.
             self._user_limit, trainer.limit_train_batches = limit, 1.0
-        self._undo = _internals.wrap_loop_methods(trainer, self._after_setup_data, self._update_lr_schedulers)
+        self._undo = _lightning_internals.wrap_loop_methods(trainer, self._after_setup_data, self._update_lr_schedulers)
 
     def uninstall(self) -> None:
         """Give Lightning its own loops and the user's ``limit_train_batches`` back (fit ended, however)."""
@@ -94,9 +94,9 @@ class StepAccounting:
     def start(self, remote_batches: Callable[[], int]) -> None:
         """Training starts (after a checkpoint's counters were restored): count from here."""
         trainer = self._trainer
-        step = _internals.global_step(trainer)
+        step = _lightning_internals.global_step(trainer)
         self._start_step = self._counted = step
-        self._resumed_in_epoch = _internals.epoch_batches_ready(trainer)  # a mid-epoch checkpoint's, or 0
+        self._resumed_in_epoch = _lightning_internals.epoch_batches_ready(trainer)  # a mid-epoch checkpoint's, or 0
         self._epoch_start_step = step - self._resumed_in_epoch
         self.local_batches = self._remote_counted = self._epoch_remote_start = self._epoch_remote_in_batches = 0
         self._remote = remote_batches
@@ -107,7 +107,7 @@ class StepAccounting:
         """A training epoch starts: the previous one ended at a consistent point, so the counts are exact."""
         if not self.active:
             return
-        self._epoch_start_step = _internals.global_step(self._trainer)
+        self._epoch_start_step = _lightning_internals.global_step(self._trainer)
         self._resumed_in_epoch = 0
         self._epoch_remote_start = self._remote_counted
         self._epoch_remote_in_batches = 0
@@ -135,7 +135,7 @@ class StepAccounting:
                 f" epoch has {sampler.epoch_batches} (`limit_train_batches={limit}` applies to all ranks together)."
                 f" Raise `limit_train_batches` to at least {self._world_size}, or train on fewer devices."
             )
-        _internals.set_num_training_batches(self._trainer, sampler.epoch_batches)
+        _lightning_internals.set_num_training_batches(self._trainer, sampler.epoch_batches)
 
     def _budget(self, epoch_batches: int) -> int:
         """How many claims the current epoch may still take (all ranks together).
@@ -145,7 +145,7 @@ class StepAccounting:
         restarts a dataloader that cannot resume), so only the rest of its length is claimed.
         """
         max_steps = self._trainer.max_steps
-        start = self._epoch_start_step if self.active else _internals.global_step(self._trainer)
+        start = self._epoch_start_step if self.active else _lightning_internals.global_step(self._trainer)
         length = epoch_batches if max_steps is None or max_steps < 0 else min(epoch_batches, max_steps - start)
         return max(length - (self._resumed_in_epoch if self.active else 0), 0)
 
@@ -176,7 +176,7 @@ class StepAccounting:
     def after_local_step(self) -> None:
         """After this rank's batch: count it, then the other ranks' batches reported since (see the module doc)."""
         trainer = self._trainer
-        now = _internals.global_step(trainer)
+        now = _lightning_internals.global_step(trainer)
         self.local_batches += now - self._counted
         self._step_schedulers(self._counted, now)
         self._counted = now
@@ -189,7 +189,7 @@ class StepAccounting:
             self._remote_counted += pending
 
     def _advance(self, steps: int) -> None:
-        _internals.advance_step_counters(self._trainer, steps)
+        _lightning_internals.advance_step_counters(self._trainer, steps)
         self._step_schedulers(self._counted, self._counted + steps)
         self._counted += steps
 
@@ -206,7 +206,7 @@ class StepAccounting:
             in_epoch = position - self._epoch_start_step
             for config in configs:
                 if in_epoch % config.frequency == 0:
-                    _internals.step_lr_scheduler(self._trainer, config)
+                    _lightning_internals.step_lr_scheduler(self._trainer, config)
 
     # ------------------------------------------------------------------------------------------- consistent points
     def settle(self, kind: str) -> None:
@@ -214,7 +214,7 @@ class StepAccounting:
         if not self.active:
             return
         trainer = self._trainer
-        now = _internals.global_step(trainer)
+        now = _lightning_internals.global_step(trainer)
         self.local_batches += now - self._counted  # normally 0: every local step was counted after its batch
         self._counted = now
         remote = self._remote()
@@ -227,7 +227,7 @@ class StepAccounting:
         self._advance(behind)
         self._remote_counted = remote
         epoch_remote = remote - self._epoch_remote_start
-        _internals.advance_batch_counters(trainer, epoch_remote - self._epoch_remote_in_batches)
+        _lightning_internals.advance_batch_counters(trainer, epoch_remote - self._epoch_remote_in_batches)
         self._epoch_remote_in_batches = epoch_remote
         self._verify(kind)
 
@@ -240,9 +240,9 @@ class StepAccounting:
         ]
         groups = [_plain({k: v for k, v in g.items() if k != "params"}) for g in trainer.optimizers[0].param_groups]
         counts = (
-            _internals.global_step(trainer),
-            _internals.batches_that_stepped(trainer),
-            _internals.epoch_batches_ready(trainer),
+            _lightning_internals.global_step(trainer),
+            _lightning_internals.batches_that_stepped(trainer),
+            _lightning_internals.epoch_batches_ready(trainer),
         )
         return {"counts": counts, "schedulers": schedulers, "param_groups": groups}
 
@@ -310,7 +310,7 @@ def prepare_fit(strategy: Any) -> StepAccounting | None:
     trainer = module.trainer
     if trainer.state.fn != TrainerFn.FITTING:
         return None
-    checks.check_multi_device_settings(trainer)
+    setup_checks.check_multi_device_settings(trainer)
     accounting = StepAccounting(trainer, strategy.world_size, strategy.broadcast(new_claim_key()))
     accounting.install()
     return accounting

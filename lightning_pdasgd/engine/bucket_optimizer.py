@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_pdasgd.parameters import ParameterBucket
+from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
 
 
 def hyperparameter_snapshot(optimizer: Optimizer) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from torch.optim import LBFGS, Optimizer
 
 from lightning_pdasgd import _flavor
 
-from . import _internals
+from . import _lightning_internals
 from ._lightning import Callback, MisconfigurationException, rank_zero_warn
 from ._lightning import pytorch as pl
 
@@ -150,7 +150,7 @@ def check_multi_device_settings(trainer: pl.Trainer) -> None:
             " ends (`val_check_interval=1.0`, optionally `check_val_every_n_epoch=N`)."
         )
     for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint) and _internals.saves_mid_epoch(callback):
+        if isinstance(callback, ModelCheckpoint) and _lightning_internals.saves_mid_epoch(callback):
             raise MisconfigurationException(
                 "`ModelCheckpoint(every_n_train_steps=...)` or `train_time_interval` with several devices: each"
                 " PD-ASGD rank reaches those points mid-epoch at its own time, so the ranks would save different"

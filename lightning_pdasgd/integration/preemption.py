@@ -16,9 +16,9 @@ import threading
 from typing import Any
 
 from lightning_pdasgd import _flavor
-from lightning_pdasgd.session import FitSession
+from lightning_pdasgd.engine.session import FitSession
 
-from . import _internals
+from . import _lightning_internals
 from ._lightning import FLAVOR
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,6 @@ def watch_sigterm_through_exchange(trainer: Any, session: FitSession) -> None:
         session.reach_consistent_point("preempt", stop=True)
         raise sigterm_exception()  # the Trainer's own package's, which its loop and users catch
 
-    _internals.replace_sigterm_broadcast(trainer, check)
+    _lightning_internals.replace_sigterm_broadcast(trainer, check)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)

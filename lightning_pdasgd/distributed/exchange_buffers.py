@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_pdasgd import _internals
-from lightning_pdasgd.parameters import ParameterBucket
+from lightning_pdasgd.engine import _torch_internals
+from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
 
 
 @dataclass
@@ -73,10 +73,10 @@ def merge_rebased(
     At a consistent point ``live := anchor`` (rounded the same way on every rank) and ``base := live``.
     """
     if consistent:
-        _internals.foreach_copy_(live, anchor)
-        _internals.foreach_copy_(base, live)
+        _torch_internals.foreach_copy_(live, anchor)
+        _torch_internals.foreach_copy_(base, live)
         return
     before = [value.float() for value in live]
-    _internals.foreach_copy_(live, torch._foreach_add(torch._foreach_sub(list(anchor), list(taken)), before))
+    _torch_internals.foreach_copy_(live, torch._foreach_add(torch._foreach_sub(list(anchor), list(taken)), before))
     moved = torch._foreach_sub([value.float() for value in live], before)
-    _internals.foreach_copy_(base, torch._foreach_add(list(taken), moved))
+    _torch_internals.foreach_copy_(base, torch._foreach_add(list(taken), moved))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd.parameters import ParameterBucket
+from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
 
 
 class ParameterSetFingerprint:

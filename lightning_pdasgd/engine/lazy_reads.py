@@ -27,8 +27,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
-from lightning_pdasgd.parameters import ParameterBucket
-from lightning_pdasgd.stash import UNREAD, StashPool, WeightStash
+from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
+from lightning_pdasgd.engine.weight_stash import UNREAD, StashPool, WeightStash
 
 
 class LazyReads:

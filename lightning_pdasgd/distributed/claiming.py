@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from lightning_pdasgd import _internals
+from lightning_pdasgd.engine import _torch_internals
 
 
 class ClaimingBatchSampler(Sampler[list[int]]):
@@ -185,7 +185,7 @@ def claim_batches(
     if not isinstance(dataloader, DataLoader) or claim_key is None:
         return dataloader
     seed, prefix = claim_key
-    claiming = claiming_dataloader(dataloader, seed, _internals.default_store(), prefix, world_size, rank)
+    claiming = claiming_dataloader(dataloader, seed, _torch_internals.default_store(), prefix, world_size, rank)
     if claiming is None:
         from lightning_utilities.core.rank_zero import rank_zero_warn  # the one both Lightning packages re-export
 

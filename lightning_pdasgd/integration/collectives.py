@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from . import _internals
-from ._internals import distributed_is_initialized as _distributed_is_initialized
+from . import _lightning_internals
+from ._lightning_internals import distributed_is_initialized as _distributed_is_initialized
 
 
 class AsyncAwareCollectives:
@@ -43,7 +43,7 @@ class AsyncAwareCollectives:
     @override
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Union[str, Any]] = "mean") -> Any:
         if isinstance(tensor, Tensor) and not self._asynchronous:
-            return _internals.sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+            return _lightning_internals.sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
     @override

@@ -20,9 +20,9 @@ stays the live one and every write goes in place, as with plain ``optimizer.step
 of it instead of aliasing it.
 
 CUDA: the lock orders the host's queueing of each access; running all of them on one in-order update stream per
-device (``streams.update_stream``) makes the GPU execute them in that same order. A forward's stream waits for
+device (``cuda_streams.update_stream``) makes the GPU execute them in that same order. A forward's stream waits for
 the update stream when it reads a bucket; a buffer returns to the pool only after the backwards that read it
-were queued and the update stream was made to wait for their streams (``streams.finish``).
+were queued and the update stream was made to wait for their streams (``cuda_streams.finish``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_pdasgd import _internals, streams
+from lightning_pdasgd.engine import _torch_internals, cuda_streams
 
 Fill = Callable[[list[Tensor], Sequence[Tensor], int], None]
 
@@ -120,7 +120,7 @@ class ParameterBucket:
             if read.shared:
                 read = self._spare_copy()
             read.readers += 1
-            streams.read_after_updates(self.device, read.tensors)
+            cuda_streams.read_after_updates(self.device, read.tensors)
             return read, self._version
 
     def release(self, read: WeightVersion, reusable: bool = True) -> None:
@@ -136,10 +136,10 @@ class ParameterBucket:
     def read_into(self, leaves: Sequence[Tensor], fill: Fill | None = None) -> int:
         """Write the weights a forward reads into private ``leaves`` (a copy: used where the compensation predicts
         weights); returns the version read. ``fill(live, leaves, version)`` writes something other than a copy."""
-        with self._lock, streams.on_update_stream(self.device, wait=False):
+        with self._lock, cuda_streams.on_update_stream(self.device, wait=False):
             with torch.no_grad():
                 if fill is None:
-                    _internals.foreach_copy_(leaves, self._live.tensors)
+                    _torch_internals.foreach_copy_(leaves, self._live.tensors)
                 else:
                     fill(self._live.tensors, leaves, self._version)
             return self._version
@@ -174,7 +174,7 @@ class ParameterBucket:
         before this one.
         """
         # CUDA: after the gradients (ready on the stream autograd made current in the hook), on the update stream
-        with self._lock, streams.on_update_stream(self.device):
+        with self._lock, cuda_streams.on_update_stream(self.device):
             staleness = self._version - read_version
             target = self._writable()
             step(staleness, self._version, target.tensors)
@@ -185,8 +185,8 @@ class ParameterBucket:
 
     def snapshot_into(self, targets: Sequence[Tensor]) -> int:
         """Copy the live values into ``targets`` for the exchange; returns the local updates not yet shared."""
-        with self._lock, streams.on_update_stream(self.device, join=True):
-            _internals.foreach_copy_(targets, self._live.tensors)
+        with self._lock, cuda_streams.on_update_stream(self.device, join=True):
+            _torch_internals.foreach_copy_(targets, self._live.tensors)
             unsent = self._local_updates - self._local_updates_sent
             self._local_updates_sent = self._local_updates
             return unsent
@@ -194,7 +194,7 @@ class ParameterBucket:
     def merge(self, write: Callable[[list[Tensor]], None], remote_updates: int) -> None:
         """Write the other ranks' contribution into the live values (``write(targets)``, copy-on-write like an
         update) and count their updates."""
-        with self._lock, streams.on_update_stream(self.device, join=True):
+        with self._lock, cuda_streams.on_update_stream(self.device, join=True):
             target = self._writable()
             with torch.no_grad():
                 write(target.tensors)
@@ -214,8 +214,8 @@ class ParameterBucket:
         stream, so the copy runs after every queued update)."""
         live = self._live
         spare = self._spares.pop() if self._spares else WeightVersion([torch.empty_like(t) for t in live.tensors])
-        with streams.on_update_stream(self.device, wait=False), torch.no_grad():
-            _internals.foreach_copy_(spare.tensors, live.tensors)
+        with cuda_streams.on_update_stream(self.device, wait=False), torch.no_grad():
+            _torch_internals.foreach_copy_(spare.tensors, live.tensors)
         return spare
 
     def _make_live(self, target: WeightVersion) -> None:

@@ -19,21 +19,26 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd import _internals, nonfinite, streams
-from lightning_pdasgd.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
-from lightning_pdasgd.budget import intra_op_threads_per_thread
-from lightning_pdasgd.changes import ParameterSetFingerprint
-from lightning_pdasgd.compensation import resolve as resolve_compensation
 from lightning_pdasgd.config import PDASGDConfig
-from lightning_pdasgd.device_checks import act_on_device_nonfinite
-from lightning_pdasgd.engine import BackwardEngine, BackwardWork
-from lightning_pdasgd.exchange import ReplicaExchange
-from lightning_pdasgd.guard import DivergenceGuard, Trip
-from lightning_pdasgd.metrics import EngineStats, batch_size_of, describe_session, log_window
-from lightning_pdasgd.optimizers import hyperparameter_snapshot
-from lightning_pdasgd.reads import add_unread_note
-from lightning_pdasgd.stash import WeightStash
-from lightning_pdasgd.updates import LayerwiseUpdater
+from lightning_pdasgd.distributed.replica_exchange import ReplicaExchange
+from lightning_pdasgd.engine import _torch_internals, cuda_streams, nonfinite
+from lightning_pdasgd.engine.autotune import (
+    Candidate,
+    ThreadAutotuner,
+    default_candidates,
+    intra_op_threads_per_thread,
+    plan_trials,
+)
+from lightning_pdasgd.engine.backward_threads import BackwardEngine, BackwardWork
+from lightning_pdasgd.engine.bucket_optimizer import hyperparameter_snapshot
+from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
+from lightning_pdasgd.engine.device_checks import act_on_device_nonfinite
+from lightning_pdasgd.engine.divergence_guard import DivergenceGuard, Trip
+from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
+from lightning_pdasgd.engine.lazy_reads import add_unread_note
+from lightning_pdasgd.engine.metrics import EngineStats, batch_size_of, describe_session, log_window
+from lightning_pdasgd.engine.parameter_changes import ParameterSetFingerprint
+from lightning_pdasgd.engine.weight_stash import WeightStash
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ class FitSession:
         self._accumulate = accumulate
         self._compensation = resolve_compensation(config.staleness_compensation)  # fresh state for each fit
         self.updater = self._build_updater(optimizer)
-        self._streams = streams.StreamPool(device, self.max_in_flight)
+        self._streams = cuda_streams.StreamPool(device, self.max_in_flight)
         self._saved_num_threads = torch.get_num_threads()
         self.intra_op_threads = self._intra_op_threads(self.backward_threads, self.max_in_flight, None)
         self.engine = BackwardEngine(
@@ -287,7 +292,7 @@ class FitSession:
         """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
         self.engine.drain()
         # ---- CUDA only (issue #13): the loop's stream sees the queued updates; non-finite values read exactly
-        streams.join_update_stream(self._device)
+        cuda_streams.join_update_stream(self._device)
         self._check_device_nonfinite(wait=True)
 
     def reach_consistent_point(self, kind: str, stop: bool = False) -> None:
@@ -362,8 +367,8 @@ class FitSession:
             stream = self._streams.next()
             stashed = perf_counter()
             with (
-                streams.forward_on(stream, inputs),
-                _internals.reparametrized(self._module, stash.tensors),
+                cuda_streams.forward_on(stream, inputs),
+                _torch_internals.reparametrized(self._module, stash.tensors),
                 self.updater.reading(stash),
             ):
                 output = run()
@@ -478,7 +483,7 @@ class FitSession:
         torch.set_num_threads(intra_op)
         self.engine.reconfigure(threads, in_flight, partial(torch.set_num_threads, intra_op))
         self.backward_threads, self.max_in_flight, self.intra_op_threads = threads, in_flight, intra_op
-        self._streams = streams.StreamPool(self._device, in_flight)
+        self._streams = cuda_streams.StreamPool(self._device, in_flight)
 
     def _agree_on_guard(self) -> tuple[bool, bool]:
         """At a consistent point (ranks synchronous): whether every rank's loss is healthy (all keep the same good
@@ -503,14 +508,14 @@ class FitSession:
         stash, stream = work.context
         updater = self.updater
         started = perf_counter()
-        with streams.backward_on(stream):
+        with cuda_streams.backward_on(stream):
             try:
                 torch.autograd.backward(work.loss, inputs=stash.leaves)
             except RuntimeError as error:
                 add_unread_note(error, stash)
                 raise
             updater.finish(stash)
-            streams.finish(stream)
+            cuda_streams.finish(stream)
         stash.record.seconds = perf_counter() - started
         self.stats.record_backward(stash.record)
         work.loss = None  # type: ignore[assignment]  # free the graph before the leaves are reused
@@ -524,7 +529,7 @@ class FitSession:
     def _apply_candidate(self, candidate: Candidate) -> None:
         """Switch thread counts between two steps: drained, so no update is lost or reordered."""
         self.engine.drain()
-        streams.join_update_stream(self._device)  # CUDA only: a plain step's optimizer runs on the loop's stream
+        cuda_streams.join_update_stream(self._device)  # CUDA only: a plain step's optimizer runs on the loop's stream
         self.plain_steps = candidate.synchronous
         if candidate.synchronous:  # the plain step: one thread with every core, as plain Lightning
             torch.set_num_threads(candidate.intra_op_threads or self._saved_num_threads)
@@ -536,4 +541,4 @@ class FitSession:
         if (threads, in_flight, intra_op) != (self.backward_threads, self.max_in_flight, self.intra_op_threads):
             self.engine.reconfigure(threads, in_flight, partial(torch.set_num_threads, intra_op))
             self.backward_threads, self.max_in_flight, self.intra_op_threads = threads, in_flight, intra_op
-            self._streams = streams.StreamPool(self._device, in_flight)
+            self._streams = cuda_streams.StreamPool(self._device, in_flight)

@@ -14,7 +14,9 @@ from typing import Any, Optional
 import torch
 from typing_extensions import override
 
-from . import _internals
+from lightning_pdasgd import _flavor
+
+from . import _lightning_internals
 from ._lightning import (
     Accelerator,
     CheckpointIO,
@@ -26,7 +28,7 @@ from ._lightning import (
 )
 
 
-class OneProcessPerDeviceLauncher(_internals.subprocess_script_launcher_class()):  # type: ignore[misc]
+class OneProcessPerDeviceLauncher(_lightning_internals.subprocess_script_launcher_class()):  # type: ignore[misc]
     """Lightning's script launcher (what ``strategy="ddp"`` uses), as a class of ours.
 
     With both Lightning packages imported it is registered as a virtual subclass of the other package's launcher
@@ -129,7 +131,7 @@ class OneProcessPerDevice(ParallelStrategy):
         self.set_world_ranks()
         self._check_world_size_set()
         if self.process_count > 1:
-            self._process_group_backend, self._background_group = _internals.init_process_groups(
+            self._process_group_backend, self._background_group = _lightning_internals.init_process_groups(
                 self.cluster_environment,
                 self._process_group_backend,
                 self.root_device,
@@ -156,7 +158,7 @@ class OneProcessPerDevice(ParallelStrategy):
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         # without a process group there is no other rank to agree with; Lightning's arithmetic would compare this
         # rank's vote with a world size set by hand (`world_size`) and turn every `all=True` decision into False
-        if not _internals.distributed_is_initialized():
+        if not _lightning_internals.distributed_is_initialized():
             return decision
         return super().reduce_boolean_decision(decision, all=all)
 
@@ -170,3 +172,8 @@ class OneProcessPerDevice(ParallelStrategy):
         state = super().__getstate__()
         state["_background_group"] = None  # a process group does not pickle; each process makes its own
         return state
+
+
+def make_acceptable_to(trainer_flavor: _flavor.Flavor) -> None:
+    """Let the other Lightning package's Trainer accept this flavour's strategy and launcher (``_flavor.py``)."""
+    _lightning_internals.register_virtual_subclasses(trainer_flavor, OneProcessPerDevice, OneProcessPerDeviceLauncher)

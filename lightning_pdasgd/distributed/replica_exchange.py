@@ -25,9 +25,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import timedelta
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,10 +35,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd import _internals
-from lightning_pdasgd.exchange_buffers import make_flat_groups, merge_rebased
-from lightning_pdasgd.metrics import EXCHANGE_CPU_FRACTION, EXCHANGE_MS, EXCHANGE_ROUNDS, REPLICA_DIVERGENCE
-from lightning_pdasgd.parameters import ParameterBucket
+from lightning_pdasgd.distributed.exchange_buffers import make_flat_groups, merge_rebased
+from lightning_pdasgd.engine import _torch_internals
+from lightning_pdasgd.engine.metrics import EXCHANGE_CPU_FRACTION, EXCHANGE_MS, EXCHANGE_ROUNDS, REPLICA_DIVERGENCE
+from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +285,12 @@ class ReplicaExchange:
                         0 if consistent else total_counts[index] - local_counts[index],
                     )
                 elif consistent:
-                    bucket.merge(lambda live, anchor=anchor: _internals.foreach_copy_(live, anchor), 0)
+                    bucket.merge(lambda live, anchor=anchor: _torch_internals.foreach_copy_(live, anchor), 0)
                 else:
                     # live += anchor_new - snapshot: the other ranks' deltas, keeping this rank's updates since
                     taken = group.views(snapshot, position)
                     bucket.merge(
-                        lambda live, anchor=anchor, taken=taken: _internals.foreach_add_difference_(live, anchor, taken),
+                        lambda live, anchor=anchor, taken=taken: _torch_internals.foreach_add_difference_(live, anchor, taken),
                         total_counts[index] - local_counts[index],
                     )
                 index += 1

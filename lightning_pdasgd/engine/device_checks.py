@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_pdasgd import nonfinite, streams
+from lightning_pdasgd.engine import cuda_streams, nonfinite
 
 _INF = float("inf")
 
@@ -87,7 +87,7 @@ class DeviceNonFinite:
         self._host[0].copy_(self._losses, non_blocking=True)
         loss_event = torch.cuda.Event()
         loss_event.record(current)
-        with streams.on_update_stream(self.device, wait=False):
+        with cuda_streams.on_update_stream(self.device, wait=False):
             self._host[1].copy_(self._gradients, non_blocking=True)
             gradient_event = torch.cuda.Event()
             gradient_event.record()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from lightning_pdasgd import streams
+from lightning_pdasgd.engine import cuda_streams
 
 Grads = list[Tensor | None]
 
@@ -89,7 +89,7 @@ class GradientWindows:
             if total is None:
                 total = window.sums[index] = _BucketSum([None] * len(grads))
             present = [grad for grad in grads if grad is not None]
-            streams.record_on_current(present)  # CUDA: produced on the backward's stream, summed and freed here
+            cuda_streams.record_on_current(present)  # CUDA: produced on the backward's stream, summed and freed here
             for position, grad in enumerate(grads):
                 if grad is None:
                     continue

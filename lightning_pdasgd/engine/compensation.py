@@ -1,0 +1,409 @@
+"""Staleness compensation: keep the hyperparameters tuned for synchronous training working under asynchrony.
+
+Why it is needed: an update computed from weights read ``s`` updates ago behaves like extra momentum ("Asynchrony
+begets momentum", Mitliagkas et al. 2016). On top of the user's explicit momentum (SGD's ``momentum``, Adam's
+``beta1``) the total is too much, and the range of learning rates at which heavy-ball SGD is stable shrinks fast
+with the delay: a learning rate tuned with plain Lightning can diverge under PD-ASGD.
+
+The engine knows each update's staleness exactly (per parameter, remote updates of other ranks included) and
+still holds the weights its forward read, so it can correct for it. Methods (``STALENESS_COMPENSATIONS``):
+
+- ``"predict"`` (weight prediction, as in SpecTrain / PipeMare): the forward reads the weights extrapolated along
+  the measured per-update velocity by the expected staleness, ``w + E[s] * (w - w_prev) / (v - v_prev)``, so the
+  gradient is computed close to the weights it will be applied to. Optimizer-agnostic: the velocity is the
+  applied update itself (momentum buffer x lr for SGD, the bias-corrected Adam step, ...). Without momentum
+  (plain SGD, Adagrad, RMSprop with ``momentum=0``) the last update is one noisy gradient, whose extrapolation
+  hurts stability, so the forward then reads the weights unchanged.
+- ``"predict+momentum"`` (the default): prediction and half the momentum correction below,
+  ``1 - m' = (1 - m) * (1 + E[s] / 2)`` for momentum 0.9 and above, less below (none at 0.5 and below:
+  ``DEFAULT_MOMENTUM_RAMP``; at momentum 0.5 the correction cost 6.8 points of per-step progress after the first
+  epoch of the digits MLP, where prediction alone kept up with plain). Prediction removes most of the delay of the smooth (low-curvature) part of
+  the trajectory; the correction damps the oscillations it cannot predict. With lazy layer-wise reads the
+  output side is almost never stale, so the correction acts mostly on the input side. Strength 1/2 was chosen
+  over 1 on the deep grid (benchmarks/results/convergence-deep, 3 seeds, lazy reads): ResNet-18 BatchNorm 0.963 vs
+  0.934 (plain 0.934), VGG-BN heavy-ball 0.815 vs 0.782 (plain 0.923), digits CNN lr 0.1 0.949 vs 0.672 (plain
+  0.958); prediction alone lost ResNet-18 (0.897) and VGG-BN (0.639). A stronger correction
+  (``WeightPrediction(correct_momentum=True, momentum_strength=2.0)``) recovered lr 0.4 on the digits MLP when
+  every bucket was read at the step's start (0.94 vs plain 0.76) but cost the CNN 12 points at lr 0.05.
+- ``"momentum"``: lowers the optimizer's momentum (``momentum`` of SGD/RMSprop, ``beta1`` of ``betas``) so that
+  explicit and implicit momentum together match the user's: ``1 - m' = (1 - m) * (1 + E[s])``.
+  Optimizers without a momentum hyperparameter (plain SGD, Adagrad, ...) are left unchanged.
+- ``"lr"``: staleness-aware learning rate, ``lr / (1 + s)`` for an update of staleness ``s``.
+- ``"dc"``: delay compensation (DC-ASGD, Zheng et al. 2017), ``g + lambda * g * g * (w_now - w_read)``.
+- ``"none"``: no compensation (the raw asynchronous updates).
+
+Every method leaves updates of staleness 0 bitwise unchanged, so ``max_in_flight=1`` stays exactly plain
+Lightning. The API works on lists of tensors with one staleness per call, so one call can serve a bucket of
+parameters updated together by a foreach/fused optimizer: no per-element Python and no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+STALENESS_COMPENSATIONS = ("predict", "predict+momentum", "momentum", "lr", "dc", "none")
+DEFAULT_STALENESS_COMPENSATION = "predict+momentum"  # measured best: benchmarks/results/convergence.md
+
+Key = Hashable  # identifies one parameter or one bucket of parameters that is always updated together
+
+
+@dataclass(eq=False)
+class _KeyState:
+    """Per-key running state: the mean staleness seen, and (prediction) the weights before the last update."""
+
+    mean_staleness: float = 0.0
+    updates: int = 0
+    previous: Optional[list[Tensor]] = None  # the live weights just before the last local update
+    previous_version: int = 0
+    momentum: bool = False  # (prediction) the optimizer carries momentum, so its last update is a velocity
+
+
+class StalenessCompensation:
+    """Base class: no compensation. Subclasses override ``fill`` (the forward's weights) and/or ``before_step``.
+
+    ``fill`` runs when a forward's stash is filled, under the locks of the parameters in ``params``;
+    ``before_step`` runs on a backward thread just before the optimizer step of those parameters, under their
+    locks. Both receive a ``key`` naming the parameter (or bucket) and lists aligned with it.
+    """
+
+    name = "none"
+
+    def __init__(self, staleness_decay: float = 0.9) -> None:
+        if not 0.0 <= staleness_decay < 1.0:
+            raise ValueError(f"`staleness_decay` must be in [0, 1), got {staleness_decay!r}.")
+        self.staleness_decay = staleness_decay
+        self._states: dict[Key, _KeyState] = {}
+        self._states_lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Forget every running state (the weights were restored: the history no longer describes them)."""
+        with self._states_lock:
+            self._states = {}
+
+    def _state(self, key: Key) -> _KeyState:
+        state = self._states.get(key)
+        if state is None:
+            with self._states_lock:
+                state = self._states.setdefault(key, _KeyState())
+        return state
+
+    def expected_staleness(self, key: Key) -> float:
+        """The running mean of the staleness of ``key``'s updates (0 before the first one)."""
+        state = self._states.get(key)
+        return state.mean_staleness if state is not None else 0.0
+
+    def _observe(self, key: Key, staleness: int) -> _KeyState:
+        """Fold one update's staleness into the running mean (exact mean for the first 1/(1-decay) updates)."""
+        state = self._state(key)
+        state.updates += 1
+        weight = max(1.0 - self.staleness_decay, 1.0 / state.updates)
+        state.mean_staleness += weight * (staleness - state.mean_staleness)
+        return state
+
+    def wants_fill(self, key: Key, version: int) -> bool:
+        """Whether a forward reading ``key`` at ``version`` should read ``fill``'s weights (a private copy) instead
+        of aliasing the live values (no copy). The base class never predicts."""
+        return False
+
+    def fill(self, key: Key, params: Sequence[Tensor], leaves: Sequence[Tensor], version: int) -> None:
+        """Write the weights a forward reads into its stash ``leaves`` (default: an exact copy of ``params``)."""
+        torch._foreach_copy_(list(leaves), list(params))
+
+    def before_step(
+        self,
+        key: Key,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        read: Sequence[Tensor],
+        staleness: int,
+        version: int,
+        hyperparameters: dict[str, Any],
+    ) -> Optional[dict[str, Any]]:
+        """Called before stepping ``params`` with ``grads`` computed at ``read``, ``staleness`` updates ago.
+
+        May modify ``grads`` in place; returns hyperparameter overrides for this step only (``None``: none).
+        ``version`` is the parameters' update count before this step.
+        """
+        self._observe(key, staleness)
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class WeightPrediction(StalenessCompensation):
+    """The forward reads ``w + E[s] * velocity``: the weights extrapolated to when its update will be applied.
+
+    ``velocity`` is the average applied change per update of the parameter since the last local update (remote
+    ranks' updates included, as they count in versions), so it needs no knowledge of the optimizer. Costs one
+    copy per update and a few element-wise operations per forward.
+    """
+
+    name = "predict"
+
+    def __init__(
+        self,
+        staleness_decay: float = 0.9,
+        scale: float = 1.0,
+        correct_momentum: bool = False,
+        momentum_strength: float = 1.0,
+        momentum_ramp: Optional[tuple[float, float]] = None,
+    ) -> None:
+        super().__init__(staleness_decay)
+        if not scale >= 0.0:
+            raise ValueError(f"`scale` must be >= 0, got {scale!r}.")
+        if not momentum_strength >= 0.0:
+            raise ValueError(f"`momentum_strength` must be >= 0, got {momentum_strength!r}.")
+        if momentum_ramp is not None and not 0.0 <= momentum_ramp[0] < momentum_ramp[1] <= 1.0:
+            raise ValueError(f"`momentum_ramp` must be (low, high) with 0 <= low < high <= 1, got {momentum_ramp!r}.")
+        self.scale = scale
+        self.correct_momentum = correct_momentum
+        self.momentum_strength = momentum_strength
+        self.momentum_ramp = momentum_ramp
+
+    def strength_at(self, momentum: float) -> float:
+        """The correction's strength for an optimizer with this momentum: ``momentum_strength``, or with a ramp
+        ``(low, high)`` none up to ``low``, rising linearly to ``momentum_strength`` at ``high``. One step of delay
+        shrinks heavy-ball's stable learning-rate range 6x at momentum 0.5 and 38x at 0.9 (``shared`` notes'
+        stability table), while a correction costs per-step progress wherever it acts."""
+        if self.momentum_ramp is None:
+            return self.momentum_strength
+        low, high = self.momentum_ramp
+        return self.momentum_strength * min(max((momentum - low) / (high - low), 0.0), 1.0)
+
+    def wants_fill(self, key: Key, version: int) -> bool:
+        state = self._states.get(key)
+        return (
+            state is not None
+            and state.previous is not None
+            and state.momentum
+            and state.mean_staleness > 0.0
+            and version - state.previous_version > 0
+        )
+
+    def fill(self, key: Key, params: Sequence[Tensor], leaves: Sequence[Tensor], version: int) -> None:
+        params, leaves = list(params), list(leaves)
+        state = self._states.get(key)
+        if (
+            not self.wants_fill(key, version)
+            or state is None
+            or state.previous is None
+            or [p.shape for p in state.previous] != [p.shape for p in params]  # the last update left some out
+        ):
+            torch._foreach_copy_(leaves, params)
+            return
+        gap = version - state.previous_version
+        # leaf = w + factor * (w - w_prev) = lerp(w_prev, w, 1 + factor): two kernels per bucket
+        factor = self.scale * state.mean_staleness / gap
+        torch._foreach_copy_(leaves, state.previous)
+        torch._foreach_lerp_(leaves, params, 1.0 + factor)
+
+    def before_step(
+        self,
+        key: Key,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        read: Sequence[Tensor],
+        staleness: int,
+        version: int,
+        hyperparameters: dict[str, Any],
+    ) -> Optional[dict[str, Any]]:
+        state = self._observe(key, staleness)
+        params = list(params)
+        if state.previous is None or [p.shape for p in state.previous] != [p.shape for p in params]:
+            state.previous = [torch.empty_like(param) for param in params]
+        torch._foreach_copy_(state.previous, params)
+        state.previous_version = version
+        state.momentum = self.scale > 0.0 and has_momentum(hyperparameters)
+        if not self.correct_momentum:
+            return None
+        strength = self.strength_at(momentum_of(hyperparameters))
+        return momentum_overrides(hyperparameters, state.mean_staleness, strength) if strength > 0 else None
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightPrediction(scale={self.scale}, correct_momentum={self.correct_momentum},"
+            f" momentum_strength={self.momentum_strength}, momentum_ramp={self.momentum_ramp})"
+        )
+
+
+def corrected_momentum(momentum: float, expected_staleness: float, strength: float = 1.0) -> float:
+    """The explicit momentum ``m'`` with ``1 - m' = (1 - m) * (1 + strength * E[s])``, clamped to ``[0, m]``.
+
+    Asynchrony with mean staleness ``E[s]`` acts like an implicit momentum ``E[s] / (1 + E[s])`` (Mitliagkas et
+    al.); ``strength=1`` removes exactly that much. Larger values also damp the oscillations that stale gradients
+    excite at learning rates near the edge of stability.
+    """
+    if momentum <= 0.0 or expected_staleness <= 0.0:
+        return momentum
+    return min(momentum, max(0.0, 1.0 - (1.0 - momentum) * (1.0 + strength * expected_staleness)))
+
+
+def momentum_of(hyperparameters: dict[str, Any]) -> float:
+    """An optimizer's momentum (``momentum``, or ``betas[0]`` for the Adam family); 0 without one."""
+    momentum = hyperparameters.get("momentum")
+    if isinstance(momentum, (int, float)) and momentum > 0:
+        return float(momentum)
+    betas = hyperparameters.get("betas")
+    if isinstance(betas, (tuple, list)) and len(betas) >= 2 and isinstance(betas[0], (int, float)):
+        return float(betas[0])
+    return 0.0
+
+
+def has_momentum(hyperparameters: dict[str, Any]) -> bool:
+    """Whether an optimizer's param group carries a positive momentum (``momentum`` or ``betas[0]``)."""
+    momentum = hyperparameters.get("momentum")
+    if isinstance(momentum, (int, float)) and momentum > 0:
+        return True
+    betas = hyperparameters.get("betas")
+    return isinstance(betas, (tuple, list)) and len(betas) >= 2 and isinstance(betas[0], (int, float)) and betas[0] > 0
+
+
+def momentum_overrides(
+    hyperparameters: dict[str, Any], expected_staleness: float, strength: float = 1.0
+) -> Optional[dict[str, Any]]:
+    """The corrected ``momentum`` or ``betas`` of one step (``None`` when there is nothing to correct)."""
+    if expected_staleness == 0.0:
+        return None
+    momentum = hyperparameters.get("momentum")
+    if isinstance(momentum, (int, float)) and momentum > 0:
+        return {"momentum": corrected_momentum(float(momentum), expected_staleness, strength)}
+    betas = hyperparameters.get("betas")
+    if isinstance(betas, (tuple, list)) and len(betas) >= 2 and isinstance(betas[0], (int, float)) and betas[0] > 0:
+        return {"betas": (corrected_momentum(float(betas[0]), expected_staleness, strength), *betas[1:])}
+    return None
+
+
+class MomentumCorrection(StalenessCompensation):
+    """Lower ``momentum`` (SGD, RMSprop) or ``betas[0]`` (Adam family) by the implicit momentum of the staleness.
+
+    Optimizers with neither hyperparameter (or with momentum 0) are stepped unchanged.
+    """
+
+    name = "momentum"
+
+    def __init__(self, staleness_decay: float = 0.9, strength: float = 1.0) -> None:
+        super().__init__(staleness_decay)
+        if not strength >= 0.0:
+            raise ValueError(f"`strength` must be >= 0, got {strength!r}.")
+        self.strength = strength
+
+    def before_step(
+        self,
+        key: Key,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        read: Sequence[Tensor],
+        staleness: int,
+        version: int,
+        hyperparameters: dict[str, Any],
+    ) -> Optional[dict[str, Any]]:
+        return momentum_overrides(hyperparameters, self._observe(key, staleness).mean_staleness, self.strength)
+
+    def __repr__(self) -> str:
+        return f"MomentumCorrection(strength={self.strength})"
+
+
+class StalenessAwareLR(StalenessCompensation):
+    """``lr / (1 + s)`` for an update of staleness ``s`` (Zhang et al. 2016); a tensor ``lr`` is left alone."""
+
+    name = "lr"
+
+    def before_step(
+        self,
+        key: Key,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        read: Sequence[Tensor],
+        staleness: int,
+        version: int,
+        hyperparameters: dict[str, Any],
+    ) -> Optional[dict[str, Any]]:
+        self._observe(key, staleness)
+        lr = hyperparameters.get("lr")
+        if staleness == 0 or not isinstance(lr, (int, float)):
+            return None
+        return {"lr": lr / (1 + staleness)}
+
+
+class DelayCompensation(StalenessCompensation):
+    """DC-ASGD: ``g += lambda * g * g * (w_now - w_read)``, a first-order Taylor correction of the stale gradient
+    with ``g * g`` as a cheap approximation of the Hessian's diagonal."""
+
+    name = "dc"
+
+    def __init__(self, staleness_decay: float = 0.9, lam: float = 1.0) -> None:
+        super().__init__(staleness_decay)
+        if not lam >= 0.0:
+            raise ValueError(f"`lam` must be >= 0, got {lam!r}.")
+        self.lam = lam
+
+    def before_step(
+        self,
+        key: Key,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        read: Sequence[Tensor],
+        staleness: int,
+        version: int,
+        hyperparameters: dict[str, Any],
+    ) -> Optional[dict[str, Any]]:
+        self._observe(key, staleness)
+        if staleness == 0 or self.lam == 0.0:
+            return None
+        grads = list(grads)
+        shift = torch._foreach_sub(list(params), list(read))
+        torch._foreach_mul_(shift, grads)
+        torch._foreach_mul_(shift, grads)
+        torch._foreach_add_(grads, shift, alpha=self.lam)
+        return None
+
+    def __repr__(self) -> str:
+        return f"DelayCompensation(lam={self.lam})"
+
+
+DEFAULT_MOMENTUM_STRENGTH = 0.5  # the default's share of the momentum correction (see the module docstring)
+DEFAULT_MOMENTUM_RAMP = (0.5, 0.9)  # ... applied in full from momentum 0.9, not at all up to 0.5
+
+
+def _predict_and_correct_momentum() -> StalenessCompensation:
+    return WeightPrediction(correct_momentum=True, momentum_strength=DEFAULT_MOMENTUM_STRENGTH,
+                            momentum_ramp=DEFAULT_MOMENTUM_RAMP)
+
+
+_BY_NAME: dict[str, Callable[[], StalenessCompensation]] = {
+    "predict": WeightPrediction,
+    "predict+momentum": _predict_and_correct_momentum,  # type: ignore[dict-item]
+    "momentum": MomentumCorrection,
+    "lr": StalenessAwareLR,
+    "dc": DelayCompensation,
+    "none": StalenessCompensation,
+}
+
+
+def resolve(setting: Union[str, StalenessCompensation, None]) -> StalenessCompensation:
+    """A fresh compensation object from the strategy's ``staleness_compensation`` setting (one per fit).
+
+    A ``StalenessCompensation`` instance is copied (without its running state), so a strategy reused for another
+    fit starts from zero.
+    """
+    if setting is None:
+        setting = "none"
+    if isinstance(setting, StalenessCompensation):
+        clone = object.__new__(type(setting))
+        clone.__dict__.update(setting.__dict__)
+        clone._states, clone._states_lock = {}, threading.Lock()
+        return clone
+    if not isinstance(setting, str) or setting not in _BY_NAME:
+        raise ValueError(
+            f"PDASGDStrategy: `staleness_compensation` must be one of {STALENESS_COMPENSATIONS} or a"
+            f" `lightning_pdasgd.compensation.StalenessCompensation` instance, got {setting!r}. Use"
+            f" {DEFAULT_STALENESS_COMPENSATION!r} (the default) or 'none' to turn compensation off."
+        )
+    return _BY_NAME[setting]()
