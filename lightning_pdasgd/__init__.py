@@ -14,9 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_pdasgd import _flavor
-from lightning_pdasgd.distributed.replica_exchange import ConsistentPointMismatchError, RankFailedError
-from lightning_pdasgd.engine.backward_threads import EngineTimeoutError
-from lightning_pdasgd.engine.nonfinite import NonFiniteError
+from lightning_pdasgd.errors import (
+    ConsistentPointMismatchError,
+    EngineTimeoutError,
+    NonFiniteError,
+    RankFailedError,
+    StepMismatchError,
+)
 
 __all__ = [
     "ConsistentPointMismatchError",
@@ -25,6 +29,7 @@ __all__ = [
     "NonFiniteError",
     "PDASGDStrategy",
     "RankFailedError",
+    "StepMismatchError",
     "Straggler",
 ]
 __version__ = "0.1.0"

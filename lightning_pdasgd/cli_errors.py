@@ -6,6 +6,7 @@ working.
 
 from __future__ import annotations
 
-from lightning_pdasgd.cli.errors import ConfigurationError, ShortErrorParser
+from lightning_pdasgd.cli.errors import ShortErrorParser
+from lightning_pdasgd.errors import ConfigurationError
 
 __all__ = ["ConfigurationError", "ShortErrorParser"]

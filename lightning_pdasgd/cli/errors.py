@@ -48,10 +48,6 @@ _BOILERPLATE = (
 )
 
 
-class ConfigurationError(ValueError):
-    """The classes named in a config could not be built from it; the message is the short form, ``__cause__`` the
-    original error."""
-
 
 @dataclass
 class Problem:

@@ -27,7 +27,8 @@ from lightning.pytorch.cli import LightningCLI
 
 import lightning_pdasgd  # noqa: F401 - registers strategy="pdasgd"
 from lightning_pdasgd import cli_aliases  # noqa: F401 - `--trainer.strategy pdasgd --trainer.strategy.<arg> V`
-from lightning_pdasgd.cli.errors import ConfigurationError, ShortErrorParser, instantiation_problem
+from lightning_pdasgd.cli.errors import ShortErrorParser, instantiation_problem
+from lightning_pdasgd.errors import ConfigurationError
 
 PROG = "lightning-pdasgd"
 REPORT_COMMAND = "report"

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lightning_pdasgd.engine.metrics import STALENESS_FRACTION_PREFIX, WALL_TIME
+from lightning_pdasgd.errors import ReportError
 
 METRICS_FILE = "metrics.csv"
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -33,13 +34,6 @@ EXIT_NO_METRICS = 2
 RUN_COLOR = "tab:blue"
 BASELINE_COLOR = "tab:orange"
 
-
-class ReportError(Exception):
-    """A report that cannot be made; ``exit_code`` is what the command returns."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass

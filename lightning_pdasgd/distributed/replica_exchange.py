@@ -39,6 +39,7 @@ from lightning_pdasgd.distributed.exchange_buffers import make_flat_groups, merg
 from lightning_pdasgd.engine import _torch_internals
 from lightning_pdasgd.engine.metrics import EXCHANGE_CPU_FRACTION, EXCHANGE_MS, EXCHANGE_ROUNDS, REPLICA_DIVERGENCE
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
+from lightning_pdasgd.errors import ConsistentPointMismatchError, RankFailedError
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,6 @@ _POLL_SECONDS = 0.05
 CONSISTENT_POINT_KINDS = ("validation", "checkpoint", "epoch_end", "fit_end", "preempt", "rebuild", "guard")
 
 
-class RankFailedError(RuntimeError):
-    """Another rank failed; this rank stops too instead of waiting for it."""
-
-
-class ConsistentPointMismatchError(RuntimeError):
-    """Ranks reached different kinds of consistent point, so their Lightning loops have diverged."""
 
 
 class ReplicaExchange:

@@ -18,14 +18,13 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_pdasgd.errors import EngineTimeoutError
+
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.05
 _MIN_JOIN_SECONDS = 60.0
 
-
-class EngineTimeoutError(TimeoutError):
-    """A wait of the engine exceeded ``wait_timeout``; the message names the wait."""
 
 
 @dataclass(eq=False)

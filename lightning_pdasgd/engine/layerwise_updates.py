@@ -27,12 +27,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd.engine import _torch_internals, cuda_streams
-from lightning_pdasgd.engine import nonfinite as nonfinite_policy
 from lightning_pdasgd.engine.accumulation import GradientWindows, ReadySum
 from lightning_pdasgd.engine.bucket_optimizer import BucketOptimizer
 from lightning_pdasgd.engine.compensation import StalenessCompensation
-from lightning_pdasgd.engine.device_checks import DeviceNonFinite
 from lightning_pdasgd.engine.lazy_reads import LazyReads
+from lightning_pdasgd.engine.nonfinite import NonFinitePolicy
 from lightning_pdasgd.engine.parameter_buckets import make_buckets
 from lightning_pdasgd.engine.weight_stash import StashBuffers, StashPool, WeightStash
 
@@ -57,7 +56,6 @@ class LayerwiseUpdater:
         compensation: StalenessCompensation | None = None,
         lazy_reads: bool = True,
     ) -> None:
-        self.nonfinite = nonfinite_policy.validate(nonfinite)
         self.optimizer = optimizer
         self.layerwise = layerwise and clip_norm is None  # a norm needs the whole backward's gradients
         self.clip_value = clip_value
@@ -71,9 +69,7 @@ class LayerwiseUpdater:
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
         self._pool = StashPool(self.buckets, self._on_gradient if self.layerwise else None, self.compensation)
         self.reads = LazyReads(module, self.buckets, self._pool, lazy_reads)
-        device = self.buckets[0].device
-        # CUDA: non-finite values are counted on the device and read lazily (device_checks.py), never in a hook
-        self.device_checks = DeviceNonFinite(device) if device.type == "cuda" and nonfinite != "off" else None
+        self.nonfinite = NonFinitePolicy(nonfinite, self.buckets[0].device)
 
     @property
     def num_parameters(self) -> int:
@@ -188,7 +184,7 @@ class LayerwiseUpdater:
             return
         total = torch.nn.utils.get_total_norm(grads, 2.0)
         if not total.is_cuda:
-            if self.nonfinite != "off" and not math.isfinite(float(total)):
+            if self.nonfinite.checks and not math.isfinite(float(total)):
                 grads = [grad for grad in grads if _torch_internals.all_finite([grad])]
                 total = torch.nn.utils.get_total_norm(grads, 2.0)
             if self.grad_norms:
@@ -208,47 +204,48 @@ class LayerwiseUpdater:
             stash.record.update_seconds += perf_counter() - started
 
     def _step_bucket(self, stash: WeightStash, summed: ReadySum) -> None:
-        """Step one bucket's live parameters with gradients computed at the weights its forwards read."""
+        """Step one bucket's live parameters with gradients computed at the weights its forwards read.
+
+        On CPU the gradients are checked and clipped before the bucket's lock. On CUDA this runs on autograd's
+        device thread, where a host synchronisation would stall every in-flight backward: the check, the clipping
+        and the update are queued on the update stream, and non-finite gradients are counted and masked on the
+        device (``nonfinite.py``). ``log_grad_norm`` still reads the norm on the host there (an opt-in metric).
+        """
         index, grads = summed.index, summed.grads
-        present = [grad for grad in grads if grad is not None]
-        if not present:
+        if all(grad is None for grad in grads):
             return
-        leaves = stash.buffers.leaves[index]
         bucket = self.buckets[index]
-        if bucket.is_cuda:
-            self._step_bucket_cuda(stash, summed, present)
-            return
-        # one L2 reduction per tensor serves the non-finite check, `pdasgd/grad_norm` and the divergence guard
-        squares = _torch_internals.sum_of_squares(present) if self.nonfinite != "off" or self.grad_norms else 0.0
-        if self.nonfinite != "off" and not math.isfinite(squares) and not _torch_internals.all_finite(present):
-            bad = [position for position, grad in enumerate(grads) if grad is not None and not _torch_internals.all_finite([grad])]
-            if self.nonfinite == "error":
-                raise nonfinite_policy.error(
-                    f"non-finite gradient for parameter '{bucket.names[bad[0]]}' at step {stash.step} on rank"
-                    f" {stash.rank}; it was not applied."
-                )
-            stash.record.skipped += len(bad)  # "skip": those parameters keep their values, the others are updated
-            for position in bad:
-                grads[position] = None
-            present = [grad for grad in grads if grad is not None]
+        on_device = bucket.is_cuda
+        present = [grad for grad in grads if grad is not None]
+        if not on_device:
+            present, squares, skipped = self.nonfinite.screen_on_host(
+                grads, bucket.names, stash.step, stash.rank, self.grad_norms
+            )
+            stash.record.skipped += skipped  # "skip": those parameters keep their values, the others are updated
             if not present:
                 return
-            squares = _torch_internals.sum_of_squares(present)
-        if self.clip_norm is None:  # else the unclipped total was recorded before the scaling
-            stash.record.grad_sq_sum += squares
-        if self.clip_value is not None:
-            _torch_internals.foreach_clamp_(present, self.clip_value)
+            if self.clip_norm is None:  # else the unclipped total was recorded before the scaling
+                stash.record.grad_sq_sum += squares
+            if self.clip_value is not None:
+                _torch_internals.foreach_clamp_(present, self.clip_value)
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
-        read = _weights_read(leaves, bucket.params, grads)
+        read = _weights_read(stash.buffers.leaves[index], bucket.params, grads)
 
         def step(staleness: int, version: int, targets: list[Tensor]) -> None:
+            used = present
+            if on_device:  # on the update stream
+                cuda_streams.record_on_current(present)  # allocated on autograd's stream, read and freed here
+                used = self.nonfinite.screen_on_device(present, grads, optimizer)
+                if self.clip_value is not None:
+                    _torch_internals.foreach_clamp_(used, self.clip_value)
+                if self.log_grad_norm and self.clip_norm is None:
+                    stash.record.grad_sq_sum += _torch_internals.sum_of_squares(used)
             # staleness compensation sees the bucket's staleness, may change the gradients in place and may
             # override hyperparameters for this step only (the next step starts from the snapshot again)
             applied = [target for target, grad in zip(targets, grads) if grad is not None]
-            overrides = self.compensation.before_step(index, applied, present, read, staleness, version,
-                                                      hyperparameters)
+            overrides = self.compensation.before_step(index, applied, used, read, staleness, version, hyperparameters)
             optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
 
         staleness = bucket.update(summed.read_version, step)
@@ -262,43 +259,6 @@ class LayerwiseUpdater:
             record.add_depth(record.first_bucket, staleness)
         if index == order[-1]:
             record.add_depth(record.last_bucket, staleness)
-
-    # ------------------------------------------------------------------------------------------- CUDA
-    def _step_bucket_cuda(self, stash: WeightStash, summed: ReadySum, present: list[Tensor]) -> None:
-        """The CUDA update of one bucket: no host synchronisation (it runs on autograd's device thread, where a
-        sync would stall every in-flight backward). Non-finite gradients are counted and masked on the device
-        (``device_checks.py``); the error or skip is reported by the loop thread. ``log_grad_norm`` still reads
-        the norm on the host (an opt-in metric)."""
-        index, grads = summed.index, summed.grads
-        bucket = self.buckets[index]
-        assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
-        hyperparameters = stash.hyperparameters[bucket.group_index]
-        optimizer = self._optimizers[index]
-        leaves = stash.buffers.leaves[index]
-        read = _weights_read(leaves, bucket.params, grads)
-        checks = self.device_checks
-
-        def step(staleness: int, version: int, targets: list[Tensor]) -> None:  # on the update stream
-            cuda_streams.record_on_current(present)  # allocated on autograd's stream, read and freed here
-            used = present
-            if checks is not None:
-                finite = checks.finite_mask(present)
-                if optimizer.supports_found_inf:
-                    optimizer.set_found_inf(torch.logical_not(finite.all()).float())
-                else:
-                    used = [torch.where(finite[i], grad, 0) for i, grad in enumerate(present)]
-                    used_iter = iter(used)
-                    grads[:] = [None if grad is None else next(used_iter) for grad in grads]
-            if self.clip_value is not None:
-                _torch_internals.foreach_clamp_(used, self.clip_value)
-            if self.log_grad_norm and self.clip_norm is None:
-                stash.record.grad_sq_sum += _torch_internals.sum_of_squares(used)
-            applied = [target for target, grad in zip(targets, grads) if grad is not None]
-            overrides = self.compensation.before_step(index, applied, used, read, staleness, version, hyperparameters)
-            optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
-
-        staleness = bucket.update(summed.read_version, step)
-        self._count_update(stash, index, staleness, len(present))
 
 
 def _weights_read(leaves: list[Tensor], params: list[nn.Parameter], grads: list[Tensor | None]) -> list[Tensor]:

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.distributed.replica_exchange import ReplicaExchange
-from lightning_pdasgd.engine import _torch_internals, cuda_streams, nonfinite
+from lightning_pdasgd.engine import _torch_internals, cuda_streams
 from lightning_pdasgd.engine.autotune import (
     Candidate,
     ThreadAutotuner,
@@ -32,7 +32,6 @@ from lightning_pdasgd.engine.autotune import (
 from lightning_pdasgd.engine.backward_threads import BackwardEngine, BackwardWork
 from lightning_pdasgd.engine.bucket_optimizer import hyperparameter_snapshot
 from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
-from lightning_pdasgd.engine.device_checks import act_on_device_nonfinite
 from lightning_pdasgd.engine.divergence_guard import DivergenceGuard, Trip
 from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
 from lightning_pdasgd.engine.lazy_reads import add_unread_note
@@ -405,20 +404,13 @@ class FitSession:
                 self.end_step()  # this loss is not applied; its slot is free before the engine is reconfigured
                 self._on_trip(trip, step)
                 return
-        if loss.is_cuda and self.updater.device_checks is not None:  # CUDA: checked on the device, no host sync
-            self.updater.device_checks.note_loss(loss)
-            self._check_device_nonfinite(wait=False)
-        elif self.config.nonfinite != "off" and not bool(torch.isfinite(loss.detach()).all()):
-            if self.config.nonfinite == "error":
-                raise nonfinite.error(
-                    f"non-finite loss ({float(loss.detach())}) at step {step} on rank {rank}; no update was applied"
-                    " from it."
-                )
+        if not self.updater.nonfinite.loss_usable(loss, step, rank):  # "skip" (raises under "error")
             self.stats.record_skipped_loss(self.updater.num_parameters)
             if closes_window:
                 self.updater.close_window_without(stash)
                 self.stats.record_backward(stash.record, ran_backward=False)
             return  # `end_step` releases the slot (and the weights read) of a loss that was not handed off
+        self._check_device_nonfinite(wait=False)
         started = perf_counter()
         if self.updater.windows is not None:
             stash.window = self.updater.windows.join(closes_window)
@@ -427,10 +419,9 @@ class FitSession:
         self.stats.record_handoff(perf_counter() - started)
 
     def _check_device_nonfinite(self, wait: bool) -> None:
-        """CUDA only: act on the non-finite losses/gradients the device counted (``device_checks.py``)."""
-        if self.updater.device_checks is not None:
-            skipped = act_on_device_nonfinite(self.updater.device_checks, self.config.nonfinite, self._device, wait)
-            self.stats.record_skipped_loss(skipped)  # a non-finite loss shows up as its non-finite gradients
+        """CUDA only: act on the non-finite losses/gradients the device counted (``nonfinite.py``)."""
+        if self.updater.nonfinite.device is not None:  # a non-finite loss shows up as its non-finite gradients
+            self.stats.record_skipped_loss(self.updater.nonfinite.act_on_device(wait))
 
     def end_step(self) -> None:
         """After the closure: give back the slot of a forward whose loss was never handed off."""

@@ -30,14 +30,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from lightning_pdasgd.distributed.claiming import ClaimingBatchSampler, new_claim_key
+from lightning_pdasgd.errors import StepMismatchError
 
 from . import _lightning_internals, setup_checks  # relative: the Lightning-facing modules of this flavour (_flavor.py)
 from ._lightning import MisconfigurationException, TrainerFn, rank_zero_warn
 
 log = logging.getLogger(__name__)
-
-class StepMismatchError(RuntimeError):
-    """Ranks disagree on the step count at a consistent point: a bug in the step accounting, never a setting."""
 
 
 class StepAccounting:
