@@ -45,6 +45,8 @@ FLAVOURED = (
     "integration._lightning",
     "integration._lightning_internals",
     "integration.collectives",
+    "integration.engine_calls",
+    "integration.fit_sessions",
     "integration.one_process_per_device",
     "integration.preemption",
     "integration.setup_checks",

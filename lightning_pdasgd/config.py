@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 from lightning_pdasgd.engine import nonfinite
 from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
@@ -52,6 +52,16 @@ class PDASGDConfig:
     metrics_on_progress_bar: bool = True
     staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION
 
+    # the strategy's constructor arguments that are PD-ASGD settings (the rest are Lightning's)
+    ARGUMENTS: ClassVar[tuple[str, ...]] = (
+        "forward_threads", "backward_threads", "max_in_flight", "layerwise", "lazy_reads", "divergence_guard",
+        "wait_timeout", "intra_op_threads", "log_grad_norm", "exchange_interval", "nonfinite",
+        "checkpoint_on_preemption", "autotune_steps", "autotune_max_staleness", "bucket_numel", "metrics",
+        "metrics_on_progress_bar", "staleness_compensation",
+    )
+    _BOOLEANS: ClassVar[tuple[str, ...]] = ("lazy_reads", "divergence_guard")
+    _FLOATS: ClassVar[tuple[str, ...]] = ("wait_timeout", "exchange_interval", "autotune_max_staleness")
+
     @classmethod
     def from_arguments(
         cls,
@@ -61,6 +71,12 @@ class PDASGDConfig:
         **settings: object,
     ) -> PDASGDConfig:
         """Validate the constructor's arguments; ``"auto"`` thread counts start from the defaults."""
+        for name in cls._BOOLEANS:
+            if name in settings:
+                settings[name] = bool(settings[name])
+        for name in cls._FLOATS:
+            if name in settings:
+                settings[name] = float(settings[name])  # type: ignore[arg-type]
         _check_thread_count("forward_threads", forward_threads)
         _check_thread_count("backward_threads", backward_threads)
         check_positive_int("max_in_flight", max_in_flight, allow_none=True)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
 from torch import Tensor
 
@@ -27,12 +27,15 @@ _MIN_JOIN_SECONDS = 60.0
 
 
 
+Context = TypeVar("Context")
+
+
 @dataclass(eq=False)
-class BackwardWork:
-    """One forward's loss, waiting for its backward pass."""
+class BackwardWork(Generic[Context]):
+    """One forward's loss, waiting for its backward pass, with what the backward needs besides the loss."""
 
     loss: Tensor
-    context: Any  # what the backward function needs besides the loss (the weight stash, the stream)
+    context: Context
     submitted_at: float = field(default_factory=time.perf_counter)
 
 

@@ -10,9 +10,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
+    from lightning_pdasgd.engine.session import FitSession
 
 STALENESS_MEAN = "pdasgd/staleness_mean"
 STALENESS_MAX = "pdasgd/staleness_max"
@@ -150,6 +154,7 @@ class EngineStats:
     """Thread-safe totals and the current logging window."""
 
     def __init__(self) -> None:
+        self.started_at = perf_counter()  # the fit's start, for `pdasgd/wall_time_s`
         self._lock = threading.Lock()
         self._window = StatsWindow()
         self.total_updates = 0
@@ -227,13 +232,15 @@ class EngineStats:
             return self.total_staleness_sum / self.total_updates if self.total_updates else 0.0
 
 
-def window_metrics(session: Any) -> dict[str, float]:
+def window_metrics(session: FitSession) -> dict[str, float]:
     """A fit session's statistics since the previous call, under their ``pdasgd/`` names."""
+    threads = session.threads
+    backward_threads = threads.settings.backward_threads
     metrics = session.stats.take_window().as_metrics(
-        session.engine.pending, session.config.log_grad_norm, session.backward_threads
+        threads.engine.pending, session.config.log_grad_norm, backward_threads
     )
-    metrics[WALL_TIME] = perf_counter() - session.started_at
-    metrics[BACKWARD_THREADS] = 0.0 if session.plain_steps else float(session.backward_threads)
+    metrics[WALL_TIME] = perf_counter() - session.stats.started_at
+    metrics[BACKWARD_THREADS] = 0.0 if threads.plain_steps else float(backward_threads)
     if session.config.divergence_guard:
         metrics[GUARD_TRIPS] = float(session.stats.guard_trips)
     if session.exchange is not None:
@@ -241,7 +248,7 @@ def window_metrics(session: Any) -> dict[str, float]:
     return metrics
 
 
-def log_window(session: Any, module: Any) -> None:
+def log_window(session: FitSession, module: Any) -> None:
     """Log a session's window of statistics when Lightning writes to its loggers, and on each epoch's last batch.
 
     ``self.log`` costs tens of microseconds per key, so it runs only when Lightning will write
@@ -280,19 +287,20 @@ def batch_size_of(args: tuple[Any, ...]) -> int:
     return 0
 
 
-def _update_kind(updater: Any) -> str:
+def _update_kind(updater: LayerwiseUpdater) -> str:
     if updater.layerwise:
         return "layer-wise"
     return "whole-backward, clipped by norm" if updater.clip_norm is not None else "whole-model"
 
 
-def describe_session(session: Any, world_size: int) -> str:
+def describe_session(session: FitSession, world_size: int) -> str:
     """One line with a fit session's engine configuration, logged at INFO when fit starts."""
-    tuning = f", autotuning {len(session.tuner.candidates)} candidates" if session.tuner is not None else ""
+    tuner, counts = session.threads.tuner, session.threads.settings
+    tuning = f", autotuning {len(tuner.candidates)} candidates" if tuner is not None else ""
     ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
     return (
-        f"PD-ASGD: 1 forward : {session.backward_threads} backward threads{ranks},"
-        f" max_in_flight={session.max_in_flight}, {session.intra_op_threads} intra-op thread(s) per engine thread,"
+        f"PD-ASGD: 1 forward : {counts.backward_threads} backward threads{ranks},"
+        f" max_in_flight={counts.max_in_flight}, {counts.intra_op_threads} intra-op thread(s) per engine thread,"
         f" {len(session.updater.buckets)} update buckets"
         f" ({_update_kind(session.updater)} updates){tuning}"
     )

@@ -1,7 +1,8 @@
 """The Lightning names of one flavour, for the Lightning-facing modules loaded beside this copy.
 
-Loaded as ``lightning_pdasgd.integration._lightning`` it imports ``lightning.pytorch`` / ``lightning.fabric``; loaded as
-``lightning_pdasgd.pl.integration._lightning`` it imports ``pytorch_lightning`` / ``lightning_fabric`` (see ``_flavor.py``).
+Loaded as ``lightning_pdasgd.integration._lightning`` it imports ``lightning.pytorch`` / ``lightning.fabric``;
+loaded as ``lightning_pdasgd.pl.integration._lightning`` it imports ``pytorch_lightning`` / ``lightning_fabric``
+(see ``_flavor.py``).
 Those modules write ``from ._lightning import Callback`` where they wrote ``from lightning.pytorch.callbacks import
 Callback``, so one source serves both packages. Both branches list the same names; keep them in step.
 """

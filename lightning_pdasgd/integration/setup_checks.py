@@ -94,6 +94,12 @@ def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, opti
         )
 
 
+def gradient_clipping(trainer: pl.Trainer) -> tuple[float | None, float | None]:
+    """``(clip_value, clip_norm)``: the Trainer's ``gradient_clip_val`` under its algorithm (``"norm"`` by default)."""
+    clip = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
+    return (clip, None) if trainer.gradient_clip_algorithm == "value" else (None, clip)
+
+
 def accumulates_gradients(trainer: pl.Trainer) -> bool:
     """Whether the fit sums gradients over several batches (``accumulate_grad_batches`` now, or a scheduler that
     sets it later): the engine then keeps accumulation windows (``accumulation.py``)."""

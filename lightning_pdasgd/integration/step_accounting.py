@@ -24,16 +24,21 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from lightning_pdasgd.distributed.claiming import ClaimingBatchSampler, new_claim_key
+from lightning_pdasgd.distributed.replica_link import ReplicaLink
 from lightning_pdasgd.errors import StepMismatchError
 
 from . import _lightning_internals, setup_checks  # relative: the Lightning-facing modules of this flavour (_flavor.py)
 from ._lightning import MisconfigurationException, TrainerFn, rank_zero_warn
+
+if TYPE_CHECKING:
+    from lightning_pdasgd.engine.session import FitSession
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +319,16 @@ def prepare_fit(strategy: Any) -> StepAccounting | None:
     return accounting
 
 
-def start_exchange(session: Any, group: Any, accounting: StepAccounting | None) -> None:
+def start_exchange(session: FitSession, group: Any, device: torch.device, accounting: StepAccounting | None) -> None:
     """Start the session's exchange with this rank's batch count in its rounds, and count steps from its totals."""
-    session.start_exchange(group, (lambda: accounting.local_batches) if accounting is not None else (lambda: 0))
-    if accounting is None:
-        return
-    accounting.start(lambda: session.exchange.remote_batches if session.exchange is not None else 0)
-    session.on_consistent = accounting.settle
+    config = session.config
+    link = ReplicaLink(
+        group,
+        device,
+        interval_s=config.exchange_interval,
+        timeout_s=config.wait_timeout,
+        local_batches=(lambda: accounting.local_batches) if accounting is not None else (lambda: 0),
+    )
+    session.join_peers(link, on_consistent=accounting.settle if accounting is not None else None)
+    if accounting is not None:
+        accounting.start(lambda: session.exchange.remote_batches if session.exchange is not None else 0)

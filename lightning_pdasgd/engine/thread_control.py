@@ -1,0 +1,193 @@
+"""The engine's threads for one fit: how many, on how many cores, autotuned; the one owner of those numbers.
+
+The configuration asks (``backward_threads``, ``max_in_flight``, ``intra_op_threads``), the autotuner and the
+divergence guard change them mid-fit, and the backward engine and the CUDA stream pool follow. ``EngineThreads``
+owns the backward engine, the stream pool, the autotuner and the counts in force (``ThreadSettings``); changing
+them is one call (``reconfigure``), and ``shutdown`` gives back the process-wide settings the fit changed: torch's
+intra-op thread count and Python's thread switch interval.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_pdasgd.engine import cuda_streams
+from lightning_pdasgd.engine.autotune import (
+    Candidate,
+    ThreadAutotuner,
+    default_candidates,
+    intra_op_threads_per_thread,
+    plan_trials,
+)
+from lightning_pdasgd.engine.backward_threads import BackwardEngine, BackwardWork
+
+_SWITCH_INTERVAL_S = 0.001
+
+
+@dataclass
+class ThreadCounts:
+    """One configuration of the engine's threads."""
+
+    backward_threads: int
+    max_in_flight: int
+    intra_op_threads: int
+
+
+class ThreadSettings:
+    """The thread counts in force, and the process-wide settings to give back when the fit ends.
+
+    Args:
+        backward_threads: the configured number of backward threads.
+        max_in_flight: the configured bound on losses in flight.
+        intra_op_threads: the user's intra-op threads per engine thread; ``None``: the core budget.
+    """
+
+    def __init__(self, backward_threads: int, max_in_flight: int, intra_op_threads: int | None) -> None:
+        self._explicit_intra_op = intra_op_threads
+        self.saved_num_threads = torch.get_num_threads()
+        self._saved_switch_interval: float | None = sys.getswitchinterval()
+        self.counts = ThreadCounts(
+            backward_threads, max_in_flight, self.intra_op_threads_for(backward_threads, max_in_flight, None)
+        )
+
+    @property
+    def backward_threads(self) -> int:
+        return self.counts.backward_threads
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.counts.max_in_flight
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.counts.intra_op_threads
+
+    def intra_op_threads_for(self, backward_threads: int, max_in_flight: int, explicit: int | None) -> int:
+        """Intra-op threads for each engine thread: explicit, the user's setting, or the core budget."""
+        chosen = explicit or self._explicit_intra_op
+        if chosen is not None:
+            return chosen
+        return intra_op_threads_per_thread(self.saved_num_threads, backward_threads, max_in_flight)
+
+    def apply(self) -> None:
+        """At engine start: the forward thread's share of the cores, and a short thread switch interval (backward
+        threads need the GIL for every update; Python's default 5 ms would make each wait behind the loop thread)."""
+        sys.setswitchinterval(min(self._saved_switch_interval or _SWITCH_INTERVAL_S, _SWITCH_INTERVAL_S))
+        torch.set_num_threads(self.intra_op_threads)
+
+    def choose(self, backward_threads: int, max_in_flight: int, explicit_intra_op: int | None = None) -> bool:
+        """Switch to these counts (the caller has drained); whether anything changed for the engine."""
+        intra_op = self.intra_op_threads_for(backward_threads, max_in_flight, explicit_intra_op)
+        torch.set_num_threads(intra_op)
+        chosen = ThreadCounts(backward_threads, max_in_flight, intra_op)
+        if chosen == self.counts:
+            return False
+        self.counts = chosen
+        return True
+
+    def use_every_core(self, intra_op_threads: int | None) -> None:
+        """The plain synchronous step: one thread with every core (or the user's count), as plain Lightning."""
+        torch.set_num_threads(intra_op_threads or self.saved_num_threads)
+
+    def thread_setup(self) -> None:
+        """Runs first on every backward thread: its share of the cores."""
+        torch.set_num_threads(self.counts.intra_op_threads)
+
+    def restore_switch_interval(self) -> None:
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
+
+    def restore(self) -> None:
+        """Give back torch's intra-op thread count and Python's switch interval as they were before the fit."""
+        torch.set_num_threads(self.saved_num_threads)
+        self.restore_switch_interval()
+
+
+class EngineThreads:
+    """The backward engine, its CUDA streams and the autotuner, at the thread counts in force.
+
+    Args:
+        run_backward: what a backward thread runs for each queued loss.
+        backward_threads, max_in_flight, intra_op_threads: the configured counts (``None``: the core budget).
+        wait_timeout: the most any engine wait may take.
+        device: the rank's device (CUDA: one batch stream per loss in flight).
+    """
+
+    def __init__(
+        self,
+        run_backward: Callable[[BackwardWork[Any]], None],
+        backward_threads: int,
+        max_in_flight: int,
+        intra_op_threads: int | None,
+        wait_timeout: float,
+        device: torch.device,
+    ) -> None:
+        self._device = device
+        self.settings = ThreadSettings(backward_threads, max_in_flight, intra_op_threads)
+        self.streams = cuda_streams.StreamPool(device, max_in_flight)
+        self.engine = BackwardEngine(
+            run_backward,
+            backward_threads=backward_threads,
+            max_in_flight=max_in_flight,
+            wait_timeout=wait_timeout,
+            thread_setup=self.settings.thread_setup,
+        )
+        self.tuner: ThreadAutotuner | None = None
+        self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
+
+    def start(self, autotune: bool, autotune_steps: int, max_staleness: float, allow_synchronous: bool,
+              run_steps: float) -> bool:
+        """Start the backward threads, and the autotuner when asked; ``False`` when the run is too short to tune."""
+        plan = None
+        if autotune:
+            plan = plan_trials(default_candidates(self._device, allow_synchronous), autotune_steps, run_steps)
+        self.settings.apply()
+        self.engine.start()
+        if plan is not None:
+            candidates, steps_per_trial = plan
+            self.tuner = ThreadAutotuner(candidates, steps_per_trial, max_staleness)
+        return plan is not None or not autotune
+
+    def before_step(self, staleness: tuple[float, int], configured_in_flight: int | None) -> str | None:
+        """Before a training step: let the autotuner switch configuration (a step runs wholly in one); its report
+        on the step its choice is made."""
+        tuner = self.tuner
+        if tuner is None or tuner.done:
+            return None
+        candidate = tuner.before_step(staleness)
+        if candidate is not None:
+            self._apply(candidate, configured_in_flight)
+        if not tuner.done:
+            return None
+        if self.plain_steps:  # the plain step won: nothing of the engine may cost anything from now on
+            self.engine.stop()
+            self.settings.restore_switch_interval()
+        return tuner.report()
+
+    def _apply(self, candidate: Candidate, configured_in_flight: int | None) -> None:
+        """Switch thread counts between two steps: drained, so no update is lost or reordered."""
+        self.engine.drain()
+        cuda_streams.join_update_stream(self._device)  # CUDA only: a plain step's optimizer runs on the loop's stream
+        self.plain_steps = candidate.synchronous
+        if candidate.synchronous:  # the plain step: one thread with every core, as plain Lightning
+            self.settings.use_every_core(candidate.intra_op_threads)
+            return
+        threads = candidate.backward_threads
+        self.reconfigure(threads, configured_in_flight or threads, candidate.intra_op_threads)
+
+    def reconfigure(self, backward_threads: int, max_in_flight: int, intra_op_threads: int | None = None) -> None:
+        """New thread counts (drained by the caller): the engine's threads and the CUDA stream pool follow."""
+        if self.settings.choose(backward_threads, max_in_flight, intra_op_threads):
+            self.engine.reconfigure(backward_threads, max_in_flight, self.settings.thread_setup)
+            self.streams = cuda_streams.StreamPool(self._device, max_in_flight)
+
+    def shutdown(self) -> None:
+        """Give back the process-wide thread settings and stop the backward threads (raises on a timeout)."""
+        self.settings.restore()
+        self.engine.stop()

@@ -1,0 +1,78 @@
+"""The strategy's engine while it fits: one ``FitSession`` at a time, its statistics, and with several devices the
+step count over ranks. Started and ended from Lightning's hooks; the strategy only asks it.
+
+Lightning's tuner runs the fit loop several times in one fit (``scale_batch_size``'s trials, ``lr_find``): a trial
+whose error the tuner caught (an out-of-memory batch) never reaches ``on_train_end``, and an ``lr_find`` started from
+a callback runs inside a run that goes on after it. So a new session first ends one still open.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from lightning_pdasgd.config import PDASGDConfig
+from lightning_pdasgd.engine.metrics import EngineStats
+from lightning_pdasgd.engine.session import FitSession
+
+from . import preemption, setup_checks
+from ._lightning import rank_zero_info
+from .step_accounting import StepAccounting, prepare_fit, start_exchange
+
+log = logging.getLogger(__name__)
+
+
+class FitSessions:
+    """Owns the current session (``None`` outside a run of the fit loop), the latest statistics and the step
+    accounting of several devices."""
+
+    def __init__(self, config: PDASGDConfig) -> None:
+        self._config = config
+        self.session: Optional[FitSession] = None
+        self.steps: Optional[StepAccounting] = None  # several devices, fitting: the global step count
+        self._stats: Optional[EngineStats] = None
+        self.loop_started = False  # on_train_start came, on_exception/teardown not yet
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's statistics of the current or latest fit (empty before the first)."""
+        if self._stats is None:
+            self._stats = EngineStats()
+        return self._stats
+
+    def prepare(self, strategy: Any) -> None:
+        """Before the user's ``setup`` (which may load the data): several devices count steps over the ranks; one
+        process never shares its data, whatever ``world_size`` was set to."""
+        self.steps = prepare_fit(strategy) if strategy.process_count > 1 else None
+
+    def start(self, strategy: Any) -> None:
+        """A new session for a run of Lightning's fit loop (a previous one still open is ended first)."""
+        module = strategy.lightning_module
+        trainer = module.trainer
+        self._end_stale()
+        clip_value, clip_norm = setup_checks.gradient_clipping(trainer)
+        session = FitSession(self._config, module, strategy.optimizers[0], strategy.root_device, clip_value, clip_norm,
+                             accumulate=setup_checks.accumulates_gradients(trainer))
+        self.session, self._stats = session, session.stats
+        rank_zero_info(session.start_for(strategy.process_count, trainer.estimated_stepping_batches))
+        if strategy.process_count > 1:
+            start_exchange(session, strategy.background_group, strategy.root_device, self.steps)
+            preemption.watch_sigterm_through_exchange(trainer, session)
+
+    def _end_stale(self) -> None:
+        """Stop the threads of a session whose run ended without ``on_train_end``; apply what it has in flight."""
+        session, self.session = self.session, None
+        if session is None:
+            return
+        try:
+            session.drain()
+        except Exception:  # noqa: BLE001 - its run failed already; the error was raised (and handled) there
+            log.debug("PD-ASGD: the drain of a previous run's engine failed", exc_info=True)
+        session.shutdown(raise_timeout=False)
+
+    def shutdown(self, raise_timeout: bool = True) -> None:
+        """End the session and give Lightning's loops back."""
+        session, self.session = self.session, None
+        self.steps = self.steps.uninstall() if self.steps is not None else None
+        if session is not None:
+            session.shutdown(raise_timeout)
