@@ -11,13 +11,12 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd.config import PDASGDConfig
 from lightning_pdasgd.engine import _torch_internals, cuda_streams
 from lightning_pdasgd.engine.backward_threads import BackwardWork
 from lightning_pdasgd.engine.bucket_optimizer import hyperparameter_snapshot
@@ -30,6 +29,9 @@ from lightning_pdasgd.engine.parameter_changes import ParameterSetFingerprint
 from lightning_pdasgd.engine.peers import Exchange, PeerLink, Replicas
 from lightning_pdasgd.engine.thread_control import EngineThreads
 from lightning_pdasgd.engine.weight_stash import WeightStash
+
+if TYPE_CHECKING:
+    from lightning_pdasgd.config import PDASGDConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,6 @@ class FitSession:
         self._pending_trip: Trip | None = None  # several devices: this rank's trip, acted on at the guard point
         self._step = 0  # the global step of the latest hand-off (for the guard's messages and snapshots)
 
-    # ------------------------------------------------------------------------------------------- read-only state
     @property
     def config(self) -> PDASGDConfig:
         return self._config
@@ -298,10 +299,8 @@ class FitSession:
         return output
 
     def hand_off(self, loss: Tensor, step: int, rank: int, closes_window: bool = True) -> None:
-        """Queue the forward's loss for a backward thread (the step returns without waiting for it).
-
-        ``closes_window``: with gradient accumulation, whether this loss is the last of its window (handed off
-        inside Lightning's ``optimizer_step``)."""
+        """Queue the forward's loss for a backward thread (the step returns without waiting for it); with gradient
+        accumulation ``closes_window`` says whether it is its window's last (handed off in ``optimizer_step``)."""
         assert self._current is not None
         stash, stream = self._current
         stash.step, stash.rank = step, rank
