@@ -285,7 +285,9 @@ class ReplicaExchange:
                     # live += anchor_new - snapshot: the other ranks' deltas, keeping this rank's updates since
                     taken = group.views(snapshot, position)
                     bucket.merge(
-                        lambda live, anchor=anchor, taken=taken: _torch_internals.foreach_add_difference_(live, anchor, taken),
+                        lambda live, anchor=anchor, taken=taken: _torch_internals.foreach_add_difference_(
+                            live, anchor, taken
+                        ),
                         total_counts[index] - local_counts[index],
                     )
                 index += 1

@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lightning_pdasgd.engine import _torch_internals, cuda_streams
 from lightning_pdasgd.errors import NonFiniteError
+
+if TYPE_CHECKING:
+    from lightning_pdasgd.engine.bucket_optimizer import BucketOptimizer
 
 POLICIES = ("error", "skip", "off")
 
@@ -109,7 +112,9 @@ class NonFinitePolicy:
         present = [grad for grad in grads if grad is not None]
         return present, (_torch_internals.sum_of_squares(present) if present else 0.0), len(bad)
 
-    def screen_on_device(self, present: list[Tensor], grads: list[Tensor | None], optimizer: Any) -> list[Tensor]:
+    def screen_on_device(
+        self, present: list[Tensor], grads: list[Tensor | None], optimizer: BucketOptimizer
+    ) -> list[Tensor]:
         """CUDA, on the update stream: count non-finite gradients and skip them on the device, no host sync.
 
         Fused optimizers get torch's own ``found_inf``; others get the non-finite gradients replaced by zeros (also in

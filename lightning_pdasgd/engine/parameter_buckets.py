@@ -281,7 +281,9 @@ def _owner(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _starts_new_bucket(members: list[tuple[int, str, nn.Parameter]], item: tuple[int, str, nn.Parameter], bucket_numel: int) -> bool:
+def _starts_new_bucket(
+    members: list[tuple[int, str, nn.Parameter]], item: tuple[int, str, nn.Parameter], bucket_numel: int
+) -> bool:
     first, last = members[0], members[-1]
     if item[0] != first[0] or item[2].dtype != first[2].dtype or item[2].device != first[2].device:
         return True

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from lightning_pdasgd.engine import _torch_internals, cuda_streams
 from lightning_pdasgd.engine.backward_threads import BackwardWork
 from lightning_pdasgd.engine.bucket_optimizer import hyperparameter_snapshot
 from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
+from lightning_pdasgd.engine.cuda_streams import BatchStream
 from lightning_pdasgd.engine.divergence_guard import DivergenceGuard, Trip
 from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
 from lightning_pdasgd.engine.lazy_reads import add_unread_note
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 _ABORT_NOTICE_SECONDS = 30.0  # how long a failing rank tries to tell the others before it exits anyway
 
-StashAndStream = tuple[WeightStash, Any]  # a forward's weights and its CUDA batch stream (None on CPU)
+StashAndStream = tuple[WeightStash, Optional[BatchStream]]  # a forward's weights, its CUDA stream (None: CPU)
 
 
 class FitSession:
