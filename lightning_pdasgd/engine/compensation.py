@@ -14,17 +14,17 @@ still holds the weights its forward read, so it can correct for it. Methods (``S
   applied update itself (momentum buffer x lr for SGD, the bias-corrected Adam step, ...). Without momentum
   (plain SGD, Adagrad, RMSprop with ``momentum=0``) the last update is one noisy gradient, whose extrapolation
   hurts stability, so the forward then reads the weights unchanged.
-- ``"predict+momentum"`` (the default): prediction and half the momentum correction below,
-  ``1 - m' = (1 - m) * (1 + E[s] / 2)`` for momentum 0.9 and above, less below (none at 0.5 and below:
-  ``DEFAULT_MOMENTUM_RAMP``; at momentum 0.5 the correction cost 6.8 points of per-step progress after the first
-  epoch of the digits MLP, where prediction alone kept up with plain). Prediction removes most of the delay of
-  the smooth (low-curvature) part of the trajectory; the correction damps the oscillations it cannot predict.
-  With lazy layer-wise reads the output side is almost never stale, so the correction acts mostly on the input side. Strength 1/2 was chosen
-  over 1 on the deep grid (benchmarks/results/convergence-deep, 3 seeds, lazy reads): ResNet-18 BatchNorm 0.963 vs
-  0.934 (plain 0.934), VGG-BN heavy-ball 0.815 vs 0.782 (plain 0.923), digits CNN lr 0.1 0.949 vs 0.672 (plain
-  0.958); prediction alone lost ResNet-18 (0.897) and VGG-BN (0.639). A stronger correction
-  (``WeightPrediction(correct_momentum=True, momentum_strength=2.0)``) recovered lr 0.4 on the digits MLP when
-  every bucket was read at the step's start (0.94 vs plain 0.76) but cost the CNN 12 points at lr 0.05.
+- ``"predict+momentum"`` (the default): prediction and half the momentum correction below, ``1 - m' = (1 - m) * (1 +
+  E[s] / 2)`` for momentum 0.9 and above, less below (none at 0.5 and below: ``DEFAULT_MOMENTUM_RAMP``; at momentum
+  0.5 the correction cost 6.8 points of per-step progress after the first epoch of the digits MLP, where prediction
+  alone kept up with plain). Prediction removes most of the delay of the smooth (low-curvature) part of the
+  trajectory; the correction damps the oscillations it cannot predict. With lazy layer-wise reads the output side is
+  almost never stale, so the correction acts mostly on the input side. Strength 1/2 was chosen over 1 on the deep grid
+  (benchmarks/results/convergence-deep, 3 seeds, lazy reads): ResNet-18 BatchNorm 0.963 vs 0.934 (plain 0.934), VGG-BN
+  heavy-ball 0.815 vs 0.782 (plain 0.923), digits CNN lr 0.1 0.949 vs 0.672 (plain 0.958); prediction alone lost
+  ResNet-18 (0.897) and VGG-BN (0.639). A stronger correction (``WeightPrediction(correct_momentum=True,
+  momentum_strength=2.0)``) recovered lr 0.4 on the digits MLP when every bucket was read at the step's start (0.94 vs
+  plain 0.76) but cost the CNN 12 points at lr 0.05.
 - ``"momentum"``: lowers the optimizer's momentum (``momentum`` of SGD/RMSprop, ``beta1`` of ``betas``) so that
   explicit and implicit momentum together match the user's: ``1 - m' = (1 - m) * (1 + E[s])``.
   Optimizers without a momentum hyperparameter (plain SGD, Adagrad, ...) are left unchanged.
