@@ -14,7 +14,7 @@ class EngineDrain(Callback):
     """Brings the engine to a consistent point at the end of every training epoch, before other epoch-end hooks.
 
     Also reaches the validation consistent point before other callbacks' ``on_validation_start``, and tells the
-    step accounting (several devices, ``steps.py``) where each epoch starts.
+    step accounting (several devices, ``step_accounting.py``) where each epoch starts.
 
     Lightning has no strategy hook at epoch end; the strategy inserts this callback first in ``trainer.callbacks``
     so that callbacks and the module's ``on_train_epoch_end`` see every update of the epoch applied (and, with

@@ -13,7 +13,7 @@ Run it from the repository root (or any folder whose Python modules the config n
 Why a command of its own: a yaml file names its model and datamodule by ``class_path``, so any LightningModule
 trains under PD-ASGD without a script. The current working directory is put on ``sys.path`` first (as
 ``python -m`` does), so ``class_path: examples.digits.DigitsClassifier`` resolves when run from the repository root.
-A wrong key or value is reported in a few lines naming the key, the value and what is allowed (``cli_errors.py``),
+A wrong key or value is reported in a few lines naming the key, the value and what is allowed (``cli/errors.py``),
 and ``--trainer.strategy pdasgd`` takes arguments (``cli_aliases.py``).
 """
 

@@ -9,7 +9,7 @@ Given its rank, a sampler keeps batch ``rank`` of every epoch for itself (the co
 rank trains at least one batch per epoch and reaches that epoch's validation and epoch-end consistent points, however
 fast the others are. The epoch may be cut short: ``max_batches`` (``limit_train_batches`` over all ranks) and
 ``budget`` (given the epoch's batches, how many this epoch's claims may still take: what ``max_steps`` leaves, less
-what a mid-epoch checkpoint already trained; see ``steps.py``).
+what a mid-epoch checkpoint already trained; see ``step_accounting.py``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ run by a communication thread on a process group of its own:
 1. snapshots the live parameters (each under its parameter's lock) and takes ``delta = snapshot - anchor``,
    i.e. this rank's updates not yet shared;
 2. all-reduces the deltas (sum), the per-parameter update counts and the ranks' counts of trained batches (the
-   global step count, see ``steps.py``);
+   global step count, see ``step_accounting.py``);
 3. advances the anchor by the sum (identical on every rank) and adds the *other* ranks' deltas to the live
    parameters: ``live += anchor_new - snapshot``, which keeps this rank's updates made during the round.
 

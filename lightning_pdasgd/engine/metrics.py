@@ -36,10 +36,10 @@ REPLICA_DIVERGENCE = "pdasgd/replica_divergence"
 STASH_MS = "pdasgd/stash_ms"
 HANDOFF_MS = "pdasgd/handoff_ms"
 UPDATE_MS = "pdasgd/update_ms"
-GUARD_TRIPS = "pdasgd/guard_trips"  # blow-ups the divergence guard caught (guard.py)
+GUARD_TRIPS = "pdasgd/guard_trips"  # blow-ups the divergence guard caught (divergence_guard.py)
 # staleness by depth: the bucket the forward reaches first (input side) and last (output side)
 STALENESS_FRACTION_PREFIX = "pdasgd/staleness_frac_"  # + a staleness bucket's label
-EXCHANGE_ROUNDS = "pdasgd/exchange_rounds"  # several devices (exchange.py)
+EXCHANGE_ROUNDS = "pdasgd/exchange_rounds"  # several devices (replica_exchange.py)
 EXCHANGE_MS = "pdasgd/exchange_ms"
 EXCHANGE_CPU_FRACTION = "pdasgd/exchange_cpu_frac"
 STALENESS_FIRST_BUCKET = "pdasgd/staleness_first_bucket"

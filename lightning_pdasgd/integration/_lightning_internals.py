@@ -37,7 +37,7 @@ def subprocess_script_launcher_class() -> type:
     """Lightning's launcher that re-runs the user's script once per local device (what ``strategy="ddp"`` uses).
 
     The Trainer kills the child processes on Ctrl-C only if ``isinstance(launcher, _SubprocessScriptLauncher)`` of
-    its own package (``trainer/call.py``), so ``processes.py`` subclasses this flavour's class.
+    its own package (``trainer/call.py``), so ``one_process_per_device.py`` subclasses this flavour's class.
     """
     return _pytorch("strategies.launchers.subprocess_script")._SubprocessScriptLauncher  # type: ignore[no-any-return]
 
@@ -137,7 +137,7 @@ def replace_sigterm_broadcast(trainer: object, check: Callable[[], None]) -> Non
 
 
 # ----------------------------------------------------------------------------------------------- Lightning's loop state
-# Several devices: `steps.py` keeps Lightning's step counters on the count of batches applied by all ranks. These are
+# Several devices: `step_accounting.py` keeps Lightning's step counters on the count of batches applied by all ranks. These are
 # the private loop objects it reads and advances (lightning 2.6.6: `_TrainingEpochLoop`, `_FitLoop`, `trainer.call`).
 
 
