@@ -2,6 +2,12 @@
 
 Run as ``python tests/distributed_worker.py CASE OUT_DIR [ARGS...]``: Lightning re-runs this script for every
 other local rank. Each rank writes what the test needs to ``OUT_DIR/CASE-rank{R}.pt``.
+
+Every CASE is a function registered with ``@case("name")`` in :data:`CASES` (see the bottom of this file); its
+docstring says what the test that launches it (``tests/test_distributed.py``) checks. A case function gets the
+output folder, this rank's :class:`BatchLog` and the extra ``ARGS`` (strings), runs fit, and returns the trainer
+and the case's own result keys; :func:`main` adds the keys every case has (``batches``, ``train_seconds``,
+``global_step``, ``rank``) and saves the result.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -21,8 +27,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lightning_pdasgd import PDASGDStrategy, Straggler  # noqa: E402
 from tests.helpers import trainer_kwargs  # noqa: E402
-from tests.models import DigitsClassifier, DigitsData  # noqa: E402
-from tests.test_concurrency import LR, LinearLoss, _integer_batches  # noqa: E402
+from tests.models import LR, DigitsClassifier, DigitsData, LinearLoss, integer_batches  # noqa: E402
 
 
 class BatchLog(Callback):
@@ -100,6 +105,8 @@ class BarTotal(Callback):
 
 
 class DieInEpoch(Callback):
+    """Kills one rank's process (exit code 9, no cleanup) at a given batch of a given epoch."""
+
     def __init__(self, rank: int, epoch: int, batch: int) -> None:
         self.rank, self.epoch, self.batch = rank, epoch, batch
 
@@ -179,10 +186,12 @@ def _accuracy(model: DigitsClassifier) -> float:
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the module's state_dict (parameters and buffers)."""
     return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
 def _trainer(strategy: Any = None, devices: int = 2, **kwargs: Any) -> L.Trainer:
+    """A quiet CPU Trainer on ``devices`` processes with PD-ASGD (default settings unless ``strategy`` is given)."""
     return L.Trainer(strategy=strategy or PDASGDStrategy(), **trainer_kwargs(devices=devices, **kwargs))
 
 
@@ -201,123 +210,198 @@ class SpikeOnRankOne(DigitsClassifier):
         return loss * 10 if spiking and self.trainer.strategy.stats.guard_trips == 0 else loss
 
 
-def main(case: str, out: Path, *args: str) -> None:
+CaseResult = tuple[L.Trainer, dict[str, Any]]
+CaseFunction = Callable[..., CaseResult]  # (out, log, *args: str) -> (trainer, result)
+
+CASES: dict[str, CaseFunction] = {}
+"""Every case this worker runs, by the name the tests pass as its first argument."""
+
+
+def case(name: str) -> Callable[[CaseFunction], CaseFunction]:
+    """Registers the decorated function in :data:`CASES` under ``name``."""
+
+    def register(function: CaseFunction) -> CaseFunction:
+        assert name not in CASES, f"case {name!r} registered twice"
+        CASES[name] = function
+        return function
+
+    return register
+
+
+@case("learn")
+def learn(out: Path, log: BatchLog) -> CaseResult:
+    """Two ranks learn the digits; saves ``learn.ckpt`` for the resume case. Checks accuracy, bitwise-identical
+    replicas and optimizer states, ``sync_dist`` metrics, and that every epoch's batches were each used once."""
+    L.seed_everything(0)
+    # every rank's updates are applied to every replica: half the single-device test's lr keeps the same
+    # per-sample step while staleness (two engines plus the exchange) roughly doubles
+    model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
+    trainer = _trainer(strategy=PDASGDStrategy(metrics="full"), max_epochs=8, callbacks=[log])
+    trainer.fit(model, DigitsData(batch_size=32))
+    trainer.save_checkpoint(out / "learn.ckpt")
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    return trainer, dict(accuracy=_accuracy(model), state=_state(model), optimizer=trainer.optimizers[0].state_dict(),
+                         metrics=metrics, val_accuracy=model.val_accuracy)
+
+
+@case("linear")
+def linear(out: Path, log: BatchLog, batches: str, *bar: str) -> CaseResult:
+    """LinearLoss on ``batches`` integer batches (``tqdm`` after it: TQDM's progress bar instead of Rich's). Checks
+    no update lost or doubled across ranks (weights are exactly -lr times all batches), each batch claimed once,
+    and the progress bar's estimated total; also the workload of the torchrun launch test."""
+    width = 256
+    model = LinearLoss(width)
+    bar_total = BarTotal()
+    callbacks: list[Callback] = [log, bar_total]
+    if bar == ("tqdm",):  # Lightning picks Rich when it is installed
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar())
+    trainer = _trainer(max_epochs=1, callbacks=callbacks, enable_progress_bar=True)
+    loader = integer_batches(int(batches), width)
+    trainer.fit(model, loader)
+    sampler = trainer.train_dataloader.batch_sampler
+    return trainer, dict(state=_state(model), claimed=list(getattr(sampler, "claimed", [])), lr=LR,
+                         bar_total=bar_total.total)
+
+
+@case("straggler")
+def straggler(out: Path, log: BatchLog, factor: str) -> CaseResult:
+    """Rank 1 slowed by ``factor`` (0: no straggler) and held until rank 0 trained 20 batches. Checks that the fast
+    rank never waits for the slow one and takes over more of the epoch, with the same total of batches."""
+    slowdown = float(factor)
+    L.seed_everything(0)
+    model = DigitsClassifier(hidden=256)
+    callbacks: list[Callback] = [log] + ([Straggler(rank=1, factor=slowdown)] if slowdown > 0 else [])
+    if slowdown > 0:
+        callbacks.append(HoldUntilOtherRankTrains(batches=20))
+    trainer = _trainer(max_epochs=3, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(model, DigitsData(batch_size=16))
+    return trainer, {}
+
+
+@case("preempt")
+def preempt(out: Path, log: BatchLog, signal_rank: str, phase: str) -> CaseResult:
+    """``start``: SIGTERM on rank ``signal_rank`` mid-epoch; ``resume``: go on from the hpc checkpoint. Checks that
+    every rank drains, the replicas merge into one checkpoint with exactly the processed batches, and resume runs."""
+    rank, resuming = int(signal_rank), phase == "resume"
+    batches = ProcessedBatches(out, signal_rank=None if resuming else rank)
+    model = LinearLoss(256)
+    trainer = _trainer(max_epochs=2, callbacks=[log, batches], default_root_dir=out)
+    trainer.fit(model, integer_batches(150, 256), ckpt_path="hpc" if resuming else None)
+    return trainer, dict(state=_state(model), total=batches.total, lr=LR)
+
+
+@case("elastic")
+def elastic(out: Path, log: BatchLog) -> CaseResult:
+    """Under torchrun --max-restarts: rank 1 dies in epoch 2 on the first attempt. Checks that the restarted job
+    resumes from the last epoch-end checkpoint (``last.ckpt``) and finishes with identical, accurate replicas."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    checkpoints = out / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    resume_from = str(last) if last.exists() else None
+    L.seed_everything(0)
+    model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
+    callbacks: list[Callback] = [log, ModelCheckpoint(dirpath=checkpoints, save_last=True)]
+    if attempt == 0:
+        callbacks.append(DieInEpoch(rank=1, epoch=2, batch=5))
+    trainer = _trainer(max_epochs=8, callbacks=callbacks, enable_checkpointing=True)
+    trainer.fit(model, DigitsData(batch_size=32), ckpt_path=resume_from)
+    return trainer, dict(accuracy=_accuracy(model), attempt=attempt, resumed_from=resume_from,
+                         val_accuracy=model.val_accuracy)
+
+
+def _fail_on_rank(rank: str, hard: bool) -> CaseResult:
+    """Trains until ``rank`` fails at batch 5 (raises, or with ``hard`` exits without cleanup); never returns."""
+    model = DigitsClassifier()
+    failure = FailOnRank(rank=int(rank), batch=5, hard=hard)
+    trainer = _trainer(strategy=PDASGDStrategy(wait_timeout=60), max_epochs=50, callbacks=[failure])
+    trainer.fit(model, DigitsData(batch_size=16))
+    return trainer, {}
+
+
+@case("fail")
+def fail(out: Path, log: BatchLog, rank: str) -> CaseResult:
+    """Rank ``rank`` raises mid-epoch. Checks that every rank stops quickly with an error and none finishes fit."""
+    return _fail_on_rank(rank, hard=False)
+
+
+@case("die")
+def die(out: Path, log: BatchLog, rank: str) -> CaseResult:
+    """Rank ``rank``'s process exits without any cleanup. Checks that the other rank is not left waiting."""
+    return _fail_on_rank(rank, hard=True)
+
+
+@case("steps")
+def steps(out: Path, log: BatchLog, factor: str, max_steps: str) -> CaseResult:
+    """Lightning's docs recipes on 2 ranks: OneCycleLR sized by ``estimated_stepping_batches``, ModelCheckpoint on
+    val_acc (best and last), then ``trainer.test(ckpt_path="best")`` on every rank; rank 1 slowed by ``factor``,
+    and ``max_steps`` > 0 adds ``limit_train_batches=0.5``. Checks one step count, schedule and checkpoint set on
+    every rank, counted over the batches of all ranks."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    slowdown, step_limit = float(factor), int(max_steps)
+    L.seed_everything(0)
+    model = OneCycleDigits()
+    record = StepRecord()
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val_acc", mode="max", save_top_k=2,
+                                 save_last=True)
+    callbacks = [log, record, checkpoint] + ([Straggler(rank=1, factor=slowdown)] if slowdown > 0 else [])
+    limits: dict[str, Any] = dict(max_epochs=3)
+    if step_limit > 0:  # max_steps and a fractional epoch: both count the batches of all ranks together
+        limits = dict(max_steps=step_limit, limit_train_batches=0.5)
+    trainer = _trainer(callbacks=callbacks, enable_checkpointing=True, **limits)
+    trainer.fit(model, DigitsData(batch_size=32))
+    (config,) = trainer.lr_scheduler_configs
+    sampler = trainer.train_dataloader.batch_sampler
+    result = dict(points=record.points, total_steps=model.total_steps, claimed=list(sampler.claimed),
+                  final_lr=trainer.optimizers[0].param_groups[0]["lr"], last_epoch=config.scheduler.last_epoch,
+                  best=checkpoint.best_model_path, last=checkpoint.last_model_path,
+                  files=sorted(path.name for path in (out / "checkpoints").iterdir()),
+                  limit_train_batches=trainer.limit_train_batches, fit_global_step=trainer.global_step,
+                  fit_epoch=trainer.current_epoch, state=_state(model))
+    test_loader = DigitsData().val_dataloader()
+    tested = trainer.test(model, test_loader, ckpt_path="best", verbose=False)
+    result.update(test_acc=tested[0]["test_acc"], tested_path=trainer.ckpt_path)
+    return trainer, result
+
+
+@case("guard")
+def guard(out: Path, log: BatchLog) -> CaseResult:
+    """Rank 1's loss jumps 10x (SpikeOnRankOne). Checks that the divergence guard trips once on both ranks together,
+    restores the same state, and the replicas end bitwise identical and accurate."""
+    L.seed_everything(0)
+    model = SpikeOnRankOne(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
+    # the recovery happens at the epoch's end and restores the state of its start: epochs to catch up after
+    trainer = _trainer(max_epochs=8, callbacks=[log])
+    trainer.fit(model, DigitsData(batch_size=32))
+    return trainer, dict(accuracy=_accuracy(model), state=_state(model), trips=trainer.strategy.stats.guard_trips,
+                         val_accuracy=model.val_accuracy)
+
+
+@case("resume")
+def resume(out: Path, log: BatchLog, devices: str, ckpt: str) -> CaseResult:
+    """Resumes the 2-rank ``learn`` checkpoint ``ckpt`` on ``devices`` processes to epoch 10. Checks that it goes on
+    from all ranks' step count, trains every remaining batch once, and stays accurate."""
+    L.seed_everything(1)
+    model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    trainer = _trainer(devices=int(devices), max_epochs=10, callbacks=[log])
+    trainer.fit(model, DigitsData(batch_size=32), ckpt_path=ckpt)
+    return trainer, dict(accuracy=_accuracy(model), state=_state(model))
+
+
+def main(name: str, out: Path, *args: str) -> None:
+    """Runs the case ``name`` on this rank and saves its result to ``out/{name}-rank{R}.pt``."""
     out.mkdir(parents=True, exist_ok=True)
+    if name not in CASES:
+        raise SystemExit(f"unknown case {name!r}")
     log = BatchLog()
-    result: dict[str, Any] = {}
-    if case == "learn":
-        L.seed_everything(0)
-        # every rank's updates are applied to every replica: half the single-device test's lr keeps the same
-        # per-sample step while staleness (two engines plus the exchange) roughly doubles
-        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
-        trainer = _trainer(strategy=PDASGDStrategy(metrics="full"), max_epochs=8, callbacks=[log])
-        trainer.fit(model, DigitsData(batch_size=32))
-        trainer.save_checkpoint(out / "learn.ckpt")
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-        result.update(accuracy=_accuracy(model), state=_state(model), optimizer=trainer.optimizers[0].state_dict(),
-                      metrics=metrics, val_accuracy=model.val_accuracy)
-    elif case == "linear":
-        width, batches = 256, int(args[0])
-        model = LinearLoss(width)
-        bar_total = BarTotal()
-        callbacks = [log, bar_total]
-        if args[1:] == ("tqdm",):  # Lightning picks Rich when it is installed
-            from lightning.pytorch.callbacks import TQDMProgressBar
-
-            callbacks.append(TQDMProgressBar())
-        trainer = _trainer(max_epochs=1, callbacks=callbacks, enable_progress_bar=True)
-        loader = _integer_batches(batches, width)
-        trainer.fit(model, loader)
-        sampler = trainer.train_dataloader.batch_sampler
-        result.update(state=_state(model), claimed=list(getattr(sampler, "claimed", [])), lr=LR,
-                      bar_total=bar_total.total)
-    elif case == "straggler":
-        factor = float(args[0])
-        L.seed_everything(0)
-        model = DigitsClassifier(hidden=256)
-        callbacks: list[Callback] = [log] + ([Straggler(rank=1, factor=factor)] if factor > 0 else [])
-        if factor > 0:
-            callbacks.append(HoldUntilOtherRankTrains(batches=20))
-        trainer = _trainer(max_epochs=3, limit_val_batches=0, callbacks=callbacks)
-        trainer.fit(model, DigitsData(batch_size=16))
-    elif case == "preempt":
-        signal_rank, resume = int(args[0]), args[1] == "resume"
-        batches = ProcessedBatches(out, signal_rank=None if resume else signal_rank)
-        model = LinearLoss(256)
-        trainer = _trainer(max_epochs=2, callbacks=[log, batches], default_root_dir=out)
-        trainer.fit(model, _integer_batches(150, 256), ckpt_path="hpc" if resume else None)
-        result.update(state=_state(model), total=batches.total, lr=LR)
-    elif case == "elastic":
-        # torchrun --max-restarts: rank 1 dies mid-epoch on the first attempt; the restarted job resumes from the
-        # last epoch-end checkpoint and finishes
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        checkpoints = out / "checkpoints"
-        last = checkpoints / "last.ckpt"
-        resume_from = str(last) if last.exists() else None
-        L.seed_everything(0)
-        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
-        callbacks: list[Callback] = [log, ModelCheckpoint(dirpath=checkpoints, save_last=True)]
-        if attempt == 0:
-            callbacks.append(DieInEpoch(rank=1, epoch=2, batch=5))
-        trainer = _trainer(max_epochs=8, callbacks=callbacks, enable_checkpointing=True)
-        trainer.fit(model, DigitsData(batch_size=32), ckpt_path=resume_from)
-        result.update(accuracy=_accuracy(model), attempt=attempt, resumed_from=resume_from,
-                      val_accuracy=model.val_accuracy)
-    elif case in ("fail", "die"):
-        model = DigitsClassifier()
-        failure = FailOnRank(rank=int(args[0]), batch=5, hard=case == "die")
-        trainer = _trainer(strategy=PDASGDStrategy(wait_timeout=60), max_epochs=50, callbacks=[failure])
-        trainer.fit(model, DigitsData(batch_size=16))
-    elif case == "steps":
-        # the recipes of Lightning's docs on 2 ranks: OneCycleLR sized by estimated_stepping_batches, ModelCheckpoint
-        # on a validation metric (best and last), then `trainer.test(ckpt_path="best")` on every rank
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        factor, max_steps = float(args[0]), int(args[1])
-        L.seed_everything(0)
-        model = OneCycleDigits()
-        record = StepRecord()
-        checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val_acc", mode="max", save_top_k=2,
-                                     save_last=True)
-        callbacks = [log, record, checkpoint] + ([Straggler(rank=1, factor=factor)] if factor > 0 else [])
-        limits: dict[str, Any] = dict(max_epochs=3)
-        if max_steps > 0:  # max_steps and a fractional epoch: both count the batches of all ranks together
-            limits = dict(max_steps=max_steps, limit_train_batches=0.5)
-        trainer = _trainer(callbacks=callbacks, enable_checkpointing=True, **limits)
-        trainer.fit(model, DigitsData(batch_size=32))
-        (config,) = trainer.lr_scheduler_configs
-        sampler = trainer.train_dataloader.batch_sampler
-        result.update(points=record.points, total_steps=model.total_steps, claimed=list(sampler.claimed),
-                      final_lr=trainer.optimizers[0].param_groups[0]["lr"], last_epoch=config.scheduler.last_epoch,
-                      best=checkpoint.best_model_path, last=checkpoint.last_model_path,
-                      files=sorted(path.name for path in (out / "checkpoints").iterdir()),
-                      limit_train_batches=trainer.limit_train_batches, fit_global_step=trainer.global_step,
-                      fit_epoch=trainer.current_epoch, state=_state(model))
-        test_loader = DigitsData().val_dataloader()
-        tested = trainer.test(model, test_loader, ckpt_path="best", verbose=False)
-        result.update(test_acc=tested[0]["test_acc"], tested_path=trainer.ckpt_path)
-    elif case == "guard":
-        L.seed_everything(0)
-        model = SpikeOnRankOne(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
-        # the recovery happens at the epoch's end and restores the state of its start: epochs to catch up after
-        trainer = _trainer(max_epochs=8, callbacks=[log])
-        trainer.fit(model, DigitsData(batch_size=32))
-        result.update(accuracy=_accuracy(model), state=_state(model), trips=trainer.strategy.stats.guard_trips,
-                      val_accuracy=model.val_accuracy)
-    elif case == "resume":
-        devices, ckpt = int(args[0]), args[1]
-        L.seed_everything(1)
-        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-        trainer = _trainer(devices=devices, max_epochs=10, callbacks=[log])
-        trainer.fit(model, DigitsData(batch_size=32), ckpt_path=ckpt)
-        result.update(accuracy=_accuracy(model), state=_state(model))
-    else:
-        raise SystemExit(f"unknown case {case!r}")
+    trainer, result = CASES[name](out, log, *args)
     result.update(batches=log.batches, train_seconds=log.train_seconds, global_step=trainer.global_step,
                   rank=trainer.global_rank)
-    torch.save(result, out / f"{case}-rank{trainer.global_rank}.pt")
+    torch.save(result, out / f"{name}-rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

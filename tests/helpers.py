@@ -1,11 +1,20 @@
-"""Small shared helpers for the tests."""
+"""Small shared helpers for the tests: Trainer settings, engine-thread checks, and a seeded digits fit."""
 
 from __future__ import annotations
 
 import threading
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
+
+from tests.models import DigitsClassifier, DigitsData
 
 
 def engine_threads() -> list[threading.Thread]:
+    """The PD-ASGD engine threads (named ``pdasgd-*``) alive right now."""
     return [thread for thread in threading.enumerate() if thread.name.startswith("pdasgd-")]
 
 
@@ -21,3 +30,31 @@ def trainer_kwargs(**overrides: object) -> dict[str, object]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+DIGITS_OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd_momentum_nesterov_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "sgd_plain": lambda p: torch.optim.SGD(p, lr=0.1),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
+}  # the optimizers fit_digits compares plain Lightning and PD-ASGD under, by name
+
+
+def step_scheduler(optimizer: torch.optim.Optimizer) -> Any:
+    """StepLR halving the learning rate every 7 steps: the schedule of fit_digits."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.5)
+
+
+def fit_digits(
+    strategy: Any, optimizer: str, steps: int = 40, tmp_path: Any = None
+) -> tuple[DigitsClassifier, L.Trainer]:
+    """Seeded DigitsClassifier fit for ``steps`` steps (DIGITS_OPTIMIZERS[optimizer], StepLR, no validation);
+    with ``tmp_path``, every step's metrics and lr are logged to a CSVLogger there."""
+    L.seed_everything(1234)
+    model = DigitsClassifier(optimizer=DIGITS_OPTIMIZERS[optimizer], scheduler=step_scheduler)
+    extra: dict[str, Any] = {}
+    if tmp_path is not None:
+        extra = dict(logger=CSVLogger(tmp_path), callbacks=[LearningRateMonitor("step")], log_every_n_steps=1)
+    trainer = L.Trainer(strategy=strategy, max_steps=steps, limit_val_batches=0, **trainer_kwargs(**extra))
+    trainer.fit(model, DigitsData(batch_size=32))
+    return model, trainer

@@ -25,6 +25,8 @@ def digits_tensors(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
 
 
 class DigitsData(LightningDataModule):
+    """The digits of :func:`digits_tensors` as a DataModule: shuffled training batches, validation in batches of 256."""
+
     def __init__(self, batch_size: int = 32, shuffle: bool = True) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -39,6 +41,40 @@ class DigitsData(LightningDataModule):
 
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+
+LR = 0.125  # LinearLoss's SGD learning rate: a power of two, so every update is exact in float64
+
+
+class LinearLoss(LightningModule):
+    """loss = sum_l <w_l, x * c_l>: every gradient is known in advance and does not depend on the weights.
+
+    Three layers (one tied into two places) so that concurrent backwards interleave their per-layer updates.
+    """
+
+    def __init__(self, width: int = 512) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.zeros(width, dtype=torch.float64))
+        self.second = nn.Parameter(torch.zeros(width, dtype=torch.float64))
+        self.shared = nn.Linear(width, 1, bias=False, dtype=torch.float64)
+        self.tied = nn.Module()
+        self.tied.weight = self.shared.weight  # the same parameter under two names
+        nn.init.zeros_(self.shared.weight)
+        self.frozen = nn.Parameter(torch.ones(width, dtype=torch.float64), requires_grad=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        x = x.sum(dim=0)
+        loss = (self.first * x).sum() + (self.second * (2 * x)).sum() + self.shared(x * self.frozen).sum()
+        return loss + (self.tied.weight.squeeze(0) * x).sum()  # the tied use: its gradient adds to `shared`
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+def integer_batches(count: int, width: int, batch_size: int = 4) -> DataLoader:
+    """``count`` fixed-seed batches of small integers (float64, so LinearLoss's sums are exact), in order."""
+    data = torch.randint(-8, 9, (count * batch_size, width), generator=torch.Generator().manual_seed(7))
+    return DataLoader(TensorDataset(data.double()), batch_size=batch_size)
 
 
 class DelayedBackward(torch.autograd.Function):

@@ -9,8 +9,7 @@ import torch
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.engine.autotune import Candidate, ThreadAutotuner, default_candidates, plan_trials
 from tests.helpers import trainer_kwargs
-from tests.models import DelayedBackward, DigitsClassifier, DigitsData
-from tests.test_concurrency import LR, LinearLoss, _integer_batches
+from tests.models import LR, DelayedBackward, DigitsClassifier, DigitsData, LinearLoss, integer_batches
 
 
 def test_candidates_cover_plain_and_thread_counts() -> None:
@@ -41,7 +40,7 @@ def test_tuner_prefers_the_fastest_within_the_staleness_bound() -> None:
 def test_autotune_picks_a_valid_configuration_and_loses_no_update() -> None:
     """Switching configurations between steps drains first: the exact sum of all gradients still lands."""
     width, steps = 64, 150
-    loader = _integer_batches(steps, width)
+    loader = integer_batches(steps, width)
     total = torch.cat([batch for (batch,) in loader]).sum(dim=0)
     threads_before = torch.get_num_threads()
     strategy = PDASGDStrategy(backward_threads="auto", autotune_steps=4)

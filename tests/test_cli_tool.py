@@ -15,7 +15,7 @@ import yaml
 
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.cli import main as cli
-from lightning_pdasgd.cli.errors import ConfigurationError
+from lightning_pdasgd.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CLI = ROOT / "examples" / "configs" / "digits_cli.yaml"

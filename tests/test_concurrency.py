@@ -8,45 +8,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
 from tests.helpers import trainer_kwargs
-from tests.models import DigitsClassifier, DigitsData
-
-LR = 0.125  # a power of two: every update is exact in float64
-
-
-class LinearLoss(L.LightningModule):
-    """loss = sum_l <w_l, x * c_l>: every gradient is known in advance and does not depend on the weights.
-
-    Three layers (one tied into two places) so that concurrent backwards interleave their per-layer updates.
-    """
-
-    def __init__(self, width: int = 512) -> None:
-        super().__init__()
-        self.first = nn.Parameter(torch.zeros(width, dtype=torch.float64))
-        self.second = nn.Parameter(torch.zeros(width, dtype=torch.float64))
-        self.shared = nn.Linear(width, 1, bias=False, dtype=torch.float64)
-        self.tied = nn.Module()
-        self.tied.weight = self.shared.weight  # the same parameter under two names
-        nn.init.zeros_(self.shared.weight)
-        self.frozen = nn.Parameter(torch.ones(width, dtype=torch.float64), requires_grad=False)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        (x,) = batch
-        x = x.sum(dim=0)
-        loss = (self.first * x).sum() + (self.second * (2 * x)).sum() + self.shared(x * self.frozen).sum()
-        return loss + (self.tied.weight.squeeze(0) * x).sum()  # the tied use: its gradient adds to `shared`
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=LR)
-
-
-def _integer_batches(count: int, width: int, batch_size: int = 4) -> DataLoader:
-    data = torch.randint(-8, 9, (count * batch_size, width), generator=torch.Generator().manual_seed(7))
-    return DataLoader(TensorDataset(data.double()), batch_size=batch_size)
+from tests.models import LR, DigitsClassifier, DigitsData, LinearLoss, integer_batches
 
 
 @pytest.mark.parametrize(
@@ -60,7 +25,7 @@ def _integer_batches(count: int, width: int, batch_size: int = 4) -> DataLoader:
 )
 def test_no_update_lost_or_doubled(strategy_kwargs: dict[str, Any]) -> None:
     width, steps = 512, 300
-    loader = _integer_batches(steps, width)
+    loader = integer_batches(steps, width)
     total = torch.cat([batch for (batch,) in loader]).sum(dim=0)
     model = LinearLoss(width)
     strategy = PDASGDStrategy(**strategy_kwargs)
@@ -131,7 +96,7 @@ def test_staleness_is_measured_per_parameter() -> None:
     every update from the M-th on exactly that stale.
     """
     steps = 60
-    loader = _integer_batches(steps, 64)
+    loader = integer_batches(steps, 64)
     one = PDASGDStrategy(max_in_flight=1)
     L.Trainer(strategy=one, max_epochs=1, **trainer_kwargs()).fit(GatedLinearLoss(64, 0, steps), loader)
     assert one.stats.total_staleness_max == 0 and one.stats.mean_staleness == 0.0

@@ -23,9 +23,8 @@ from lightning_pdasgd.engine.compensation import (
     momentum_overrides,
     resolve,
 )
-from tests.helpers import trainer_kwargs
+from tests.helpers import fit_digits, trainer_kwargs
 from tests.models import DigitsClassifier, DigitsData
-from tests.test_equivalence import _fit
 
 SGD_MOMENTUM = {"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False, "weight_decay": 0}
 ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0}
@@ -163,9 +162,9 @@ def test_resolve_validates_and_copies() -> None:
 # ----------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", [name for name in STALENESS_COMPENSATIONS if name != "none"])
 def test_one_in_flight_stays_exactly_plain_with_compensation(name: str) -> None:
-    plain, _ = _fit("auto", "sgd_momentum_nesterov_wd", steps=25)
-    pdasgd, _ = _fit(PDASGDStrategy(max_in_flight=1, staleness_compensation=name), "sgd_momentum_nesterov_wd",
-                     steps=25)
+    plain, _ = fit_digits("auto", "sgd_momentum_nesterov_wd", steps=25)
+    pdasgd, _ = fit_digits(PDASGDStrategy(max_in_flight=1, staleness_compensation=name),
+                           "sgd_momentum_nesterov_wd", steps=25)
     for key, value in plain.state_dict().items():
         assert (value.double() - pdasgd.state_dict()[key].double()).abs().max().item() <= 1e-6, key
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.engine.nonfinite import NonFiniteError
-from tests.test_concurrency import LR, LinearLoss, _integer_batches
+from tests.models import LR, LinearLoss, integer_batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,7 +46,7 @@ def gpu_trainer(**overrides: Any) -> dict[str, Any]:
 def test_no_update_lost_or_doubled_on_cuda(strategy_kwargs: dict[str, Any]) -> None:
     """loss linear in the weights, SGD, float64, power-of-two lr: the final weights are exactly -lr * sum(x)."""
     width, steps = 512, 300
-    loader = _integer_batches(steps, width)
+    loader = integer_batches(steps, width)
     total = torch.cat([batch for (batch,) in loader]).sum(dim=0)
     model = LinearLoss(width)
     strategy = PDASGDStrategy(**strategy_kwargs)
@@ -128,7 +128,7 @@ def test_bf16_mixed_matches_plain_and_trains_asynchronously() -> None:
 def test_bf16_true_parameters_linear_sum_is_exact() -> None:
     """bf16 parameters (``bf16-true``): small integer sums stay exact, so no update may be lost or doubled."""
     width, steps = 64, 32
-    loader = _integer_batches(steps, width, batch_size=1)
+    loader = integer_batches(steps, width, batch_size=1)
     total = torch.cat([batch for (batch,) in loader]).sum(dim=0)
 
     class Small(LinearLoss):

@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_concurrency import _integer_batches
+from tests.models import integer_batches
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
 def _launch(case: str, out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Runs the worker's case ``case`` (the function registered as ``@case("<case>")`` in distributed_worker.py);
+    each rank it starts writes ``out/<case>-rank{R}.pt``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
         env.pop(key, None)
@@ -27,6 +29,8 @@ def _launch(case: str, out: Path, *args: str, timeout: float = 240) -> subproces
 
 
 def _results(out: Path, case: str) -> list[dict[str, Any]]:
+    """Both ranks' result dicts of ``case``: the keys its worker function returns, plus batches, train_seconds,
+    global_step and rank."""
     return [torch.load(out / f"{case}-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
@@ -73,7 +77,7 @@ def test_no_update_lost_across_ranks(tmp_path: Path) -> None:
     first, second = _results(tmp_path, "linear")
     assert sorted(first["claimed"] + second["claimed"]) == list(range(batches)), "every batch exactly once"
     assert first["bar_total"] == batches // 2  # rank 0's progress bar shows the estimated share
-    total = torch.cat([batch for (batch,) in _integer_batches(batches, 256)]).sum(dim=0)
+    total = torch.cat([batch for (batch,) in integer_batches(batches, 256)]).sum(dim=0)
     lr = first["lr"]
     for result in (first, second):
         assert torch.equal(result["state"]["first"], -lr * total)

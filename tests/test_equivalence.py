@@ -2,45 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger
 
 from lightning_pdasgd import PDASGDStrategy
-from tests.helpers import trainer_kwargs
+from tests.helpers import DIGITS_OPTIMIZERS, fit_digits, trainer_kwargs
 from tests.models import DigitsClassifier, DigitsData
 
-OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
-    "sgd_momentum_nesterov_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    "sgd_plain": lambda p: torch.optim.SGD(p, lr=0.1),
-    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
-    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
-}
 
-
-def _step_scheduler(optimizer: torch.optim.Optimizer) -> Any:
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.5)
-
-
-def _fit(strategy: Any, optimizer: str, steps: int = 40, tmp_path: Any = None) -> tuple[DigitsClassifier, L.Trainer]:
-    L.seed_everything(1234)
-    model = DigitsClassifier(optimizer=OPTIMIZERS[optimizer], scheduler=_step_scheduler)
-    extra: dict[str, Any] = {}
-    if tmp_path is not None:
-        extra = dict(logger=CSVLogger(tmp_path), callbacks=[LearningRateMonitor("step")], log_every_n_steps=1)
-    trainer = L.Trainer(strategy=strategy, max_steps=steps, limit_val_batches=0, **trainer_kwargs(**extra))
-    trainer.fit(model, DigitsData(batch_size=32))
-    return model, trainer
-
-
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", sorted(DIGITS_OPTIMIZERS))
 def test_one_in_flight_matches_plain_lightning(optimizer: str) -> None:
-    plain, plain_trainer = _fit("auto", optimizer)
-    pdasgd, pdasgd_trainer = _fit(PDASGDStrategy(max_in_flight=1), optimizer)
+    plain, plain_trainer = fit_digits("auto", optimizer)
+    pdasgd, pdasgd_trainer = fit_digits(PDASGDStrategy(max_in_flight=1), optimizer)
 
     assert pdasgd_trainer.global_step == plain_trainer.global_step == 40
     plain_state, pdasgd_state = plain.state_dict(), pdasgd.state_dict()
@@ -69,8 +45,8 @@ def test_logged_learning_rate_and_metrics_match_plain(tmp_path: Any) -> None:
     """LearningRateMonitor and `self.log` from training_step record the same rows as a plain run."""
     import csv
 
-    _fit("auto", "sgd_plain", steps=20, tmp_path=tmp_path / "plain")
-    _fit(PDASGDStrategy(max_in_flight=1, metrics="full"), "sgd_plain", steps=20, tmp_path=tmp_path / "pdasgd")
+    fit_digits("auto", "sgd_plain", steps=20, tmp_path=tmp_path / "plain")
+    fit_digits(PDASGDStrategy(max_in_flight=1, metrics="full"), "sgd_plain", steps=20, tmp_path=tmp_path / "pdasgd")
 
     def rows(root: Any) -> list[dict[str, str]]:
         (path,) = root.rglob("metrics.csv")

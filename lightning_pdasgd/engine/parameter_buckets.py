@@ -156,10 +156,22 @@ class ParameterBucket:
         with self._lock:  # again under the lock: an update may have been re-pointing the parameters just now
             if self._follows_params():
                 return False
-            self._live.pinned = True
-            self._live = WeightVersion([param.detach() for param in self.params], shared=True)
+            previous, self._live = self._live, WeightVersion(self._adopted_tensors(), shared=True)
+            previous.pinned = True
             self._spares.clear()
         return True
+
+    def _adopted_tensors(self) -> list[Tensor]:
+        """The live tensors after a storage was given from outside: those given are adopted as they are; the
+        others get a copy of their values, because an earlier forward may still read their storage and a shared
+        bucket writes in place (the caller holds the lock)."""
+        tensors = []
+        with cuda_streams.on_update_stream(self.device, wait=False), torch.no_grad():
+            for param, tensor in zip(self.params, self._live.tensors):
+                if param.data_ptr() == tensor.data_ptr() and param.shape == tensor.shape:
+                    param.data = tensor.clone()
+                tensors.append(param.detach())
+        return tensors
 
     def _follows_params(self) -> bool:
         return all(p.data_ptr() == t.data_ptr() and p.shape == t.shape for p, t in zip(self.params, self._live.tensors))
