@@ -1,0 +1,145 @@
+"""The engine's overhead on one device, in one number per mode: PD step time minus plain Lightning's step time.
+
+Two MLPs on random data (no data loading cost to hide behind), each trained for ``--steps`` steps by plain
+Lightning, by PD-ASGD's default (1 forward : 2 backward threads) and by ``max_in_flight=1`` (the exact mode), the
+modes interleaved within each repeat so that drift of the machine hits all alike; medians of ``--repeats``. Prints
+the ratio of throughputs and the overhead per step in microseconds, and writes them as JSON with ``--out``::
+
+    python -m benchmarks.engine_overhead --repeats 3 --out benchmarks/results/engine_overhead/cpu.json
+
+Steps are timed from the first ``on_train_batch_start`` after ``--warmup`` steps to the last ``on_train_batch_end``
+(engine start-up and the final drain are excluded: the per-step cost is what this measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_pdasgd import PDASGDStrategy
+
+
+@dataclass(frozen=True)
+class Mlp:
+    name: str
+    sizes: tuple[int, ...]
+    batch_size: int
+
+
+MLPS = (Mlp("mlp-medium", (784, 1024, 1024, 10), 128), Mlp("mlp-small", (64, 256, 256, 10), 32))
+MODES = ("plain", "default", "max_in_flight=1")
+
+
+class _Classifier(L.LightningModule):
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers[:-1])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class _StepTimer(L.Callback):
+    """Wall time of the steps after the warm-up (Lightning's own hooks, on the loop thread)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.started = 0.0
+        self.ended = 0.0
+        self.timed = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step > self.warmup:
+            self.ended = time.perf_counter()
+            self.timed = trainer.global_step - self.warmup
+
+    @property
+    def seconds_per_step(self) -> float:
+        return (self.ended - self.started) / max(self.timed, 1)
+
+
+def _strategy(mode: str) -> Any:
+    if mode == "plain":
+        return "auto"
+    return PDASGDStrategy(max_in_flight=1, backward_threads=1) if mode == "max_in_flight=1" else PDASGDStrategy()
+
+
+def time_one(mlp: Mlp, mode: str, steps: int, warmup: int, seed: int) -> float:
+    """Seconds per step of one run."""
+    torch.manual_seed(seed)
+    samples = mlp.batch_size * (steps + warmup)
+    data = TensorDataset(torch.randn(samples, mlp.sizes[0]), torch.randint(0, mlp.sizes[-1], (samples,)))
+    timer = _StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=_strategy(mode), max_steps=steps + warmup, callbacks=[timer],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(_Classifier(mlp.sizes), DataLoader(data, batch_size=mlp.batch_size))
+    return timer.seconds_per_step
+
+
+def measure(steps: int, warmup: int, repeats: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for mlp in MLPS:
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for repeat in range(repeats):
+            for mode in MODES:  # interleaved: every repeat times each mode once
+                times[mode].append(time_one(mlp, mode, steps, warmup, seed=repeat))
+        plain = statistics.median(times["plain"])
+        results[mlp.name] = {
+            mode: {
+                "ms_per_step": round(statistics.median(values) * 1e3, 4),
+                "ratio_to_plain": round(plain / statistics.median(values), 3),
+                "overhead_us_per_step": round((statistics.median(values) - plain) * 1e6, 1),
+                "runs_ms": [round(value * 1e3, 4) for value in values],
+            }
+            for mode, values in times.items()
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    results = measure(args.steps, args.warmup, args.repeats)
+    for name, modes in results.items():
+        for mode, row in modes.items():
+            print(f"{name:11s} {mode:16s} {row['ms_per_step']:8.3f} ms/step  {row['ratio_to_plain']:5.3f}x plain"
+                  f"  overhead {row['overhead_us_per_step']:8.1f} us/step")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "torch": torch.__version__, "lightning": L.__version__}
+        with open(args.out, "w") as file:
+            json.dump({"machine": machine, "steps": args.steps, "repeats": args.repeats, "results": results}, file,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
