@@ -1,8 +1,9 @@
 """The engine's overhead on one device, in one number per mode: PD step time minus plain Lightning's step time.
 
 Two MLPs on random data (no data loading cost to hide behind), each trained for ``--steps`` steps by plain
-Lightning, by PD-ASGD's default (1 forward : 2 backward threads) and by ``max_in_flight=1`` (the exact mode), the
-modes interleaved within each repeat so that drift of the machine hits all alike; medians of ``--repeats``. Prints
+Lightning, by PD-ASGD's default (1 forward : 2 backward threads), by ``max_in_flight=1`` (the exact mode: Lightning's
+own step on one device) and by the engine at one loss in flight (``PDASGD_ENGINE_AT_ONE_IN_FLIGHT=1``), the modes
+interleaved within each repeat so that drift of the machine hits all alike; medians of ``--repeats``. Prints
 the ratio of throughputs and the overhead per step in microseconds, and writes them as JSON with ``--out``::
 
     python -m benchmarks.engine_overhead --repeats 3 --out benchmarks/results/engine_overhead/cpu.json
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
+from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Mlp:
 
 
 MLPS = (Mlp("mlp-medium", (784, 1024, 1024, 10), 128), Mlp("mlp-small", (64, 256, 256, 10), 32))
-MODES = ("plain", "default", "max_in_flight=1")
+MODES = ("plain", "default", "max_in_flight=1", "engine, 1 in flight")
 
 
 class _Classifier(L.LightningModule):
@@ -83,7 +85,7 @@ class _StepTimer(L.Callback):
 def _strategy(mode: str) -> Any:
     if mode == "plain":
         return "auto"
-    return PDASGDStrategy(max_in_flight=1, backward_threads=1) if mode == "max_in_flight=1" else PDASGDStrategy()
+    return PDASGDStrategy() if mode == "default" else PDASGDStrategy(max_in_flight=1, backward_threads=1)
 
 
 def time_one(mlp: Mlp, mode: str, steps: int, warmup: int, seed: int) -> float:
@@ -92,6 +94,10 @@ def time_one(mlp: Mlp, mode: str, steps: int, warmup: int, seed: int) -> float:
     samples = mlp.batch_size * (steps + warmup)
     data = TensorDataset(torch.randn(samples, mlp.sizes[0]), torch.randint(0, mlp.sizes[-1], (samples,)))
     timer = _StepTimer(warmup)
+    if mode == "engine, 1 in flight":  # the engine's own cost at one loss in flight (users get Lightning's step)
+        os.environ[ENGINE_AT_ONE_IN_FLIGHT] = "1"
+    else:
+        os.environ.pop(ENGINE_AT_ONE_IN_FLIGHT, None)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, strategy=_strategy(mode), max_steps=steps + warmup, callbacks=[timer],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -130,7 +136,7 @@ def main() -> None:
     results = measure(args.steps, args.warmup, args.repeats)
     for name, modes in results.items():
         for mode, row in modes.items():
-            print(f"{name:11s} {mode:16s} {row['ms_per_step']:8.3f} ms/step  {row['ratio_to_plain']:5.3f}x plain"
+            print(f"{name:11s} {mode:20s} {row['ms_per_step']:8.3f} ms/step  {row['ratio_to_plain']:5.3f}x plain"
                   f"  overhead {row['overhead_us_per_step']:8.1f} us/step")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

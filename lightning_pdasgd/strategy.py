@@ -295,6 +295,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
         session = self._session
         if session is None or not session.has_pending_forward:
+            if session is not None:  # Lightning's own step (max_in_flight=1, the guard's or autotune's choice)
+                session.watch_plain_loss(closure_loss, self.lightning_module.trainer.global_step)
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         module = self.lightning_module
         assert module is not None

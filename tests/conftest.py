@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lightning_pdasgd  # noqa: F401 - registers strategy="pdasgd"
+from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
 from tests.helpers import engine_threads
 
 
@@ -26,3 +27,11 @@ def _quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
         warnings.filterwarnings("ignore", message=".*The number of training batches.*")
         yield
+
+
+@pytest.fixture(autouse=True)
+def _engine_at_one_loss_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test: ``max_in_flight=1`` runs through the engine, whose own exactness the tests prove at one loss in
+    flight (users get Lightning's synchronous step there; ``tests/test_exact_mode.py`` unsets this to test that).
+    Distributed workers inherit it through the environment."""
+    monkeypatch.setenv(ENGINE_AT_ONE_IN_FLIGHT, "1")

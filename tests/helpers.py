@@ -46,15 +46,16 @@ def step_scheduler(optimizer: torch.optim.Optimizer) -> Any:
 
 
 def fit_digits(
-    strategy: Any, optimizer: str, steps: int = 40, tmp_path: Any = None
+    strategy: Any, optimizer: str, steps: int = 40, tmp_path: Any = None, callbacks: list[Any] | None = None
 ) -> tuple[DigitsClassifier, L.Trainer]:
     """Seeded DigitsClassifier fit for ``steps`` steps (DIGITS_OPTIMIZERS[optimizer], StepLR, no validation);
     with ``tmp_path``, every step's metrics and lr are logged to a CSVLogger there."""
     L.seed_everything(1234)
     model = DigitsClassifier(optimizer=DIGITS_OPTIMIZERS[optimizer], scheduler=step_scheduler)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"callbacks": list(callbacks or [])}
     if tmp_path is not None:
-        extra = dict(logger=CSVLogger(tmp_path), callbacks=[LearningRateMonitor("step")], log_every_n_steps=1)
+        extra = dict(logger=CSVLogger(tmp_path), callbacks=[LearningRateMonitor("step"), *extra["callbacks"]],
+                     log_every_n_steps=1)
     trainer = L.Trainer(strategy=strategy, max_steps=steps, limit_val_batches=0, **trainer_kwargs(**extra))
     trainer.fit(model, DigitsData(batch_size=32))
     return model, trainer

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.engine.divergence_guard import LossWatch
-from tests.helpers import trainer_kwargs
+from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
+from tests.helpers import engine_threads, trainer_kwargs
 
 FEATURES = 8
 STEPS = 240
@@ -161,3 +162,48 @@ def test_a_loss_that_converged_towards_zero_does_not_trip_on_its_noise() -> None
         level = max(1.0 * 0.9**step, 1e-4)
         noisy = level * float(torch.empty(1).exponential_(generator=generator)) * 4
         assert watch.observe(noisy) is None, step
+
+
+# ------------------------------------------------------------------------------------------- what users get
+# The suite runs one loss in flight through the engine (`conftest.py`); users get Lightning's own step there.
+@pytest.fixture
+def _users_exact_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENGINE_AT_ONE_IN_FLIGHT, raising=False)
+
+
+class _EngineThreadsAfterTrip(L.Callback):
+    """Whether engine threads were alive after each batch that ended with the guard tripped."""
+
+    def __init__(self) -> None:
+        self.alive_after_trip: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.strategy.stats.guard_trips:
+            self.alive_after_trip.append(len(engine_threads()))
+
+
+@pytest.mark.usefixtures("_users_exact_mode")
+def test_after_a_blow_up_one_device_trains_on_with_lightnings_own_step() -> None:
+    """The guard's fallback, one loss in flight, is Lightning's synchronous step from then on: no engine thread."""
+    plain = LeastSquares(lr=1 / 8, stale=False)
+    _fit(plain, "auto")
+    guarded = LeastSquares(lr=1 / 8, stale=True)
+    watcher = _EngineThreadsAfterTrip()
+    with pytest.warns(RuntimeWarning, match="max_in_flight=1 \\(was 2\\)"):
+        trainer = L.Trainer(strategy=PDASGDStrategy(staleness_compensation="none"), callbacks=[watcher],
+                            **trainer_kwargs(max_epochs=1))
+        trainer.fit(guarded, train_dataloaders=_loader())
+    assert trainer.strategy.stats.guard_trips == 1
+    assert watcher.alive_after_trip and set(watcher.alive_after_trip) == {0}
+    assert guarded.losses[-1] <= plain.losses[-1] * 1.5 + 1e-3
+
+
+@pytest.mark.usefixtures("_users_exact_mode")
+def test_a_blow_up_of_lightnings_own_step_after_the_fallback_is_still_said() -> None:
+    """Beyond plain SGD's own stable region: the fallback to Lightning's step diverges too, and the guard, still
+    watching those losses, says so once and lets the fit run to its end (as plain Lightning would)."""
+    model = LeastSquares(lr=1.0, stale=False)
+    with pytest.warns(RuntimeWarning, match="plain Lightning diverges here too.*Lower the learning rate"):
+        trainer = _fit(model, PDASGDStrategy(staleness_compensation="none", nonfinite="off"))
+    assert trainer.strategy.stats.guard_trips == 2
+    assert trainer.global_step == STEPS

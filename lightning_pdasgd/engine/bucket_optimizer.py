@@ -13,9 +13,11 @@ import functools
 import inspect
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_pdasgd.engine import _torch_internals
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
 
 
@@ -92,6 +94,7 @@ class BucketOptimizer:
         group = user_optimizer.param_groups[bucket.group_index]
         self._optimizer = optimizer_for(user_optimizer, group, bucket.aliases)
         self._implementation = multi_tensor_flags(self._optimizer, group)
+        self._unhooked_step = _torch_internals.unhooked_step(type(self._optimizer))  # SGD, Adam, AdamW
 
     @property
     def supports_found_inf(self) -> bool:
@@ -127,9 +130,13 @@ class BucketOptimizer:
                 linked.append((param, state))
             own_state[target] = state
             target.grad = grad
-        args, kwargs = closure_arguments(type(optimizer))
         try:
-            optimizer.step(*args, **dict(kwargs))
+            if self._unhooked_step is not None and not group.get("differentiable"):
+                with torch.no_grad():
+                    self._unhooked_step(optimizer)
+            else:
+                args, kwargs = closure_arguments(type(optimizer))
+                optimizer.step(*args, **dict(kwargs))
         finally:
             for target in targets:
                 target.grad = None

@@ -222,12 +222,13 @@ class WeightPrediction(StalenessCompensation):
         hyperparameters: dict[str, Any],
     ) -> Optional[dict[str, Any]]:
         state = self._observe(key, staleness)
-        params = list(params)
-        if state.previous is None or [p.shape for p in state.previous] != [p.shape for p in params]:
-            state.previous = [torch.empty_like(param) for param in params]
-        torch._foreach_copy_(state.previous, params)
-        state.previous_version = version
         state.momentum = self.scale > 0.0 and has_momentum(hyperparameters)
+        if state.mean_staleness > 0.0:  # else nothing was ever stale: no forward predicts (`wants_fill`), no copy
+            params = list(params)
+            if state.previous is None or [p.shape for p in state.previous] != [p.shape for p in params]:
+                state.previous = [torch.empty_like(param) for param in params]
+            torch._foreach_copy_(state.previous, params)
+            state.previous_version = version
         if not self.correct_momentum:
             return None
         strength = self.strength_at(momentum_of(hyperparameters))

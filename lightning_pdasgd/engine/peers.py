@@ -89,11 +89,10 @@ class Replicas:
         optimizer: Optimizer,
         on_error: Callable[[BaseException], None],
     ) -> None:
-        """Replicas made identical (as DDP does), then a new exchange over these buckets, started."""
+        """Replicas made identical (as DDP does), then a new exchange over these buckets (``start`` starts it)."""
         self._link.make_identical(module)
         self.exchange = self._link.connect(buckets, module, optimizer, on_error)
         self.in_sync = True
-        self.exchange.start()
 
     def training(self) -> None:
         """A forward starts: replicas drift apart; NCCL: the exchange thread resumes its collectives."""

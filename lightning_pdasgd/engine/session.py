@@ -28,7 +28,7 @@ from lightning_pdasgd.engine.lazy_reads import add_unread_note
 from lightning_pdasgd.engine.metrics import EngineStats, batch_size_of, describe_session
 from lightning_pdasgd.engine.parameter_changes import ParameterSetFingerprint
 from lightning_pdasgd.engine.peers import Exchange, PeerLink, Replicas
-from lightning_pdasgd.engine.thread_control import EngineThreads
+from lightning_pdasgd.engine.thread_control import EngineThreads, engine_at_one_in_flight
 from lightning_pdasgd.engine.weight_stash import WeightStash
 
 if TYPE_CHECKING:
@@ -149,11 +149,8 @@ class FitSession:
         return updater
 
     def follow_parameter_changes(self, optimizers: list[Optimizer], recheck: Callable[[], None]) -> None:
-        """Fine-tuning, pruning, ``requires_grad`` toggles, a re-created optimizer: rebuild before this forward.
-
-        ``recheck`` runs the setup checks on the (possibly new) optimizer first; the plain step (chosen by "auto")
-        reads the parameter set as it is and needs nothing.
-        """
+        """Fine-tuning, pruning, ``requires_grad`` toggles, a re-created optimizer: rebuild before this forward,
+        after ``recheck`` (the setup checks) on the optimizer. The plain step reads the parameter set as it is."""
         if self._threads.plain_steps:
             return
         change = self._fingerprint.difference(optimizers[0]) if len(optimizers) == 1 else "the optimizers changed"
@@ -196,6 +193,7 @@ class FitSession:
         self._replicas.connect(self._updater.buckets, self._module, self._optimizer, self._engine.fail)
         if self._guard is not None and self._guard.good is None:  # replicas identical: the first good state
             self._guard.keep(self._module, self._optimizer, self._step)
+        self.exchange.start()  # type: ignore[union-attr]
 
     def _stop_exchange(self, kind: str) -> None:
         """Every rank meets at a consistent point of ``kind`` that ends the exchange thread."""
@@ -229,11 +227,8 @@ class FitSession:
         self._check_device_nonfinite(wait=True)
 
     def reach_consistent_point(self, kind: str, stop: bool = False) -> None:
-        """Drain, and with several devices make every replica identical (all ranks meet here).
-
-        A no-op across ranks when no training step ran since the last consistent point, except when the exchange
-        must stop (end of fit): every rank takes the same decision, so the ranks' handshakes always match.
-        """
+        """Drain, and with several devices make every replica identical (all ranks meet here; ``Replicas.meet``
+        says when they need not)."""
         self.drain()
         met = self._replicas is not None and self._replicas.meet(kind, stop, self._engine.raise_if_failed)
         if not met:
@@ -258,11 +253,8 @@ class FitSession:
         )
 
     def forward(self, run: Callable[[], Any], step_args: tuple[Any, ...]) -> Any:
-        """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot.
-
-        ``step_args`` (the batch) gives the samples counted and, on CUDA, the tensors marked as used on the batch's
-        stream.
-        """
+        """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot; ``step_args``
+        (the batch) gives the samples counted and, on CUDA, the tensors used on the batch's stream."""
         batch_size = batch_size_of(step_args)
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self._threads.plain_steps:
@@ -330,6 +322,14 @@ class FitSession:
         self._current = None  # the slot now belongs to the queued work
         self._stats.record_handoff(perf_counter() - started)
 
+    def watch_plain_loss(self, loss: Tensor, step: int) -> None:
+        """A loss of Lightning's own step that the guard chose (one loss in flight): still watched, so that a
+        blow-up of plain updates too is said once (nothing is restored then)."""
+        if self._guard is not None and self._threads.plain_steps and self._threads.settings.max_in_flight == 1:
+            trip = self._guard.observe(loss, None)
+            if trip is not None:
+                self._recover(trip, step)
+
     def _check_device_nonfinite(self, wait: bool) -> None:
         """CUDA only: act on the non-finite values the device counted (a loss shows up as its gradients)."""
         if self._updater.nonfinite.device is not None:
@@ -342,8 +342,7 @@ class FitSession:
             self._engine.release_slot()
 
     def _drop_current(self) -> None:
-        """Forget a forward whose loss was never handed off: its graph may live on (the user may hold the output),
-        so the weights it read are never written in place again."""
+        """Forget a forward whose loss was never handed off: its graph may live on, so its weights stay as read."""
         current, self._current = self._current, None
         if current is not None:
             self._updater.release(current[0], reusable=False)
@@ -368,16 +367,15 @@ class FitSession:
 
     # ------------------------------------------------------------------------------------------- the guard
     def _on_trip(self, trip: Trip, step: int) -> None:
-        if self.exchange is not None:  # every rank decides together at the next consistent point; until then
-            self._pending_trip = trip  # this rank applies no more of its own updates
-            return
-        self.drain()
-        self._recover(trip, step)
+        if self.exchange is not None:  # all ranks decide at the next consistent point; until then this rank
+            self._pending_trip = trip  # applies no more of its own updates
+        else:
+            self.drain()
+            self._recover(trip, step)
 
     def _recover_everywhere(self) -> None:
-        """Several devices, at a consistent point where some rank had tripped: every rank meets again at a
-        "guard" point that stops the exchange, restores the good state kept at an earlier consistent point
-        (identical on every rank), takes the same smaller ``max_in_flight``, and the exchange restarts from it."""
+        """Several devices, some rank tripped: all meet at a "guard" point that stops the exchange, restore the
+        good state of an earlier consistent point, take the same smaller ``max_in_flight``, restart the exchange."""
         self._stop_exchange("guard")
         trip = self._pending_trip or Trip("another rank's loss blew up", float("nan"), float("nan"))
         self._pending_trip = None
@@ -385,9 +383,8 @@ class FitSession:
         self._connect_exchange()
 
     def _recover(self, trip: Trip, step: int) -> None:
-        """The last good state back (drained by the caller), and fewer losses in flight from now on; compensation
-        starts over. With one loss in flight (plain Lightning's own updates) nothing is restored and the guard
-        stops watching."""
+        """The last good state back (drained by the caller), fewer losses in flight from now on, compensation
+        starts over. A blow-up of plain updates (one in flight) restores nothing: the guard stops watching."""
         assert self._guard is not None
         in_flight = self._guard.recover(trip, self._module, self._optimizer, step, self._threads.settings.max_in_flight)
         self._stats.guard_trips += 1
@@ -397,4 +394,7 @@ class FitSession:
         if self._updater.windows is not None:  # gradients summed before the restore do not belong to its weights
             self._updater.windows.discard()
         self._compensation.reset()
-        self._threads.reconfigure(min(self._threads.settings.backward_threads, in_flight), in_flight)
+        if in_flight == 1 and self._replicas is None and not engine_at_one_in_flight():
+            self._threads.switch_to_plain_steps()  # one device: Lightning's own step, exact by construction
+        else:
+            self._threads.reconfigure(min(self._threads.settings.backward_threads, in_flight), in_flight)

@@ -9,6 +9,7 @@ intra-op thread count and Python's thread switch interval.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,15 @@ from lightning_pdasgd.engine.autotune import (
 from lightning_pdasgd.engine.backward_threads import BackwardEngine, BackwardWork
 
 _SWITCH_INTERVAL_S = 0.001
+
+# Set (to "1") by the engine's own tests: ``max_in_flight=1`` then runs through the engine, whose exactness they prove,
+# instead of Lightning's synchronous step (what users get). Read when a fit starts.
+ENGINE_AT_ONE_IN_FLIGHT = "PDASGD_ENGINE_AT_ONE_IN_FLIGHT"
+
+
+def engine_at_one_in_flight() -> bool:
+    """Whether one loss in flight runs through the engine (set for the engine's tests) rather than plain steps."""
+    return os.environ.get(ENGINE_AT_ONE_IN_FLIGHT, "") not in ("", "0")
 
 
 @dataclass
@@ -143,7 +153,15 @@ class EngineThreads:
 
     def start(self, autotune: bool, autotune_steps: int, max_staleness: float, allow_synchronous: bool,
               run_steps: float) -> bool:
-        """Start the backward threads, and the autotuner when asked; ``False`` when the run is too short to tune."""
+        """Start the backward threads, and the autotuner when asked; ``False`` when the run is too short to tune.
+
+        One loss in flight without autotuning, where the plain step is allowed (one device), runs Lightning's own
+        synchronous step: the exact mode is exact and free by construction (``ENGINE_AT_ONE_IN_FLIGHT``).
+        """
+        if not autotune and self.settings.max_in_flight == 1 and allow_synchronous and not engine_at_one_in_flight():
+            self.plain_steps = True
+            self.settings.use_every_core(None)
+            return True
         plan = None
         if autotune:
             plan = plan_trials(default_candidates(self._device, allow_synchronous), autotune_steps, run_steps)
@@ -153,6 +171,16 @@ class EngineThreads:
             candidates, steps_per_trial = plan
             self.tuner = ThreadAutotuner(candidates, steps_per_trial, max_staleness)
         return plan is not None or not autotune
+
+    def switch_to_plain_steps(self) -> None:
+        """From the next step on, Lightning's own synchronous step (drained by the caller): the divergence guard
+        after a blow-up at two losses in flight, on one device."""
+        cuda_streams.join_update_stream(self._device)
+        self.plain_steps = True
+        self.settings.counts = ThreadCounts(self.settings.backward_threads, 1, self.settings.saved_num_threads)
+        self.settings.use_every_core(None)
+        self.engine.stop()
+        self.settings.restore_switch_interval()
 
     def before_step(self, staleness: tuple[float, int], configured_in_flight: int | None) -> str | None:
         """Before a training step: let the autotuner switch configuration (a step runs wholly in one); its report

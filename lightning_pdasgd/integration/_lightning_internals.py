@@ -135,10 +135,10 @@ def replace_sigterm_broadcast(trainer: object, check: Callable[[], None]) -> Non
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = check  # type: ignore[attr-defined]
 
 
-
 # ----------------------------------------------------------------------------------------------- Lightning's loop state
-# Several devices: `step_accounting.py` keeps Lightning's step counters on the count of batches applied by all ranks. These are
-# the private loop objects it reads and advances (lightning 2.6.6: `_TrainingEpochLoop`, `_FitLoop`, `trainer.call`).
+# Several devices: `step_accounting.py` keeps Lightning's step counters on the count of batches applied by all ranks.
+# These are the private loop objects it reads and advances (lightning 2.6.6: `_TrainingEpochLoop`, `_FitLoop`,
+# `trainer.call`).
 
 
 def global_step(trainer: object) -> int:

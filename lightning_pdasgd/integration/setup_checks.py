@@ -136,8 +136,8 @@ def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -
 def check_multi_device_settings(trainer: pl.Trainer) -> None:
     """With several devices, ranks run at their own pace: refuse what needs every rank at one point mid-epoch.
 
-    ``max_steps`` and ``limit_train_batches`` count the batches of all ranks together (``step_accounting.py``); what is refused
-    here would stop or validate each rank at a point of its own.
+    ``max_steps`` and ``limit_train_batches`` count the batches of all ranks together (``step_accounting.py``); what
+    is refused here would stop or validate each rank at a point of its own.
     """
     Timer = _flavor.every_imported("callbacks.Timer")  # the Trainer may be either package's
     ModelCheckpoint = _flavor.every_imported("callbacks.ModelCheckpoint")

@@ -1,0 +1,82 @@
+"""A bucket's step is the user's optimizer's own step, bit for bit, for every implementation the user can choose.
+
+SGD, Adam and AdamW are stepped through the body of torch's ``step`` without ``Optimizer``'s per-call wrappers
+(``_torch_internals.unhooked_step``); every other optimizer through ``optimizer.step()``. Either way the parameters
+and the optimizer state must equal a plain ``optimizer.step()`` on the same gradients exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_pdasgd.engine import _torch_internals
+from lightning_pdasgd.engine.bucket_optimizer import BucketOptimizer, hyperparameter_snapshot
+from lightning_pdasgd.engine.parameter_buckets import make_buckets
+
+OPTIONS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd momentum nesterov wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "sgd dampening maximize": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5, dampening=0.3, maximize=True),
+    "sgd foreach=False": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=False),
+    "sgd fused": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adam amsgrad wd": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, weight_decay=1e-2),
+    "adam foreach=False maximize": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=False, maximize=True),
+    "adam fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
+    "adamw amsgrad": lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True),
+    "adamw fused": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+    "rmsprop (optimizer.step)": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5),
+    "adagrad (optimizer.step)": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_a_bucket_step_equals_the_users_optimizer_step_bitwise(name: str) -> None:
+    plain_model, model = _model(), _model()
+    plain = OPTIONS[name](plain_model.parameters())
+    user = OPTIONS[name](model.parameters())
+    buckets = make_buckets(model, user, 0)  # one bucket per module
+    steppers = [BucketOptimizer(user, bucket) for bucket in buckets]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        grads = {name: torch.randn(p.shape, generator=generator) for name, p in plain_model.named_parameters()}
+        for param_name, param in plain_model.named_parameters():
+            param.grad = grads[param_name].clone()
+        plain.step()
+        hyperparameters = hyperparameter_snapshot(user)
+        for bucket, stepper in zip(buckets, steppers):
+            bucket_grads = [grads[n].clone() for n in bucket.names]
+
+            def step(staleness: int, version: int, targets: list[torch.Tensor], stepper: Any = stepper,
+                     bucket_grads: list[torch.Tensor] = bucket_grads, group: int = bucket.group_index) -> None:
+                stepper.step(bucket_grads, hyperparameters[group], targets)
+
+            bucket.update(bucket.version, step)
+    for (key, expected), actual in zip(plain_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(expected, actual), key
+    plain_state, state = plain.state_dict()["state"], user.state_dict()["state"]
+    assert plain_state.keys() == state.keys()
+    for index, entries in plain_state.items():
+        for key, value in entries.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[index][key])), (name, index, key)
+
+
+def test_only_torchs_own_sgd_adam_and_adamw_skip_the_step_wrappers() -> None:
+    class CustomSGD(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:  # a subclass may do more in its step: never bypassed
+            return super().step(closure)
+
+    for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        assert _torch_internals.unhooked_step(cls) is not None, cls
+    for cls in (CustomSGD, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.LBFGS):
+        assert _torch_internals.unhooked_step(cls) is None, cls

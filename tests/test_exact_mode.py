@@ -1,0 +1,65 @@
+"""``max_in_flight=1`` on one device is Lightning's own synchronous step: exact by construction, no engine thread.
+
+The suite runs ``max_in_flight=1`` through the engine to prove the engine's exactness (``conftest.py``); these tests
+remove that gate and check what users get.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_pdasgd import PDASGDStrategy
+from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
+from tests.helpers import DIGITS_OPTIMIZERS, engine_threads, fit_digits
+
+
+@pytest.fixture(autouse=True)
+def _users_exact_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENGINE_AT_ONE_IN_FLIGHT, raising=False)
+
+
+class _NoEngineThread(L.Callback):
+    """Records, after every batch, whether any engine thread was alive."""
+
+    def __init__(self) -> None:
+        self.alive: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.alive.append(len(engine_threads()))
+
+
+@pytest.mark.parametrize("optimizer", sorted(DIGITS_OPTIMIZERS))
+def test_one_loss_in_flight_is_lightnings_own_step_bitwise(optimizer: str) -> None:
+    plain, plain_trainer = fit_digits("auto", optimizer)
+    strategy = PDASGDStrategy(max_in_flight=1)
+    pdasgd, trainer = fit_digits(strategy, optimizer)
+
+    assert trainer.global_step == plain_trainer.global_step == 40
+    for key, value in plain.state_dict().items():  # parameters and BatchNorm buffers, bit for bit
+        assert torch.equal(value, pdasgd.state_dict()[key]), key
+    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
+    for index, state in trainer.optimizers[0].state_dict()["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[index][name])), (index, name)
+    assert strategy.stats.total_updates == 0, "no update went through the engine"
+
+
+def test_one_loss_in_flight_starts_no_engine_thread() -> None:
+    watcher = _NoEngineThread()
+    model, trainer = fit_digits(PDASGDStrategy(max_in_flight=1), "sgd_momentum_nesterov_wd", steps=5, callbacks=[watcher])
+    assert trainer.global_step == 5
+    assert watcher.alive == [0] * 5
+
+
+def test_the_gate_runs_one_loss_in_flight_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's own tests depend on this gate: without it they would test Lightning instead."""
+    monkeypatch.setenv(ENGINE_AT_ONE_IN_FLIGHT, "1")
+    watcher = _NoEngineThread()
+    strategy = PDASGDStrategy(max_in_flight=1)
+    fit_digits(strategy, "sgd_momentum_nesterov_wd", steps=5, callbacks=[watcher])
+    assert min(watcher.alive) >= 1
+    assert strategy.stats.total_updates > 0
