@@ -138,3 +138,22 @@ class DigitsClassifier(LightningModule):
             return optimizer
         scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": self.scheduler_interval}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def digits_resnet18() -> nn.Module:
+    """torchvision's ResNet-18 (BatchNorm) for 8x8 one-channel digits upsampled to 16x16."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Upsample(size=(16, 16), mode="bilinear"), model)
+
+
+class DigitsResNet(DigitsClassifier):
+    """The digits classifier on ResNet-18 at plain Lightning's hyperparameters (SGD, Nesterov momentum 0.9)."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True,
+                                                                   weight_decay=1e-3))
+        self.net = digits_resnet18()

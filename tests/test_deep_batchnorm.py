@@ -11,28 +11,10 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-import torch
-from torch import nn
 
 from lightning_pdasgd import PDASGDStrategy
 from tests.helpers import trainer_kwargs
-from tests.models import DigitsClassifier, DigitsData
-
-
-def _digits_resnet18() -> nn.Module:
-    from torchvision.models import resnet18
-
-    model = resnet18(num_classes=10)
-    model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Upsample(size=(16, 16), mode="bilinear"), model)
-
-
-class DigitsResNet(DigitsClassifier):
-    def __init__(self) -> None:
-        super().__init__(optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True,
-                                                                   weight_decay=1e-3))
-        self.net = _digits_resnet18()
+from tests.models import DigitsData, DigitsResNet
 
 
 @pytest.mark.slow
