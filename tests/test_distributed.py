@@ -215,7 +215,8 @@ def test_one_step_count_schedule_and_best_checkpoint_on_every_rank(tmp_path: Pat
     assert len(saved) == 2 and all(match and int(match[2]) == 45 * (int(match[1]) + 1) for match in saved), saved
     assert "differed between ranks" not in result.stderr
     if factor != "0":  # estimated_stepping_batches in configure_optimizers left claiming on: rank 0 took more
-        assert first["batches"] > 1.3 * second["batches"], (first["batches"], second["batches"])
+        # (a fixed split gives 1.0; with rank 1 at half speed claiming measured 1.29-2.46 over 9 runs on 2 cores)
+        assert first["batches"] > 1.15 * second["batches"], (first["batches"], second["batches"])
 
 
 def test_max_steps_and_limit_train_batches_count_all_ranks(tmp_path: Path) -> None:
