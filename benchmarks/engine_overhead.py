@@ -40,7 +40,8 @@ class Mlp:
 
 
 MLPS = (Mlp("mlp-medium", (784, 1024, 1024, 10), 128), Mlp("mlp-small", (64, 256, 256, 10), 32))
-MODES = ("plain", "default", "max_in_flight=1", "engine, 1 in flight")
+MODES = ("plain", "default", "max_in_flight=1", "engine, 1 in flight", "auto")
+DEFAULT_MODES = MODES[:4]  # "auto" is measured over whole runs, trials included: ``--modes plain,auto --warmup 0``
 
 
 class _Classifier(L.LightningModule):
@@ -85,6 +86,8 @@ class _StepTimer(L.Callback):
 def _strategy(mode: str) -> Any:
     if mode == "plain":
         return "auto"
+    if mode == "auto":
+        return PDASGDStrategy(backward_threads="auto")
     return PDASGDStrategy() if mode == "default" else PDASGDStrategy(max_in_flight=1, backward_threads=1)
 
 
@@ -106,12 +109,12 @@ def time_one(mlp: Mlp, mode: str, steps: int, warmup: int, seed: int) -> float:
     return timer.seconds_per_step
 
 
-def measure(steps: int, warmup: int, repeats: int) -> dict[str, Any]:
+def measure(steps: int, warmup: int, repeats: int, modes: tuple[str, ...] = DEFAULT_MODES) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for mlp in MLPS:
-        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
         for repeat in range(repeats):
-            for mode in MODES:  # interleaved: every repeat times each mode once
+            for mode in modes:  # interleaved: every repeat times each mode once
                 times[mode].append(time_one(mlp, mode, steps, warmup, seed=repeat))
         plain = statistics.median(times["plain"])
         results[mlp.name] = {
@@ -131,9 +134,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma-separated, from {MODES}; 'plain' is always measured")
     parser.add_argument("--out")
     args = parser.parse_args()
-    results = measure(args.steps, args.warmup, args.repeats)
+    modes = tuple(dict.fromkeys(["plain", *args.modes.split(",")]))
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        parser.error(f"--modes: unknown {sorted(unknown)}; choose from {MODES}")
+    results = measure(args.steps, args.warmup, args.repeats, modes)
     for name, modes in results.items():
         for mode, row in modes.items():
             print(f"{name:11s} {mode:20s} {row['ms_per_step']:8.3f} ms/step  {row['ratio_to_plain']:5.3f}x plain"
@@ -143,8 +152,8 @@ def main() -> None:
         machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                    "torch": torch.__version__, "lightning": L.__version__}
         with open(args.out, "w") as file:
-            json.dump({"machine": machine, "steps": args.steps, "repeats": args.repeats, "results": results}, file,
-                      indent=1)
+            json.dump({"machine": machine, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                       "results": results}, file, indent=1)
 
 
 if __name__ == "__main__":

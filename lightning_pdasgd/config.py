@@ -14,6 +14,7 @@ ThreadCount = Union[int, Literal["auto"]]
 DEFAULT_BACKWARD_THREADS = 2
 DEFAULT_BUCKET_NUMEL = 1 << 16
 METRICS_LEVELS = ("off", "basic", "full")
+GRADIENT_HOOK_POLICIES = ("synchronous", "skip")
 
 
 def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
@@ -49,7 +50,8 @@ class PDASGDConfig:
     autotune_max_staleness: float = 4.0
     bucket_numel: int = DEFAULT_BUCKET_NUMEL
     metrics: str = "basic"
-    metrics_on_progress_bar: bool = True
+    metrics_on_progress_bar: bool = False
+    gradient_hooks: str = "synchronous"
     staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION
 
     # the strategy's constructor arguments that are PD-ASGD settings (the rest are Lightning's)
@@ -57,7 +59,7 @@ class PDASGDConfig:
         "forward_threads", "backward_threads", "max_in_flight", "layerwise", "lazy_reads", "divergence_guard",
         "wait_timeout", "intra_op_threads", "log_grad_norm", "exchange_interval", "nonfinite",
         "checkpoint_on_preemption", "autotune_steps", "autotune_max_staleness", "bucket_numel", "metrics",
-        "metrics_on_progress_bar", "staleness_compensation",
+        "metrics_on_progress_bar", "gradient_hooks", "staleness_compensation",
     )
     _BOOLEANS: ClassVar[tuple[str, ...]] = ("lazy_reads", "divergence_guard")
     _FLOATS: ClassVar[tuple[str, ...]] = ("wait_timeout", "exchange_interval", "autotune_max_staleness")
@@ -112,6 +114,11 @@ class PDASGDConfig:
         resolve_compensation(self.staleness_compensation)  # a ValueError names the allowed values
         if self.metrics not in METRICS_LEVELS:
             raise ValueError(f"PDASGDStrategy: `metrics` must be one of {METRICS_LEVELS}, got {self.metrics!r}.")
+        if self.gradient_hooks not in GRADIENT_HOOK_POLICIES:
+            raise ValueError(
+                f"PDASGDStrategy: `gradient_hooks` must be one of {GRADIENT_HOOK_POLICIES},"
+                f" got {self.gradient_hooks!r}."
+            )
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
             raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
 

@@ -81,7 +81,9 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
             modules until a bucket holds this many elements (``0``: one bucket per module).
         metrics: the ``pdasgd/*`` metrics logged: ``"basic"`` (throughput, staleness, queue, wall time),
             ``"full"`` or ``"off"``.
-        metrics_on_progress_bar: show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean`` on the bar.
+        metrics_on_progress_bar: also show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean`` on the bar.
+        gradient_hooks: overrides that need the whole model's gradient (``on_after_backward``, ...):
+            ``"synchronous"`` runs Lightning's own step for them; ``"skip"`` trains asynchronously without them.
         staleness_compensation: how updates correct for their staleness: ``"predict+momentum"`` (default),
             ``"predict"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a ``StalenessCompensation``.
     """
@@ -106,7 +108,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         autotune_max_staleness: float = 4.0,
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
         metrics: str = "basic",
-        metrics_on_progress_bar: bool = True,
+        metrics_on_progress_bar: bool = False,
+        gradient_hooks: Literal["synchronous", "skip"] = "synchronous",
         staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -240,7 +243,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         self._fit.loop_started = False
         try:
             preempted = self._config.checkpoint_on_preemption and preemption.is_preemption(exception)
-            if preempted and self._session is not None:
+            if preempted and (self._session is not None or self._fit.lightning_only is not None):
                 preemption.save_checkpoint(self)
         finally:
             self._fit.shutdown(raise_timeout=False)
@@ -266,7 +269,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        if self._session is None and self._fit.loop_started and self.process_count == 1:
+        if self._fit.needs_restart and self.process_count == 1:
             # a run of the fit loop inside this one (`lr_find` from a callback) ended the session: a new one
             with EngineCall("the restart of training"):
                 self._fit.start(self)
@@ -284,8 +287,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
                 raise
 
         with EngineCall("a training step", passed_through=raised_by_step):
-            session.follow_parameter_changes(self.optimizers, lambda: setup_checks.check_trainer_settings(
-                module.trainer, module, self.optimizers))
+            self._fit.follow_parameter_changes(self)
             output = session.forward(run_step, args)
             if logs_metrics(module.trainer):
                 log_window(session, module)
@@ -322,8 +324,13 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
             if report is not None:
                 self.autotune_report = report
                 rank_zero_info(report)
-        if session is None or session.threads.plain_steps:
+        if session is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
+        if session.threads.plain_steps:
+            with EngineCall("an optimizer step"):
+                self._fit.follow_parameter_changes(self)  # several devices: a rebuild meets the exchange, unheld
+            with session.plain_step():  # several devices: no merge of the exchange inside Lightning's step
+                return super().optimizer_step(optimizer, closure, model, **kwargs)
         with EngineCall("an optimizer step"):
             session.threads.engine.raise_if_failed()
         self._in_optimizer_step = True

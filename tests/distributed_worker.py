@@ -136,6 +136,17 @@ class ProcessedBatches(Callback):
                    self.out / f"interrupted-rank{trainer.global_rank}.pt")
 
 
+class ClaimLog(Callback):
+    """Every epoch's batch indices this rank claimed (the claiming sampler's ``claimed``, read at the epoch's end)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[int]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        sampler = trainer.train_dataloader.batch_sampler
+        self.epochs.append(list(getattr(sampler, "claimed", [])))
+
+
 class OneCycleDigits(DigitsClassifier):
     """The OneCycleLR recipe of Lightning's docs: the schedule sized by ``trainer.estimated_stepping_batches``."""
 
@@ -390,6 +401,42 @@ def resume(out: Path, log: BatchLog, devices: str, ckpt: str) -> CaseResult:
     trainer = _trainer(devices=int(devices), max_epochs=10, callbacks=[log])
     trainer.fit(model, DigitsData(batch_size=32), ckpt_path=ckpt)
     return trainer, dict(accuracy=_accuracy(model), state=_state(model))
+
+
+@case("nodes")
+def nodes(out: Path, log: BatchLog, devices: str, num_nodes: str) -> CaseResult:
+    """The ``learn`` workload on ``Trainer(devices=devices, num_nodes=num_nodes)`` in processes someone else started
+    (several torchrun "nodes", or SLURM's tasks; ``tests/test_multinode.py``). Checks the cluster environment
+    Lightning picked, the accuracy bar, bitwise-identical replicas and optimizer states, and that every epoch's
+    batches were each claimed exactly once across all nodes."""
+    L.seed_everything(0)
+    model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
+    claims = ClaimLog()
+    # default_root_dir: under SLURM Lightning resumes by itself from any hpc_ckpt_*.ckpt there (the working folder)
+    trainer = _trainer(devices=int(devices), num_nodes=int(num_nodes), max_epochs=8, callbacks=[log, claims],
+                       default_root_dir=out)
+    trainer.fit(model, DigitsData(batch_size=32))
+    environment = trainer.strategy.cluster_environment
+    return trainer, dict(accuracy=_accuracy(model), state=_state(model), optimizer=trainer.optimizers[0].state_dict(),
+                         val_accuracy=model.val_accuracy, claimed=claims.epochs,
+                         cluster_environment=type(environment).__name__, main_address=environment.main_address,
+                         main_port=environment.main_port, world_size=trainer.world_size,
+                         node_rank=trainer.node_rank, local_rank=trainer.local_rank, num_nodes=trainer.num_nodes,
+                         pid=os.getpid())
+
+
+@case("synchronous")
+def synchronous(out: Path, log: BatchLog, batches: str) -> CaseResult:
+    """Lightning's own step (``max_in_flight=1``) on each rank while the exchange merges in the background. Checks,
+    as ``linear``, that no update is lost or doubled (no merge lands inside a step) and every batch is claimed once."""
+    width = 256
+    os.environ.pop("PDASGD_ENGINE_AT_ONE_IN_FLIGHT", None)  # the users' max_in_flight=1, not the engine's test mode
+    trainer = _trainer(strategy=PDASGDStrategy(max_in_flight=1), max_epochs=1, callbacks=[log])
+    model = LinearLoss(width)
+    trainer.fit(model, integer_batches(int(batches), width))
+    sampler = trainer.train_dataloader.batch_sampler
+    return trainer, dict(state=_state(model), claimed=list(getattr(sampler, "claimed", [])), lr=LR,
+                         engine_updates=trainer.strategy.stats.total_updates)
 
 
 def main(name: str, out: Path, *args: str) -> None:

@@ -18,6 +18,16 @@ def engine_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name.startswith("pdasgd-")]
 
 
+def assert_identical_replicas(first: dict[str, Any], second: dict[str, Any]) -> None:
+    """Two ranks' results hold bitwise-identical module state (parameters and buffers) and optimizer state."""
+    assert first["state"].keys() == second["state"].keys()
+    for key in first["state"]:
+        assert torch.equal(first["state"][key], second["state"][key]), key
+    for index, state in first["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, second["optimizer"]["state"][index][name]), (index, name)
+
+
 def trainer_kwargs(**overrides: object) -> dict[str, object]:
     """A quiet CPU Trainer configuration for tests."""
     kwargs: dict[str, object] = dict(

@@ -23,9 +23,9 @@ EXPECTED = {
 }
 
 
-def _fit(tmp_path: Path, **kwargs: Any) -> L.Trainer:
-    trainer = L.Trainer(strategy=PDASGDStrategy(backward_threads=2, metrics="full"), max_epochs=2, log_every_n_steps=5,
-                        **trainer_kwargs(**kwargs))
+def _fit(tmp_path: Path, on_bar: bool = False, **kwargs: Any) -> L.Trainer:
+    strategy = PDASGDStrategy(backward_threads=2, metrics="full", metrics_on_progress_bar=on_bar)
+    trainer = L.Trainer(strategy=strategy, max_epochs=2, log_every_n_steps=5, **trainer_kwargs(**kwargs))
     trainer.fit(DigitsClassifier(), DigitsData(batch_size=32))
     return trainer
 
@@ -55,8 +55,8 @@ def test_csv_and_tensorboard_receive_engine_metrics(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bar", [TQDMProgressBar, RichProgressBar])
-def test_progress_bars_show_throughput_and_staleness(tmp_path: Path, bar: type) -> None:
-    trainer = _fit(tmp_path, enable_progress_bar=True, callbacks=[bar()])
+def test_progress_bars_show_throughput_and_staleness_when_asked(tmp_path: Path, bar: type) -> None:
+    trainer = _fit(tmp_path, on_bar=True, enable_progress_bar=True, callbacks=[bar()])
     shown = trainer.progress_bar_callback.get_metrics(trainer, trainer.lightning_module)
     assert "pdasgd/samples_per_sec" in shown and "pdasgd/staleness_mean" in shown
     assert "pdasgd/backward_ms" not in shown  # the rest stays in the loggers
@@ -78,9 +78,10 @@ def test_metrics_level_controls_what_is_logged(tmp_path: Path, level: str, expec
     assert logged == expected, logged ^ expected
 
 
-def test_short_runs_get_metrics_and_the_bar_can_be_kept_clean(tmp_path: Path) -> None:
-    """A run shorter than `log_every_n_steps` still logs at its epoch's last batch."""
-    strategy = PDASGDStrategy(metrics_on_progress_bar=False)
+def test_short_runs_get_metrics_and_the_bar_stays_clean_by_default(tmp_path: Path) -> None:
+    """A run shorter than `log_every_n_steps` still logs at its epoch's last batch; the bar shows the user's
+    metrics only, as with plain Lightning."""
+    strategy = PDASGDStrategy()
     trainer = L.Trainer(strategy=strategy, max_epochs=1, limit_train_batches=7, log_every_n_steps=50,
                         callbacks=[TQDMProgressBar()], **trainer_kwargs(enable_progress_bar=True))
     trainer.fit(DigitsClassifier(), DigitsData(batch_size=32))

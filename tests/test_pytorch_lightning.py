@@ -287,16 +287,17 @@ def test_pytorch_lightning_timer_refused_with_several_devices() -> None:
         check_multi_device_settings(pl.Trainer(max_time="00:00:01:00", logger=False))
 
 
-def test_pytorch_lightning_gradient_hook_warning_names_real_overrides_only() -> None:
+def test_pytorch_lightning_gradient_hooks_named_are_real_overrides_only() -> None:
     import warnings
 
-    from lightning_pdasgd.pl.integration.setup_checks import warn_gradient_hooks
+    from lightning_pdasgd.pl.integration.setup_checks import synchronous_reason
 
+    assert "Hooked.on_after_backward" in synchronous_reason(_pl_module(override_gradient_hook=True), [], "synchronous")
     with pytest.warns(UserWarning, match=r"Hooked\.on_after_backward"):
-        warn_gradient_hooks(_pl_module(override_gradient_hook=True), [])
+        assert synchronous_reason(_pl_module(override_gradient_hook=True), [], "skip") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        warn_gradient_hooks(_pl_module(), [])
+        assert synchronous_reason(_pl_module(), [], "synchronous") is None
 
 
 def test_pytorch_lightning_sigterm_is_preemption() -> None:

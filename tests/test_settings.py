@@ -42,12 +42,6 @@ def test_constructor_rejects_bad_values(kwargs: dict[str, Any], name: str) -> No
         PDASGDStrategy(**kwargs)
 
 
-class Manual(DigitsClassifier):
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-
-
 class TwoOptimizers(DigitsClassifier):
     def configure_optimizers(self) -> Any:
         return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[3].parameters(), lr=0.1)]
@@ -61,7 +55,6 @@ class NoOptimizer(DigitsClassifier):
 @pytest.mark.parametrize(
     ("model", "trainer_overrides", "match"),
     [
-        (Manual, {}, "automatic_optimization = False"),
         (TwoOptimizers, {}, "multiple optimizers"),  # Lightning itself refuses this one
         (NoOptimizer, {}, "optimizer"),
         (lambda: DigitsClassifier(optimizer=lambda p: torch.optim.LBFGS(p)), {}, "LBFGS"),
@@ -71,7 +64,7 @@ class NoOptimizer(DigitsClassifier):
             "bf16-mixed",
         ),
     ],
-    ids=["manual", "two-optimizers", "no-optimizer", "lbfgs", "grad-scaler"],
+    ids=["two-optimizers", "no-optimizer", "lbfgs", "grad-scaler"],
 )
 def test_unsupported_settings_fail_at_setup(model: Any, trainer_overrides: dict[str, Any], match: str) -> None:
     trainer = L.Trainer(strategy="pdasgd", max_steps=2, **trainer_kwargs(**trainer_overrides))
@@ -136,7 +129,7 @@ class GradientCallback(Callback):
         pass
 
 
-def test_gradient_hooks_warn_once_at_setup() -> None:
+def test_gradient_hooks_are_named_in_one_warning_at_setup() -> None:
     trainer = L.Trainer(strategy="pdasgd", max_steps=3, callbacks=[GradientCallback()], **trainer_kwargs())
     with pytest.warns(UserWarning, match="GradientHooks.on_after_backward.*GradientCallback.on_before_optimizer_step"):
         trainer.fit(GradientHooks(), DigitsData())
@@ -209,16 +202,14 @@ def test_multi_device_accepts_limits_counted_over_all_ranks(overrides: dict[str,
     check_multi_device_settings(L.Trainer(**trainer_kwargs(**overrides)))
 
 
-@pytest.mark.parametrize("model", [TwoOptimizers, Manual], ids=["two-optimizers", "manual"])
-def test_two_optimizer_paths_end_at_param_group_advice(model: Any) -> None:
-    """Both refusals a two-optimizer user meets give the same way out (param groups), not each other's advice."""
+def test_two_optimizers_get_param_group_advice_and_the_manual_way_out() -> None:
+    """Lightning's own refusal suggests manual optimization; PD-ASGD's adds param groups, and that manual
+    optimization runs as Lightning's own step."""
     trainer = L.Trainer(strategy="pdasgd", max_steps=2, **trainer_kwargs())
     with pytest.raises(MisconfigurationException) as excinfo:
-        trainer.fit(model(), DigitsData())
+        trainer.fit(TwoOptimizers(), DigitsData())
     message = str(excinfo.value)
-    assert "param groups of one optimizer" in message and "strategy='auto'" in message
-    if model is TwoOptimizers:
-        assert "Set `self.automatic_optimization = False`" not in message
+    assert "param groups of one optimizer" in message and "Lightning's own synchronous step" in message
 
 
 def test_idle_backward_threads_warn() -> None:

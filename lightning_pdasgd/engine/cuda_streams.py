@@ -127,6 +127,13 @@ def join_update_stream(device: torch.device) -> None:
     _UPDATE_STREAMS.request_caller_wait(device)
 
 
+def updates_after_current(device: torch.device) -> None:
+    """The update stream waits for the caller's stream: updates and merges queued from now on see what the caller
+    wrote (Lightning's own optimizer step runs on the loop's stream). No host synchronisation."""
+    if device.type == "cuda":
+        _UPDATE_STREAMS.get(device).wait_stream(torch.cuda.current_stream(device))
+
+
 def record_on_current(tensors: list[Tensor]) -> None:
     """Mark tensors allocated on another stream as used by the current one (caching-allocator safety)."""
     if tensors and tensors[0].is_cuda:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from time import perf_counter
 from typing import Any
 
@@ -64,6 +64,7 @@ class LayerwiseUpdater:
         self.log_grad_norm = log_grad_norm
         self.grad_norms = grad_norms or log_grad_norm  # gradient norms per backward (metric, divergence guard)
         self._model_lock = threading.Lock()
+        self.plain_step_held = False  # several devices: Lightning's own step holds every bucket
         self.compensation = compensation if compensation is not None else StalenessCompensation()
         self.buckets = make_buckets(module, optimizer, bucket_numel, detached, shared)
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
@@ -91,6 +92,26 @@ class LayerwiseUpdater:
         """Ids of the parameters whose storage came from outside the engine (a rebuild keeps writing it in
         place): followed already, or given since the last forward."""
         return frozenset(id(param) for bucket in self.buckets for param in bucket.given_from_outside())
+
+    @contextmanager
+    def held_for_plain_step(self) -> Iterator[None]:
+        """Lightning's own step with several devices: every bucket held (in bucket order; nothing else holds two),
+        so the exchange merges between steps, never into weights a step reads or writes. CUDA: the step's stream
+        sees the merges queued before it, and merges queued after it see the step. Re-entrant (one loop thread):
+        the automatic step's closure runs inside its optimizer step."""
+        if self.plain_step_held:
+            yield
+            return
+        self.plain_step_held = True
+        with ExitStack() as held:
+            held.callback(setattr, self, "plain_step_held", False)
+            for bucket in self.buckets:
+                held.enter_context(bucket.held())
+            if self.buckets:
+                cuda_streams.join_update_stream(self.buckets[0].device)
+            yield
+            if self.buckets:
+                cuda_streams.updates_after_current(self.buckets[0].device)
 
     def stash(self) -> WeightStash:
         """The leaves of one forward, nothing read yet: run the forward inside ``reading(stash)``."""

@@ -297,7 +297,9 @@ def describe_session(session: FitSession, world_size: int) -> str:
     """One line with a fit session's engine configuration, logged at INFO when fit starts."""
     tuner, counts = session.threads.tuner, session.threads.settings
     if session.threads.plain_steps:
-        return "PD-ASGD: max_in_flight=1 runs Lightning's own synchronous step (exact; no engine threads)"
+        ranks = f" on each of {world_size} ranks, replicas exchanged in the background" if world_size > 1 else ""
+        because = "max_in_flight=1" if session.synchronous_reason is None else "as warned"
+        return f"PD-ASGD: Lightning's own synchronous step ({because}){ranks}; exact, no engine threads"
     tuning = f", autotuning {len(tuner.candidates)} candidates" if tuner is not None else ""
     ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
     return (

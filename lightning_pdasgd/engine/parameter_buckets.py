@@ -28,7 +28,8 @@ were queued and the update stream was made to wait for their streams (``cuda_str
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,13 @@ class ParameterBucket:
 
     def _follows_params(self) -> bool:
         return all(p.data_ptr() == t.data_ptr() and p.shape == t.shape for p, t in zip(self.params, self._live.tensors))
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """No read, update or merge of this bucket runs inside: code outside the engine (Lightning's own step, with
+        several devices) reads and writes the live parameters in place meanwhile."""
+        with self._lock:
+            yield
 
     # ------------------------------------------------------------------------------------------- writes
     def update(self, read_version: int, step: Callable[[int, int, list[Tensor]], None]) -> int:

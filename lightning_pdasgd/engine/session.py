@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Optional
@@ -23,12 +24,13 @@ from lightning_pdasgd.engine.bucket_optimizer import hyperparameter_snapshot
 from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
 from lightning_pdasgd.engine.cuda_streams import BatchStream
 from lightning_pdasgd.engine.divergence_guard import DivergenceGuard, Trip
+from lightning_pdasgd.engine.guard_recovery import GuardRecovery
 from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
 from lightning_pdasgd.engine.lazy_reads import add_unread_note
 from lightning_pdasgd.engine.metrics import EngineStats, batch_size_of, describe_session
 from lightning_pdasgd.engine.parameter_changes import ParameterSetFingerprint
 from lightning_pdasgd.engine.peers import Exchange, PeerLink, Replicas
-from lightning_pdasgd.engine.thread_control import EngineThreads, engine_at_one_in_flight
+from lightning_pdasgd.engine.thread_control import EngineThreads
 from lightning_pdasgd.engine.weight_stash import WeightStash
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ _ABORT_NOTICE_SECONDS = 30.0  # how long a failing rank tries to tell the others
 StashAndStream = tuple[WeightStash, Optional[BatchStream]]  # a forward's weights, its CUDA stream (None: CPU)
 
 
-class FitSession:
+class FitSession(GuardRecovery):
     """The engine of one fit on one rank.
 
     Args:
@@ -52,6 +54,8 @@ class FitSession:
         clip_value: ``gradient_clip_val`` with the ``"value"`` algorithm, applied per parameter.
         clip_norm: ``gradient_clip_val`` with the ``"norm"`` algorithm, applied per backward (``layerwise_updates``).
         accumulate: the fit accumulates gradients (``accumulation.py``).
+        synchronous_reason: why this fit runs Lightning's own step whatever the settings (manual optimization, a
+            whole-model gradient hook); ``None``: the settings decide.
     """
 
     def __init__(
@@ -63,8 +67,10 @@ class FitSession:
         clip_value: float | None = None,
         clip_norm: float | None = None,
         accumulate: bool = False,
+        synchronous_reason: str | None = None,
     ) -> None:
         self._config = config
+        self.synchronous_reason = synchronous_reason  # why Lightning's own step runs whatever the settings
         self._module = module
         self._optimizer = optimizer
         self._device = device
@@ -96,7 +102,8 @@ class FitSession:
         self._replicas: Replicas | None = None  # several devices
         self._current: StashAndStream | None = None  # the forward whose loss is not handed off yet
         # the guard watches asynchrony: a run configured with one loss in flight is exactly plain Lightning's
-        self._guard = DivergenceGuard() if config.divergence_guard and config.in_flight > 1 else None
+        asynchronous = config.in_flight > 1 and synchronous_reason is None
+        self._guard = DivergenceGuard() if config.divergence_guard and asynchronous else None
         self._pending_trip: Trip | None = None  # several devices: this rank's trip, acted on at the guard point
         self._step = 0  # the global step of the latest hand-off (for the guard's messages and snapshots)
 
@@ -136,7 +143,8 @@ class FitSession:
         """Start the engine (autotuning when a thread count is "auto"); returns the line to log at INFO."""
         config = self._config
         short = not self._threads.start(
-            config.autotune, config.autotune_steps, config.autotune_max_staleness, world_size == 1, run_steps
+            config.autotune and self.synchronous_reason is None, config.autotune_steps, config.autotune_max_staleness,
+            world_size == 1, run_steps, synchronous=self.synchronous_reason is not None,
         )
         return ("PD-ASGD: the run is too short for autotuning; keeping the configured thread counts.\n"
                 if short else "") + describe_session(self, world_size)
@@ -150,8 +158,8 @@ class FitSession:
 
     def follow_parameter_changes(self, optimizers: list[Optimizer], recheck: Callable[[], None]) -> None:
         """Fine-tuning, pruning, ``requires_grad`` toggles, a re-created optimizer: rebuild before this forward,
-        after ``recheck`` (the setup checks) on the optimizer. The plain step reads the parameter set as it is."""
-        if self._threads.plain_steps:
+        after ``recheck`` (the setup checks) on the optimizer. One device's plain step reads the set as it is."""
+        if self._threads.plain_steps and self._replicas is None:
             return
         change = self._fingerprint.difference(optimizers[0]) if len(optimizers) == 1 else "the optimizers changed"
         if change is None:
@@ -231,19 +239,7 @@ class FitSession:
         says when they need not)."""
         self.drain()
         met = self._replicas is not None and self._replicas.meet(kind, stop, self._engine.raise_if_failed)
-        if not met:
-            if self.exchange is None and self._guard is not None and self._guard.watch.healthy and not stop:
-                self._guard.keep(self._module, self._optimizer, self._step)
-            return
-        if self._guard is None or stop or kind == "guard":
-            return
-        assert self._replicas is not None
-        flags = [not self._guard.watch.healthy, self._pending_trip is not None]
-        any_unhealthy, any_tripped = self._replicas.any_rank(flags)
-        if any_tripped:  # every rank recovers together, or none does
-            self._recover_everywhere()
-        elif not any_unhealthy:  # every rank keeps the same good state, or none does
-            self._guard.keep(self._module, self._optimizer, self._step)
+        self._guard_at_consistent_point(met, kind, stop)
 
     # ------------------------------------------------------------------------------------------- the step
     def before_step(self) -> str | None:
@@ -258,8 +254,11 @@ class FitSession:
         batch_size = batch_size_of(step_args)
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self._threads.plain_steps:
+            if self._replicas is not None:
+                self._replicas.training()
             started = perf_counter()
-            output = run()
+            with self.plain_step():
+                output = run()
             self._stats.record_forward(perf_counter() - started, batch_size)
             return output
         if self._updater.follow_external_storage() and self._guard is not None:
@@ -291,6 +290,15 @@ class FitSession:
         self._current = (stash, stream)
         return output
 
+    def plain_step(self) -> AbstractContextManager[None]:
+        """Around Lightning's own step (its optimizer step, and ``training_step``, where manual optimization steps):
+        with several devices the exchange merges between steps only. Re-entrant: a closure runs inside its step."""
+        if self._replicas is None:
+            return nullcontext()
+        if not self._updater.plain_step_held:  # the exchange merges into the parameters' storage: follow it
+            self._updater.follow_external_storage()
+        return self._updater.held_for_plain_step()
+
     def hand_off(self, loss: Tensor, step: int, rank: int, closes_window: bool = True) -> None:
         """Queue the forward's loss for a backward thread (the step returns without waiting for it); with gradient
         accumulation ``closes_window`` says whether it is its window's last (handed off in ``optimizer_step``)."""
@@ -321,14 +329,6 @@ class FitSession:
         self._engine.submit(BackwardWork(loss=loss, context=(stash, stream)))
         self._current = None  # the slot now belongs to the queued work
         self._stats.record_handoff(perf_counter() - started)
-
-    def watch_plain_loss(self, loss: Tensor, step: int) -> None:
-        """A loss of Lightning's own step that the guard chose (one loss in flight): still watched, so that a
-        blow-up of plain updates too is said once (nothing is restored then)."""
-        if self._guard is not None and self._threads.plain_steps and self._threads.settings.max_in_flight == 1:
-            trip = self._guard.observe(loss, None)
-            if trip is not None:
-                self._recover(trip, step)
 
     def _check_device_nonfinite(self, wait: bool) -> None:
         """CUDA only: act on the non-finite values the device counted (a loss shows up as its gradients)."""
@@ -364,37 +364,3 @@ class FitSession:
         self._stats.record_backward(stash.record)
         work.loss = None  # type: ignore[assignment]  # free the graph before the leaves are reused
         updater.release(stash, reusable=True)
-
-    # ------------------------------------------------------------------------------------------- the guard
-    def _on_trip(self, trip: Trip, step: int) -> None:
-        if self.exchange is not None:  # all ranks decide at the next consistent point; until then this rank
-            self._pending_trip = trip  # applies no more of its own updates
-        else:
-            self.drain()
-            self._recover(trip, step)
-
-    def _recover_everywhere(self) -> None:
-        """Several devices, some rank tripped: all meet at a "guard" point that stops the exchange, restore the
-        good state of an earlier consistent point, take the same smaller ``max_in_flight``, restart the exchange."""
-        self._stop_exchange("guard")
-        trip = self._pending_trip or Trip("another rank's loss blew up", float("nan"), float("nan"))
-        self._pending_trip = None
-        self._recover(trip, self._step)
-        self._connect_exchange()
-
-    def _recover(self, trip: Trip, step: int) -> None:
-        """The last good state back (drained by the caller), fewer losses in flight from now on, compensation
-        starts over. A blow-up of plain updates (one in flight) restores nothing: the guard stops watching."""
-        assert self._guard is not None
-        in_flight = self._guard.recover(trip, self._module, self._optimizer, step, self._threads.settings.max_in_flight)
-        self._stats.guard_trips += 1
-        if in_flight is None:  # nothing was restored
-            self._guard = None
-            return
-        if self._updater.windows is not None:  # gradients summed before the restore do not belong to its weights
-            self._updater.windows.discard()
-        self._compensation.reset()
-        if in_flight == 1 and self._replicas is None and not engine_at_one_in_flight():
-            self._threads.switch_to_plain_steps()  # one device: Lightning's own step, exact by construction
-        else:
-            self._threads.reconfigure(min(self._threads.settings.backward_threads, in_flight), in_flight)

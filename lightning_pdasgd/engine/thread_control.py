@@ -152,13 +152,14 @@ class EngineThreads:
         self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
 
     def start(self, autotune: bool, autotune_steps: int, max_staleness: float, allow_synchronous: bool,
-              run_steps: float) -> bool:
+              run_steps: float, synchronous: bool = False) -> bool:
         """Start the backward threads, and the autotuner when asked; ``False`` when the run is too short to tune.
 
-        One loss in flight without autotuning, where the plain step is allowed (one device), runs Lightning's own
-        synchronous step: the exact mode is exact and free by construction (``ENGINE_AT_ONE_IN_FLIGHT``).
+        One loss in flight without autotuning runs Lightning's own synchronous step: the exact mode is exact and
+        free by construction (``ENGINE_AT_ONE_IN_FLIGHT``). ``synchronous``: that step whatever the settings.
         """
-        if not autotune and self.settings.max_in_flight == 1 and allow_synchronous and not engine_at_one_in_flight():
+        one_in_flight = not autotune and self.settings.max_in_flight == 1 and not engine_at_one_in_flight()
+        if synchronous or one_in_flight:
             self.plain_steps = True
             self.settings.use_every_core(None)
             return True

@@ -16,7 +16,7 @@ from lightning_pdasgd.engine.metrics import EngineStats
 from lightning_pdasgd.engine.session import FitSession
 
 from . import preemption, setup_checks
-from ._lightning import rank_zero_info
+from ._lightning import rank_zero_info, rank_zero_warn
 from .step_accounting import StepAccounting, prepare_fit, start_exchange
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class FitSessions:
         self.steps: Optional[StepAccounting] = None  # several devices, fitting: the global step count
         self._stats: Optional[EngineStats] = None
         self.loop_started = False  # on_train_start came, on_exception/teardown not yet
+        self.lightning_only: Optional[str] = None  # why this fit runs without any session (manual optimization)
 
     @property
     def stats(self) -> EngineStats:
@@ -50,14 +51,34 @@ class FitSessions:
         module = strategy.lightning_module
         trainer = module.trainer
         self._end_stale()
+        reason = setup_checks.synchronous_reason(module, trainer.callbacks, self._config.gradient_hooks)
+        self.lightning_only = None
+        if reason is not None:
+            rank_zero_warn(f"PD-ASGD trains with Lightning's own synchronous step: {reason}.")
+        if not setup_checks.has_one_trainable_optimizer(strategy.optimizers):  # manual optimization, one device
+            self.lightning_only = reason  # nothing of the engine: no buckets to build, no replicas to exchange
+            return
         clip_value, clip_norm = setup_checks.gradient_clipping(trainer)
         session = FitSession(self._config, module, strategy.optimizers[0], strategy.root_device, clip_value, clip_norm,
-                             accumulate=setup_checks.accumulates_gradients(trainer))
+                             accumulate=setup_checks.accumulates_gradients(trainer), synchronous_reason=reason)
         self.session, self._stats = session, session.stats
         rank_zero_info(session.start_for(strategy.process_count, trainer.estimated_stepping_batches))
         if strategy.process_count > 1:
             start_exchange(session, strategy.background_group, strategy.root_device, self.steps)
             preemption.watch_sigterm_through_exchange(trainer, session)
+
+    def follow_parameter_changes(self, strategy: Any) -> None:
+        """Before a step: the engine follows a changed parameter set, after the setup checks on it."""
+        module, optimizers = strategy.lightning_module, strategy.optimizers
+        assert self.session is not None
+        self.session.follow_parameter_changes(
+            optimizers, lambda: setup_checks.check_trainer_settings(module.trainer, module, optimizers)
+        )
+
+    @property
+    def needs_restart(self) -> bool:
+        """A run of the fit loop inside this one (``lr_find`` from a callback) ended the session: a new one is due."""
+        return self.session is None and self.loop_started and self.lightning_only is None
 
     def _end_stale(self) -> None:
         """Stop the threads of a session whose run ended without ``on_train_end``; apply what it has in flight."""

@@ -26,7 +26,8 @@ ONE_OPTIMIZER_ADVICE = (
     " PD-ASGD steps exactly one optimizer, bucket by bucket. Put parameters that need other hyperparameters into"
     " param groups of one optimizer, e.g. `torch.optim.Adam([{'params': self.encoder.parameters(), 'lr': 1e-4},"
     " {'params': self.head.parameters()}], lr=1e-3)`. Training that alternates optimizers by hand (GANs) needs"
-    " manual optimization, which PD-ASGD does not support: use `strategy='auto'` or `'ddp'` for it."
+    " manual optimization (`self.automatic_optimization = False`), which PD-ASGD runs as Lightning's own"
+    " synchronous step on one device."
 )
 
 
@@ -34,8 +35,8 @@ ONE_OPTIMIZER_ADVICE = (
 def one_optimizer_advice() -> Iterator[None]:
     """Turn Lightning's "multiple optimizers need manual optimization" into PD-ASGD's advice.
 
-    Lightning suggests `automatic_optimization = False`, which PD-ASGD then refuses: the user would go round in a
-    loop between two refusals. Its error stays attached as the cause.
+    Lightning suggests `automatic_optimization = False`, which PD-ASGD runs only as Lightning's own synchronous
+    step: the user should hear both ways out. Its error stays attached as the cause.
     """
     try:
         yield
@@ -54,18 +55,20 @@ def check_fit_configuration(
     if world_size > 1:
         check_multi_device_settings(trainer)
     check_trainer_settings(trainer, module, optimizers)
-    warn_gradient_hooks(module, trainer.callbacks)
 
 
 def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, optimizers: list[Optimizer]) -> None:
     """Raise for every setting whose meaning needs a synchronous whole-model step."""
     if not module.automatic_optimization:
-        raise MisconfigurationException(
-            "PD-ASGD replaces the optimizer step of automatic optimization, but this LightningModule sets"
-            " `self.automatic_optimization = False` (manual optimization). Use automatic optimization, or train"
-            " this module with `strategy='auto'` or `'ddp'`." + ONE_OPTIMIZER_ADVICE
-        )
-    if len(optimizers) != 1 or not any(group["params"] for group in optimizers[0].param_groups):
+        if trainer.world_size > 1:
+            raise MisconfigurationException(
+                "PD-ASGD runs manual optimization (`self.automatic_optimization = False`) as Lightning's own"
+                f" synchronous step on one device only; with {trainer.world_size} devices the ranks would count"
+                " `global_step` (your optimizer steps) apart. Train this module on one device, or with"
+                " `strategy='ddp'`."
+            )
+        return  # the user steps the optimizers: every optimizer and closure of plain Lightning works
+    if not has_one_trainable_optimizer(optimizers):
         raise MisconfigurationException(
             f"PD-ASGD needs exactly one optimizer from `configure_optimizers`, got {len(optimizers)}"
             " (or one without parameters)." + ONE_OPTIMIZER_ADVICE
@@ -94,6 +97,11 @@ def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, opti
         )
 
 
+def has_one_trainable_optimizer(optimizers: list[Optimizer]) -> bool:
+    """Exactly one optimizer, holding at least one parameter: what the engine's buckets are built from."""
+    return len(optimizers) == 1 and any(group["params"] for group in optimizers[0].param_groups)
+
+
 def gradient_clipping(trainer: pl.Trainer) -> tuple[float | None, float | None]:
     """``(clip_value, clip_norm)``: the Trainer's ``gradient_clip_val`` under its algorithm (``"norm"`` by default)."""
     clip = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
@@ -111,8 +119,8 @@ def accumulates_gradients(trainer: pl.Trainer) -> bool:
     return scheduled or trainer.accumulate_grad_batches != 1
 
 
-def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -> None:
-    """Warn once for each overridden hook that expects a whole-model gradient in `.grad`."""
+def gradient_hook_overrides(module: pl.LightningModule, callbacks: list[Callback]) -> list[str]:
+    """The overridden hooks that expect the whole model's gradient in `.grad` (``"Class.hook"``)."""
     overridden = [
         f"{type(module).__name__}.{name}"
         for name in MODULE_GRADIENT_HOOKS
@@ -124,13 +132,35 @@ def warn_gradient_hooks(module: pl.LightningModule, callbacks: list[Callback]) -
         for name in GRADIENT_HOOKS
         if getattr(type(callback), name, None) not in _flavor.inherited("callbacks.Callback", name)
     ]
-    if overridden:
+    return overridden
+
+
+def synchronous_reason(module: pl.LightningModule, callbacks: list[Callback], gradient_hooks: str) -> str | None:
+    """Why this fit must run Lightning's own synchronous step instead of the engine (``None``: it need not).
+
+    Manual optimization steps the optimizers itself, and a hook that reads or changes the whole model's gradient
+    needs the moment a synchronous step has and PD-ASGD does not: both get exactly Lightning's step rather than
+    user code silently not run. ``gradient_hooks="skip"`` keeps the engine and leaves the hooks uncalled.
+    """
+    if not module.automatic_optimization:
+        return "this LightningModule uses manual optimization (`self.automatic_optimization = False`)"
+    overridden = gradient_hook_overrides(module, callbacks)
+    if not overridden:
+        return None
+    if gradient_hooks == "skip":
         rank_zero_warn(
-            f"PD-ASGD never holds a whole-model gradient in `.grad`, so these overrides are not called: {overridden}."
-            " Gradients are private to each backward pass and applied per parameter. For gradient statistics use"
+            f"PD-ASGD never holds a whole-model gradient in `.grad`, so these overrides are not called"
+            f" (`gradient_hooks='skip'`): {overridden}. For gradient statistics use"
             " `PDASGDStrategy(log_grad_norm=True)` (logs `pdasgd/grad_norm`); for clipping use"
             " `Trainer(gradient_clip_val=...)` (by norm, per backward, or `gradient_clip_algorithm='value'`)."
         )
+        return None
+    return (
+        f"{', '.join(overridden)} expect(s) the whole model's gradient in `.grad`, which only a synchronous step"
+        " has. To train asynchronously, remove the override (`PDASGDStrategy(log_grad_norm=True)` logs gradient"
+        " norms; `Trainer(gradient_clip_val=...)` clips) or pass `PDASGDStrategy(gradient_hooks='skip')`, which"
+        " leaves them uncalled"
+    )
 
 
 def check_multi_device_settings(trainer: pl.Trainer) -> None:
