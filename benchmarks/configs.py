@@ -74,6 +74,9 @@ def build_configs(devices: int) -> dict[str, Config]:
         Config("pdasgd-mif1", "pdasgd", "overhead",
                "PD-ASGD engine with max_in_flight=1 (sequential; engine overhead vs plain)",
                backward_threads=1, max_in_flight=1),
+        Config(f"pdasgd-mif1-x{n}", "pdasgd", "multi",
+               f"PD-ASGD max_in_flight=1 on {n} devices: Lightning's own step per rank, the exchange in the background",
+               backward_threads=1, max_in_flight=1, devices=n),
     ]
     for factor in STRAGGLER_FACTORS[1:]:
         for base in (f"ddp-x{n}", f"pdasgd-1:2-x{n}"):

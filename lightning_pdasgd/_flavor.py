@@ -45,6 +45,7 @@ FLAVOURED = (
     "integration._lightning",
     "integration._lightning_internals",
     "integration.collectives",
+    "integration.engine_backward",
     "integration.engine_calls",
     "integration.fit_sessions",
     "integration.one_process_per_device",

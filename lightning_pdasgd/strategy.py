@@ -13,7 +13,6 @@ from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -42,6 +41,7 @@ from .integration._lightning import (
     rank_zero_warn,
 )
 from .integration.collectives import AsyncAwareCollectives
+from .integration.engine_backward import EngineBackward
 from .integration.engine_calls import EngineCall, logs_metrics
 from .integration.fit_sessions import FitSessions
 from .integration.one_process_per_device import OneProcessPerDevice
@@ -133,7 +133,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         self._config = PDASGDConfig.from_arguments(**{name: arguments[name] for name in PDASGDConfig.ARGUMENTS})
         self._fit = FitSessions(self._config)  # exists while fit trains; the strategy stays picklable
         self.autotune_report: Optional[str] = None
-        self._in_optimizer_step = False  # a closure run inside `optimizer_step` closes its accumulation window
+        self.in_optimizer_step = False  # a closure run inside `optimizer_step` closes its accumulation window
+        self._backward_route = EngineBackward(self)  # a step's loss to the engine or to Lightning's backward
         for warning in self._config.ineffective_settings():
             rank_zero_warn(warning)
 
@@ -212,6 +213,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
             _lightning_internals.optimizers_to_device(self.optimizers, self.root_device)
             setup_checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.process_count)
             EngineDrain.attach(trainer)
+            self._backward_route.install()
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -253,6 +255,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
     def teardown(self) -> None:
         self._fit.loop_started = False
         self._fit.shutdown(raise_timeout=False)
+        self._backward_route.remove()
         super().teardown()
 
     def drain(self) -> None:
@@ -294,22 +297,6 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         return output
 
     @override
-    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
-        session = self._session
-        if session is None or not session.has_pending_forward:
-            if session is not None:  # Lightning's own step (max_in_flight=1, the guard's or autotune's choice)
-                session.watch_plain_loss(closure_loss, self.lightning_module.trainer.global_step)
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-        module = self.lightning_module
-        assert module is not None
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        setup_checks.check_loss(closure_loss)
-        with EngineCall("the hand-off of a loss"):
-            # Lightning runs the closure inside `optimizer_step` only for the batch that ends an accumulation window
-            session.hand_off(closure_loss, module.trainer.global_step, self.global_rank, self._in_optimizer_step)
-        return closure_loss
-
-    @override
     def optimizer_step(
         self,
         optimizer: Optimizer,
@@ -333,11 +320,11 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
                 return super().optimizer_step(optimizer, closure, model, **kwargs)
         with EngineCall("an optimizer step"):
             session.threads.engine.raise_if_failed()
-        self._in_optimizer_step = True
+        self.in_optimizer_step = True
         try:
             output = closure()  # the user's step: its StopIteration is Lightning's (`training_step` above)
         finally:
-            self._in_optimizer_step = False
+            self.in_optimizer_step = False
             with EngineCall("an optimizer step"):
                 session.end_step()
         _torch_internals.mark_optimizer_stepped(getattr(optimizer, "_optimizer", optimizer))

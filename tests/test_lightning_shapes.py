@@ -6,6 +6,8 @@ requires its closure, tuner runs that fail, a patched ``time.perf_counter``), no
 
 from __future__ import annotations
 
+import copy
+import io
 import threading
 from typing import Any
 from unittest import mock
@@ -372,3 +374,79 @@ def test_throughput_monitor_with_a_patched_clock_logs_what_plain_lightning_logs(
     pdasgd = _throughput_metrics("pdasgd", tmp_path / "pdasgd")
     assert len(plain) == 4
     assert pdasgd == plain
+
+
+class CopiesItsNetwork(L.LightningModule):
+    """Deep-copies and pickles its network inside ``training_step`` (an EMA of the weights, a snapshot per step:
+    Lightning's ``test_model_checkpoint_manual_opt`` does it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        self.copies: list[nn.Module] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.copies.append(copy.deepcopy(self.net))
+        buffer = io.BytesIO()
+        torch.save(self.net, buffer)
+        buffer.seek(0)
+        self.copies.append(torch.load(buffer, weights_only=False))
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("strategy", [PDASGDStrategy(), PDASGDStrategy(max_in_flight=1)], ids=["default", "exact"])
+def test_module_copied_or_pickled_during_the_step_is_a_plain_module(strategy: PDASGDStrategy) -> None:
+    data = TensorDataset(torch.randn(32, 8), torch.randint(0, 2, (32,)))
+    model = CopiesItsNetwork()
+    L.Trainer(strategy=strategy, max_steps=4, **trainer_kwargs()).fit(model, DataLoader(data, batch_size=8))
+    assert len(model.copies) == 8
+    for network in model.copies:  # the engine's pre-hooks are not copied: the copy runs on its own weights
+        assert network(torch.randn(3, 8)).shape == (3, 2)
+        assert all(p.data_ptr() not in {q.data_ptr() for q in model.parameters()} for p in network.parameters())
+
+
+class TwoBackwardsPerStep(L.LightningModule):
+    """Manual optimization whose closure backpropagates twice (Lightning's ``test_step_with_optimizer_closure``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = nn.Linear(8, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+
+        def closure() -> None:
+            for retain in (True, False):
+                self.manual_backward(nn.functional.cross_entropy(self.layer(batch[0]), batch[1]), retain_graph=retain)
+
+        optimizer.step(closure=closure)
+        optimizer.zero_grad()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(("model_type", "per_step"), [(TwoBackwardsPerStep, 2), (None, 1)], ids=["manual", "engine"])
+def test_strategy_backward_is_lightnings_and_counts_every_loss(model_type: Any, per_step: int) -> None:
+    """Lightning's tests wrap the base ``Strategy.backward`` in a mock around the strategy's own method and count its
+    calls: the strategy keeps Lightning's method (no recursion through an override), and the engine's hand-off
+    happens below it, so every loss is counted as in plain Lightning."""
+    from lightning.pytorch.strategies import Strategy
+
+    from tests.models import DigitsClassifier, DigitsData
+
+    model = model_type() if model_type is not None else DigitsClassifier()
+    loader = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 2, (32,))), batch_size=8)
+    trainer = L.Trainer(strategy="pdasgd", max_epochs=1, limit_train_batches=4, **trainer_kwargs())
+    with mock.patch.object(Strategy, "backward", wraps=trainer.strategy.backward) as backward:
+        if model_type is None:
+            trainer.fit(model, DigitsData(batch_size=32))
+        else:
+            trainer.fit(model, loader)
+    assert backward.call_count == 4 * per_step
+    assert trainer.strategy.stats.total_updates > 0 or model_type is not None

@@ -169,3 +169,13 @@ def test_manual_optimization_on_several_devices_is_refused_by_name() -> None:
     model = ManualOneOptimizer()
     with pytest.raises(MisconfigurationException, match=r"manual optimization .* one device only.*strategy='ddp'"):
         check_trainer_settings(trainer, model, [torch.optim.SGD(model.parameters(), lr=0.1)])
+
+
+def test_a_gradient_hook_set_on_a_callback_instance_counts_as_an_override() -> None:
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    calls: list[int] = []
+    hook = LambdaCallback(on_after_backward=lambda trainer, module: calls.append(trainer.global_step))
+    with pytest.warns(UserWarning, match=r"LambdaCallback\.on_after_backward"):
+        _fit(_seeded(DigitsClassifier), "pdasgd", steps=4, callbacks=[hook])
+    assert calls == [0, 1, 2, 3]

@@ -17,9 +17,8 @@ placeholder and fails (in the forward, or in the backward when the gradient meet
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -53,7 +52,7 @@ class LazyReads:
         self._handles: list[RemovableHandle] = []
         if lazy:
             for owner, indices in _owner_modules(module, buckets).items():
-                hook = partial(self._reached, tuple(indices))
+                hook = _ReachedHook(self, tuple(indices))
                 self._handles.append(owner.register_forward_pre_hook(hook, prepend=True))
 
     @property
@@ -102,6 +101,34 @@ class LazyReads:
         for index in indices:
             if stash.versions[index] == UNREAD:
                 self._pool.read(stash, index)
+
+
+def _no_hook(module: nn.Module, args: Any) -> None:
+    """What a copy of a user's module holds in place of the engine's pre-hook: the copy is not trained here."""
+
+
+def _returns_no_hook() -> Callable[[nn.Module, Any], None]:
+    return _no_hook
+
+
+class _ReachedHook:
+    """The forward pre-hook on a user's module. Copying the module (``deepcopy``, e.g. for an EMA of the weights) or
+    pickling it (``torch.save(model)``) must not copy the engine and its locks: the copy gets a hook that does
+    nothing."""
+
+    __slots__ = ("_reads", "_indices")
+
+    def __init__(self, reads: LazyReads, indices: tuple[int, ...]) -> None:
+        self._reads, self._indices = reads, indices
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self._reads._reached(self._indices, module, args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[[nn.Module, Any], None]:
+        return _no_hook
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[[nn.Module, Any], None]], tuple[()]]:
+        return _returns_no_hook, ()
 
 
 class _EarlyUseDetector(TorchFunctionMode):

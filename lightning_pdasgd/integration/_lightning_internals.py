@@ -10,9 +10,11 @@ only inside the function that needs them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -224,3 +226,25 @@ def saves_mid_epoch(checkpoint_callback: object) -> bool:
     """Whether a ``ModelCheckpoint`` saves every N training steps or every time interval (its private triggers)."""
     every_n_train_steps = getattr(checkpoint_callback, "_every_n_train_steps", 0)
     return bool(every_n_train_steps) or getattr(checkpoint_callback, "_train_time_interval", None) is not None
+
+
+# ----------------------------------------------------------------------------------------------- the precision plugin
+# A step's loss reaches the engine where Lightning's `Strategy.backward` hands it to the precision plugin
+# (lightning 2.6.6: `Strategy.backward` calls `precision_plugin.pre_backward`, `.backward`, `.post_backward`). The
+# strategy keeps Lightning's `Strategy.backward` itself, so code that wraps or counts it sees Lightning's method.
+# Routing sets the two methods on the plugin instance; `undo` removes them (the class's methods show through again).
+
+_ROUTED = ("backward", "post_backward")
+
+
+def route_precision_backward(plugin: object, backward: Callable[..., Any], post_backward: Callable[..., Any]) -> None:
+    """``plugin.backward(...)`` becomes ``backward(own_backward, ...)``, and the same for ``post_backward``."""
+    unroute_precision_backward(plugin)
+    own_backward, own_post_backward = plugin.backward, plugin.post_backward  # type: ignore[attr-defined]
+    plugin.backward = functools.partial(backward, own_backward)  # type: ignore[attr-defined]
+    plugin.post_backward = functools.partial(post_backward, own_post_backward)  # type: ignore[attr-defined]
+
+
+def unroute_precision_backward(plugin: object) -> None:
+    for name in _ROUTED:
+        vars(plugin).pop(name, None)

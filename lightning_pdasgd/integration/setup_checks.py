@@ -126,11 +126,12 @@ def gradient_hook_overrides(module: pl.LightningModule, callbacks: list[Callback
         for name in MODULE_GRADIENT_HOOKS
         if getattr(type(module), name, None) not in _flavor.inherited("LightningModule", name)
     ]
-    overridden += [
+    overridden += [  # a method of the callback's class, or one set on the instance (``LambdaCallback``)
         f"{type(callback).__name__}.{name}"
         for callback in callbacks
         for name in GRADIENT_HOOKS
-        if getattr(type(callback), name, None) not in _flavor.inherited("callbacks.Callback", name)
+        if name in vars(callback)
+        or getattr(type(callback), name, None) not in _flavor.inherited("callbacks.Callback", name)
     ]
     return overridden
 
