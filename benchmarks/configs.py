@@ -148,7 +148,7 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
         mlp = WorkloadPlan(
             "digits-mlp", 5,
             ("plain", "plain-t1", f"ddp-x{n}") + ratios + tuple(f"{r}-t1" for r in ratios)
-            + ("dasgd-1:2", "pdasgd-mif1", "pdasgd-auto") + tuple(f"{r}-x{n}" for r in ratios)
+            + ("dasgd-1:2", "pdasgd-mif1", "pdasgd-auto") + tuple(f"{r}-x{n}" for r in ratios) + (f"pdasgd-mif1-x{n}",)
             + _straggler_rows(n, STRAGGLER_FACTORS[1:]),
         )
         cnn = WorkloadPlan("digits-cnn", 4, ("plain", f"ddp-x{n}") + ratios

@@ -273,9 +273,10 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         if self._fit.needs_restart and self.process_count == 1:
-            # a run of the fit loop inside this one (`lr_find` from a callback) ended the session: a new one
-            with EngineCall("the restart of training"):
-                self._fit.start(self)
+            # nothing was trainable at the start, or a run of the fit loop inside this one (`lr_find` from a
+            # callback) ended the session: a new one
+            with EngineCall("the start of training"):
+                self._fit.start(self, at_first_step=True)
         session = self._session
         if session is None:
             return super().training_step(*args, **kwargs)
@@ -292,7 +293,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         with EngineCall("a training step", passed_through=raised_by_step):
             self._fit.follow_parameter_changes(self)
             output = session.forward(run_step, args)
-            if logs_metrics(module.trainer):
+            if logs_metrics(module.trainer) and session.synchronous_reason is None:  # else the fit is Lightning's
                 log_window(session, module)
         return output
 

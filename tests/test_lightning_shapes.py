@@ -450,3 +450,44 @@ def test_strategy_backward_is_lightnings_and_counts_every_loss(model_type: Any, 
             trainer.fit(model, loader)
     assert backward.call_count == 4 * per_step
     assert trainer.strategy.stats.total_updates > 0 or model_type is not None
+
+
+def test_tensor_backward_is_what_the_engine_calls() -> None:
+    """Lightning's ``test_backward_count_simple`` patches ``torch.Tensor.backward`` and counts one call per step; the
+    engine's backward threads call it too (and a mock that computes no gradient ends the fit normally)."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    with mock.patch("torch.Tensor.backward") as tensor_backward:
+        L.Trainer(strategy="pdasgd", max_steps=5, **trainer_kwargs()).fit(BoringModel())
+    assert tensor_backward.call_count == 5
+    assert all(call.kwargs.get("inputs") for call in tensor_backward.call_args_list)  # through the engine
+
+
+def test_backbone_frozen_at_the_start_and_unfrozen_by_the_first_epoch_trains() -> None:
+    """Lightning's fine-tuning recipe where the optimizer holds only the backbone, frozen before training and
+    unfrozen when the first epoch starts: the engine starts at the first step, when there is something to train."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    class UnfreezeAtOnce(BackboneFinetuning):
+        def finetune_function(self, pl_module: Any, epoch: int, optimizer: Any) -> None:
+            if epoch == 0:
+                self.unfreeze_and_add_param_group(pl_module.backbone, optimizer, 0.1, train_bn=self.train_bn)
+
+    class BackboneOnly(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Linear(8, 2, bias=False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.backbone(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = BackboneOnly()
+    before = model.backbone.weight.detach().clone()
+    data = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 2, (32,))), batch_size=8)
+    trainer = L.Trainer(strategy="pdasgd", max_epochs=1, callbacks=[UnfreezeAtOnce()], **trainer_kwargs())
+    with pytest.warns(UserWarning, match="Did you init your optimizer in"):  # Lightning's own advice, as in plain
+        trainer.fit(model, data)
+    assert not torch.equal(before, model.backbone.weight) and trainer.strategy.stats.total_updates > 0

@@ -179,3 +179,10 @@ def test_a_gradient_hook_set_on_a_callback_instance_counts_as_an_override() -> N
     with pytest.warns(UserWarning, match=r"LambdaCallback\.on_after_backward"):
         _fit(_seeded(DigitsClassifier), "pdasgd", steps=4, callbacks=[hook])
     assert calls == [0, 1, 2, 3]
+
+
+def test_a_fit_that_needs_lightnings_step_logs_only_what_plain_lightning_logs() -> None:
+    model = _seeded(NormClipping)
+    with pytest.warns(UserWarning, match="synchronous step"):
+        trainer = _fit(model, "pdasgd", steps=4, log_every_n_steps=1)
+    assert not [key for key in trainer.callback_metrics if key.startswith("pdasgd/")], trainer.callback_metrics

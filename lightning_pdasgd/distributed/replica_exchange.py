@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import timedelta
+from time import monotonic  # bound once: a test or a user patching `time.monotonic` moves no engine deadline
 from typing import Any
 
 import torch
@@ -112,7 +113,7 @@ class ReplicaExchange:
         self.rounds = 0
         self.round_seconds = 0.0
         self.cpu_seconds = 0.0  # CPU time of the exchange thread (its share of the core budget)
-        self._started_at = time.monotonic()
+        self._started_at = monotonic()
         self.divergence = 0.0
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -156,7 +157,7 @@ class ReplicaExchange:
             REPLICA_DIVERGENCE: self.divergence,
             EXCHANGE_ROUNDS: float(self.rounds),
             EXCHANGE_MS: 1000.0 * self.round_seconds / rounds,
-            EXCHANGE_CPU_FRACTION: self.cpu_seconds / max(time.monotonic() - self._started_at, 1e-9),
+            EXCHANGE_CPU_FRACTION: self.cpu_seconds / max(monotonic() - self._started_at, 1e-9),
         }
 
     # ----------------------------------------------------------------------------------------------- consistent points
@@ -172,12 +173,12 @@ class ReplicaExchange:
             self._stream.wait_stream(torch.cuda.current_stream(self._device))
         with self._request_lock:
             self._request = (kind, stop)
-        deadline = time.monotonic() + self._timeout_s
+        deadline = monotonic() + self._timeout_s
         while not self._consistent.wait(_POLL_SECONDS):
             raise_if_failed()
             if self._thread is None or not self._thread.is_alive():
                 raise RuntimeError("PD-ASGD: the exchange thread stopped before the ranks reached a consistent point.")
-            if time.monotonic() > deadline:
+            if monotonic() > deadline:
                 raise TimeoutError(
                     f"PD-ASGD: the other ranks did not reach the {kind!r} consistent point within `wait_timeout`"
                     f" ({self._timeout_s:.0f} s). A rank is much slower, stuck or gone."
@@ -190,13 +191,13 @@ class ReplicaExchange:
             context = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
             with context:
                 while True:
-                    started = time.monotonic()
+                    started = monotonic()
                     if self._round():
                         return
                     self.rounds += 1
-                    self.round_seconds += time.monotonic() - started
+                    self.round_seconds += monotonic() - started
                     self.cpu_seconds = time.thread_time()
-                    rest = self._interval_s - (time.monotonic() - started)
+                    rest = self._interval_s - (monotonic() - started)
                     if rest > 0 and self._request is None and not self._abort.is_set():
                         time.sleep(rest)
         except BaseException as error:  # noqa: BLE001 - surfaced in the loop thread by the engine

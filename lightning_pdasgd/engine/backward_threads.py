@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import monotonic  # bound once: a test or a user patching `time.monotonic` moves no engine deadline
 from typing import Generic, TypeVar
 
 from torch import Tensor
@@ -107,9 +108,9 @@ class BackwardEngine:
         """Stop every thread: finish the backward each one runs now, drop what still waits in the queue."""
         self._stop.set()
         # a thread cannot be interrupted inside a backward pass; give the one running now time to finish it
-        deadline = time.monotonic() + (max(self.wait_timeout, _MIN_JOIN_SECONDS) if timeout is None else timeout)
+        deadline = monotonic() + (max(self.wait_timeout, _MIN_JOIN_SECONDS) if timeout is None else timeout)
         for thread in self._threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
+            thread.join(max(deadline - monotonic(), 0.0))
         alive = [thread.name for thread in self._threads if thread.is_alive()]
         self._threads = []
         while True:  # release the graphs (and their memory) that were never run
@@ -190,7 +191,7 @@ class BackwardEngine:
         self._wait_for(drained, "the drain of in-flight backward passes")
 
     def _wait_for(self, attempt: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + self.wait_timeout
+        deadline = monotonic() + self.wait_timeout
         while True:
             self.raise_if_failed()
             if attempt():
@@ -198,7 +199,7 @@ class BackwardEngine:
                 return
             if self._threads and not any(thread.is_alive() for thread in self._threads):
                 raise RuntimeError(f"PD-ASGD: every backward thread has exited while waiting for {what}.")
-            if time.monotonic() > deadline:
+            if monotonic() > deadline:
                 raise EngineTimeoutError(
                     f"PD-ASGD: waited more than `wait_timeout` ({self.wait_timeout:.0f} s) for {what};"
                     f" {self._pending} backward passes still pending. Raise `PDASGDStrategy(wait_timeout=...)`"

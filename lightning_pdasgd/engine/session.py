@@ -354,7 +354,7 @@ class FitSession(GuardRecovery):
         started = perf_counter()
         with cuda_streams.backward_on(stream):
             try:
-                torch.autograd.backward(work.loss, inputs=stash.leaves)
+                work.loss.backward(inputs=stash.leaves)  # `Tensor.backward`, as Lightning calls it (and tools count)
             except RuntimeError as error:
                 add_unread_note(error, stash)
                 raise

@@ -46,13 +46,20 @@ class FitSessions:
         process never shares its data, whatever ``world_size`` was set to."""
         self.steps = prepare_fit(strategy) if strategy.process_count > 1 else None
 
-    def start(self, strategy: Any) -> None:
-        """A new session for a run of Lightning's fit loop (a previous one still open is ended first)."""
+    def start(self, strategy: Any, at_first_step: bool = False) -> None:
+        """A new session for a run of Lightning's fit loop (a previous one still open is ended first).
+
+        One device, nothing trainable yet (a fine-tuning callback unfreezes the backbone when the first epoch
+        starts): the session starts at the first step instead, ``at_first_step``.
+        """
         module = strategy.lightning_module
         trainer = module.trainer
         self._end_stale()
-        reason = setup_checks.synchronous_reason(module, trainer.callbacks, self._config.gradient_hooks)
         self.lightning_only = None
+        waits_for_unfreezing = strategy.process_count == 1 and not at_first_step
+        if waits_for_unfreezing and not setup_checks.trains_a_parameter(strategy.optimizers):
+            return
+        reason = setup_checks.synchronous_reason(module, trainer.callbacks, self._config.gradient_hooks)
         if reason is not None:
             rank_zero_warn(f"PD-ASGD trains with Lightning's own synchronous step: {reason}.")
         if not setup_checks.has_one_trainable_optimizer(strategy.optimizers):  # manual optimization, one device
@@ -77,7 +84,8 @@ class FitSessions:
 
     @property
     def needs_restart(self) -> bool:
-        """A run of the fit loop inside this one (``lr_find`` from a callback) ended the session: a new one is due."""
+        """No session runs although the fit loop does: nothing was trainable at its start, or a run of the fit loop
+        inside this one (``lr_find`` from a callback) ended the session. A new one is due."""
         return self.session is None and self.loop_started and self.lightning_only is None
 
     def _end_stale(self) -> None:

@@ -102,6 +102,12 @@ def has_one_trainable_optimizer(optimizers: list[Optimizer]) -> bool:
     return len(optimizers) == 1 and any(group["params"] for group in optimizers[0].param_groups)
 
 
+def trains_a_parameter(optimizers: list[Optimizer]) -> bool:
+    """Some optimizer holds a parameter that requires grad now."""
+    return any(param.requires_grad for optimizer in optimizers for group in optimizer.param_groups
+               for param in group["params"])
+
+
 def gradient_clipping(trainer: pl.Trainer) -> tuple[float | None, float | None]:
     """``(clip_value, clip_norm)``: the Trainer's ``gradient_clip_val`` under its algorithm (``"norm"`` by default)."""
     clip = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
