@@ -27,6 +27,12 @@ class EngineDrain(Callback):
         if not any(isinstance(callback, cls) for callback in trainer.callbacks):
             trainer.callbacks.insert(0, cls())
 
+    @classmethod
+    def detach(cls, trainer: pl.Trainer) -> None:
+        """Remove it again when the fit ends: the Trainer's callback list is the user's once more (Lightning's
+        tuner and tests compare it before and after)."""
+        trainer.callbacks[:] = [callback for callback in trainer.callbacks if not isinstance(callback, cls)]
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         accounting = getattr(trainer.strategy, "step_accounting", None)
         if accounting is not None:  # several devices: the epoch's step schedule counts from its exact start

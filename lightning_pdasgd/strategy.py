@@ -256,6 +256,9 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         self._fit.loop_started = False
         self._fit.shutdown(raise_timeout=False)
         self._backward_route.remove()
+        module = self.lightning_module
+        if module is not None and module._trainer is not None:
+            EngineDrain.detach(module._trainer)
         super().teardown()
 
     def drain(self) -> None:

@@ -491,3 +491,19 @@ def test_backbone_frozen_at_the_start_and_unfrozen_by_the_first_epoch_trains() -
     with pytest.warns(UserWarning, match="Did you init your optimizer in"):  # Lightning's own advice, as in plain
         trainer.fit(model, data)
     assert not torch.equal(before, model.backbone.weight) and trainer.strategy.stats.total_updates > 0
+
+
+def test_the_trainers_callback_list_is_the_users_after_fit_and_tuning(tmp_path: Any) -> None:
+    """The strategy's own callback (``EngineDrain``) exists only while a fit runs: Lightning's tuner tests compare
+    the Trainer's attributes before and after tuning, and ``configure_callbacks`` tests its list after fit."""
+    from tests.models import DigitsClassifier, DigitsData
+
+    trainer = L.Trainer(strategy="pdasgd", max_epochs=1, limit_train_batches=4, default_root_dir=tmp_path,
+                        **trainer_kwargs())
+    before = list(trainer.callbacks)
+    trainer.fit(DigitsClassifier(), DigitsData(batch_size=32))
+    assert trainer.callbacks == before
+    model = DigitsClassifier()
+    model.lr = 0.1
+    Tuner(trainer).lr_find(model, DigitsData(batch_size=32), num_training=5)
+    assert trainer.callbacks == before

@@ -292,12 +292,13 @@ def test_pytorch_lightning_gradient_hooks_named_are_real_overrides_only() -> Non
 
     from lightning_pdasgd.pl.integration.setup_checks import synchronous_reason
 
-    assert "Hooked.on_after_backward" in synchronous_reason(_pl_module(override_gradient_hook=True), [], "synchronous")
+    hooked = _pl_module(override_gradient_hook=True)
+    assert "Hooked.on_after_backward" in synchronous_reason(hooked, [], "synchronous", [])
     with pytest.warns(UserWarning, match=r"Hooked\.on_after_backward"):
-        assert synchronous_reason(_pl_module(override_gradient_hook=True), [], "skip") is None
+        assert synchronous_reason(_pl_module(override_gradient_hook=True), [], "skip", []) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert synchronous_reason(_pl_module(), [], "synchronous") is None
+        assert synchronous_reason(_pl_module(), [], "synchronous", []) is None
 
 
 def test_pytorch_lightning_sigterm_is_preemption() -> None:

@@ -47,16 +47,10 @@ class TwoOptimizers(DigitsClassifier):
         return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[3].parameters(), lr=0.1)]
 
 
-class NoOptimizer(DigitsClassifier):
-    def configure_optimizers(self) -> Any:
-        return None
-
-
 @pytest.mark.parametrize(
     ("model", "trainer_overrides", "match"),
     [
         (TwoOptimizers, {}, "multiple optimizers"),  # Lightning itself refuses this one
-        (NoOptimizer, {}, "optimizer"),
         (lambda: DigitsClassifier(optimizer=lambda p: torch.optim.LBFGS(p)), {}, "LBFGS"),
         (
             DigitsClassifier,
@@ -64,7 +58,7 @@ class NoOptimizer(DigitsClassifier):
             "bf16-mixed",
         ),
     ],
-    ids=["two-optimizers", "no-optimizer", "lbfgs", "grad-scaler"],
+    ids=["two-optimizers", "lbfgs", "grad-scaler"],
 )
 def test_unsupported_settings_fail_at_setup(model: Any, trainer_overrides: dict[str, Any], match: str) -> None:
     trainer = L.Trainer(strategy="pdasgd", max_steps=2, **trainer_kwargs(**trainer_overrides))

@@ -186,3 +186,20 @@ def test_a_fit_that_needs_lightnings_step_logs_only_what_plain_lightning_logs() 
     with pytest.warns(UserWarning, match="synchronous step"):
         trainer = _fit(model, "pdasgd", steps=4, log_every_n_steps=1)
     assert not [key for key in trainer.callback_metrics if key.startswith("pdasgd/")], trainer.callback_metrics
+
+
+def test_automatic_optimization_without_optimizer_is_lightnings_step() -> None:
+    """``configure_optimizers`` returning None: Lightning runs every step and updates nothing; so does PD-ASGD."""
+
+    class NoOptimizer(DigitsClassifier):
+        def configure_optimizers(self) -> Any:
+            return None
+
+    model = _seeded(NoOptimizer)
+    before = {key: value.detach().clone() for key, value in model.named_parameters()}
+    with pytest.warns(UserWarning, match="returned no optimizer, so there is nothing to update"):
+        trainer = L.Trainer(strategy="pdasgd", max_epochs=1, limit_train_batches=3, limit_val_batches=0,
+                            **trainer_kwargs())
+        trainer.fit(model, DigitsData(batch_size=32))
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3
+    assert all(torch.equal(before[key], value) for key, value in model.named_parameters())

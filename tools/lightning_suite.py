@@ -69,10 +69,10 @@ REFUSAL_TYPES = ("MisconfigurationException", "ValueError", "TypeError", "Config
 
 # (pattern in the refusal's message, the setting it names); the first match wins, so specific before general
 REFUSAL_SETTINGS: tuple[tuple[str, str], ...] = (
+    (r"multiple optimizers|exactly one optimizer|several optimizers", "several optimizers"),
     (r"automatic_optimization = False|manual optimization\W+but|\(manual optimization\)", "manual optimization"),
     (r"returned None", "no optimizer (configure_optimizers returns None)"),
     (r"no parameter that requires grad", "optimizer without trainable parameters"),
-    (r"multiple optimizers|exactly one optimizer|several optimizers", "several optimizers"),
     (r"LBFGS|closure", "closure optimizer (LBFGS)"),
     (r"GradientAccumulationScheduler", "GradientAccumulationScheduler"),
     (r"accumulate_grad_batches", "accumulate_grad_batches"),

@@ -59,10 +59,11 @@ class FitSessions:
         waits_for_unfreezing = strategy.process_count == 1 and not at_first_step
         if waits_for_unfreezing and not setup_checks.trains_a_parameter(strategy.optimizers):
             return
-        reason = setup_checks.synchronous_reason(module, trainer.callbacks, self._config.gradient_hooks)
+        reason = setup_checks.synchronous_reason(module, trainer.callbacks, self._config.gradient_hooks,
+                                                 strategy.optimizers)
         if reason is not None:
             rank_zero_warn(f"PD-ASGD trains with Lightning's own synchronous step: {reason}.")
-        if not setup_checks.has_one_trainable_optimizer(strategy.optimizers):  # manual optimization, one device
+        if not setup_checks.has_one_trainable_optimizer(strategy.optimizers):  # manual or no optimizer, one device
             self.lightning_only = reason  # nothing of the engine: no buckets to build, no replicas to exchange
             return
         clip_value, clip_norm = setup_checks.gradient_clipping(trainer)

@@ -68,16 +68,14 @@ def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, opti
                 " `strategy='ddp'`."
             )
         return  # the user steps the optimizers: every optimizer and closure of plain Lightning works
+    if no_optimizer(optimizers):
+        return  # `configure_optimizers` returned None: Lightning's own step, which updates nothing
     if not has_one_trainable_optimizer(optimizers):
         raise MisconfigurationException(
             f"PD-ASGD needs exactly one optimizer from `configure_optimizers`, got {len(optimizers)}"
             " (or one without parameters)." + ONE_OPTIMIZER_ADVICE
         )
     optimizer = optimizers[0]
-    if type(optimizer).__name__ == "_MockOptimizer":
-        raise MisconfigurationException(
-            "PD-ASGD needs an optimizer: `configure_optimizers` returned None. Return a torch.optim optimizer."
-        )
     if isinstance(optimizer, LBFGS):
         raise MisconfigurationException(
             "PD-ASGD applies each parameter's update without a closure; `torch.optim.LBFGS` re-evaluates the loss"
@@ -95,6 +93,11 @@ def check_trainer_settings(trainer: pl.Trainer, module: pl.LightningModule, opti
             f"`Trainer(precision={trainer.precision!r})` uses a GradScaler, whose unscale and inf check need every"
             " gradient of a step at once. Use `precision='bf16-mixed'` (no scaler) or `'32-true'` with PD-ASGD."
         )
+
+
+def no_optimizer(optimizers: list[Optimizer]) -> bool:
+    """``configure_optimizers`` returned None: Lightning trains with a stand-in that updates nothing."""
+    return len(optimizers) == 1 and type(optimizers[0]).__name__ == "_MockOptimizer"
 
 
 def has_one_trainable_optimizer(optimizers: list[Optimizer]) -> bool:
@@ -142,15 +145,20 @@ def gradient_hook_overrides(module: pl.LightningModule, callbacks: list[Callback
     return overridden
 
 
-def synchronous_reason(module: pl.LightningModule, callbacks: list[Callback], gradient_hooks: str) -> str | None:
+def synchronous_reason(
+    module: pl.LightningModule, callbacks: list[Callback], gradient_hooks: str, optimizers: list[Optimizer]
+) -> str | None:
     """Why this fit must run Lightning's own synchronous step instead of the engine (``None``: it need not).
 
-    Manual optimization steps the optimizers itself, and a hook that reads or changes the whole model's gradient
-    needs the moment a synchronous step has and PD-ASGD does not: both get exactly Lightning's step rather than
-    user code silently not run. ``gradient_hooks="skip"`` keeps the engine and leaves the hooks uncalled.
+    Manual optimization steps the optimizers itself, without an optimizer nothing is updated, and a hook that
+    reads or changes the whole model's gradient needs the moment a synchronous step has and PD-ASGD does not: all
+    get exactly Lightning's step rather than user code silently not run. ``gradient_hooks="skip"`` keeps the
+    engine and leaves the hooks uncalled.
     """
     if not module.automatic_optimization:
         return "this LightningModule uses manual optimization (`self.automatic_optimization = False`)"
+    if no_optimizer(optimizers):
+        return "`configure_optimizers` returned no optimizer, so there is nothing to update"
     overridden = gradient_hook_overrides(module, callbacks)
     if not overridden:
         return None
