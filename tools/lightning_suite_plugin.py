@@ -37,6 +37,7 @@ import pytest
 ENV_RESULTS = "PDASGD_SUITE_RESULTS"
 ENV_INJECT = "PDASGD_SUITE_INJECT"
 ENV_SELECT = "PDASGD_SUITE_SELECT"
+ENV_STRATEGY_KWARGS = "PDASGD_SUITE_STRATEGY_KWARGS"
 THREAD_PREFIX = "pdasgd-"
 LEAK_GRACE_S = 2.0
 TRAINER_PACKAGES = ("lightning.pytorch", "pytorch_lightning")
@@ -122,6 +123,16 @@ def wants_pdasgd(package: str, cls: type, args: tuple[Any, ...], kwargs: dict[st
     return _resolves_to_cpu(package, arguments.get("accelerator", "auto"))
 
 
+def injected_strategy(package: str) -> Any:
+    """``"pdasgd"``, or with ``PDASGD_SUITE_STRATEGY_KWARGS`` (JSON) a ``PDASGDStrategy`` with those settings, e.g.
+    ``{"metrics": "off"}`` to see which failures a setting removes."""
+    settings = os.environ.get(ENV_STRATEGY_KWARGS)
+    if not settings:
+        return "pdasgd"
+    flavour = "lightning_pdasgd" if package == "lightning.pytorch" else "lightning_pdasgd.pl"
+    return importlib.import_module(flavour).PDASGDStrategy(**json.loads(settings))
+
+
 def _wrap_trainer(package: str) -> None:
     """Wrap ``<package>.Trainer.__init__`` once (``functools.wraps`` keeps its signature for argparse/CLI tests)."""
     module = sys.modules.get(package)
@@ -133,7 +144,7 @@ def _wrap_trainer(package: str) -> None:
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if wants_pdasgd(package, type(self), args, kwargs):
-            kwargs["strategy"] = "pdasgd"
+            kwargs["strategy"] = injected_strategy(package)
             STATE.injected += 1
         else:
             STATE.left_alone += 1
