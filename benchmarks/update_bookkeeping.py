@@ -32,8 +32,9 @@ OPTIMIZER_FRAMES = ("torch/optim/",)
 NONFINITE_FRAMES = ("lightning_pdasgd/engine/nonfinite.py",)
 
 
-def classify(raw_profile: str) -> dict[str, int]:
-    """Samples on the update path by kind, from py-spy's raw output (``frame;frame;... COUNT`` per line)."""
+def classify(raw_profile: str, where: collections.Counter[str] | None = None) -> dict[str, int]:
+    """Samples on the update path by kind, from py-spy's raw output (``frame;frame;... COUNT`` per line);
+    ``where`` counts the bookkeeping samples by their innermost frame."""
     counts: collections.Counter[str] = collections.Counter()
     for line in raw_profile.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -46,6 +47,8 @@ def classify(raw_profile: str) -> dict[str, int]:
             counts["nonfinite check"] += int(count)
         else:
             counts["bookkeeping"] += int(count)
+            if where is not None:
+                where[below.split(";")[-1]] += int(count)
     return dict(counts)
 
 
@@ -71,11 +74,16 @@ def main() -> None:
     parser.add_argument("--mlp", default="mlp-medium", choices=("mlp-medium", "mlp-small"))
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--top", type=int, default=12, help="bookkeeping frames listed")
     args = parser.parse_args()
-    counts = classify(profile(args.mlp, args.steps, args.rate))
+    where: collections.Counter[str] = collections.Counter()
+    counts = classify(profile(args.mlp, args.steps, args.rate), where)
     optimizer = counts.get("optimizer", 0)
     for kind in ("optimizer", "bookkeeping", "nonfinite check"):
         print(f"{kind:16s} {counts.get(kind, 0):6d} samples")
+    print("bookkeeping by innermost frame:")
+    for frame, count in where.most_common(args.top):
+        print(f"  {count:6d}  {frame}")
     if optimizer:
         print(f"bookkeeping / optimizer = {counts.get('bookkeeping', 0) / optimizer:.3f}"
               f"  (non-finite check / optimizer = {counts.get('nonfinite check', 0) / optimizer:.3f})")

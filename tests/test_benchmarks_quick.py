@@ -160,3 +160,17 @@ def test_plots_are_valid_pngs(bench_out: Path) -> None:
         length, chunk, width, height = struct.unpack(">I4sII", data[8:24])
         assert chunk == b"IHDR" and length == 13 and width > 0 and height > 0, name
         assert data[-8:-4] == b"IEND", name
+
+
+def test_update_bookkeeping_splits_the_update_paths_samples() -> None:
+    """py-spy's raw stacks under the update hook: torch's optimizer frames, the non-finite check, the rest."""
+    from benchmarks.update_bookkeeping import classify
+
+    hook = "run (threading.py:1);_on_gradient (lightning_pdasgd/engine/layerwise_updates.py:138)"
+    raw = "\n".join([
+        f"{hook};step (lightning_pdasgd/engine/bucket_optimizer.py:119);sgd (torch/optim/sgd.py:300) 7",
+        f"{hook};screen (lightning_pdasgd/engine/nonfinite.py:80) 2",
+        f"{hook};update (lightning_pdasgd/engine/parameter_buckets.py:190) 3",
+        "forward (torch/nn/modules/linear.py:125);sgd (torch/optim/sgd.py:300) 5",  # not under the hook
+    ])
+    assert classify(raw) == {"optimizer": 7, "nonfinite check": 2, "bookkeeping": 3}
