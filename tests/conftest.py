@@ -35,3 +35,10 @@ def _engine_at_one_loss_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
     flight (users get Lightning's synchronous step there; ``tests/test_exact_mode.py`` unsets this to test that).
     Distributed workers inherit it through the environment."""
     monkeypatch.setenv(ENGINE_AT_ONE_IN_FLIGHT, "1")
+
+
+@pytest.fixture
+def users_exact_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What users get: ``max_in_flight=1`` runs Lightning's own step (the suite otherwise runs it through the engine,
+    see ``_engine_at_one_loss_in_flight`` above)."""
+    monkeypatch.delenv(ENGINE_AT_ONE_IN_FLIGHT, raising=False)

@@ -16,10 +16,7 @@ from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
 from tests.helpers import DIGITS_OPTIMIZERS, engine_threads, fit_digits
 
-
-@pytest.fixture(autouse=True)
-def _users_exact_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENGINE_AT_ONE_IN_FLIGHT, raising=False)
+pytestmark = pytest.mark.usefixtures("users_exact_mode")  # what users get (`tests/conftest.py`)
 
 
 class _NoEngineThread(L.Callback):

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.engine.divergence_guard import LossWatch
-from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
 from tests.helpers import engine_threads, trainer_kwargs
 
 FEATURES = 8
@@ -166,11 +165,6 @@ def test_a_loss_that_converged_towards_zero_does_not_trip_on_its_noise() -> None
 
 # ------------------------------------------------------------------------------------------- what users get
 # The suite runs one loss in flight through the engine (`conftest.py`); users get Lightning's own step there.
-@pytest.fixture
-def _users_exact_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENGINE_AT_ONE_IN_FLIGHT, raising=False)
-
-
 class _EngineThreadsAfterTrip(L.Callback):
     """Whether engine threads were alive after each batch that ended with the guard tripped."""
 
@@ -182,7 +176,7 @@ class _EngineThreadsAfterTrip(L.Callback):
             self.alive_after_trip.append(len(engine_threads()))
 
 
-@pytest.mark.usefixtures("_users_exact_mode")
+@pytest.mark.usefixtures("users_exact_mode")
 def test_after_a_blow_up_one_device_trains_on_with_lightnings_own_step() -> None:
     """The guard's fallback, one loss in flight, is Lightning's synchronous step from then on: no engine thread."""
     plain = LeastSquares(lr=1 / 8, stale=False)
@@ -198,7 +192,7 @@ def test_after_a_blow_up_one_device_trains_on_with_lightnings_own_step() -> None
     assert guarded.losses[-1] <= plain.losses[-1] * 1.5 + 1e-3
 
 
-@pytest.mark.usefixtures("_users_exact_mode")
+@pytest.mark.usefixtures("users_exact_mode")
 def test_a_blow_up_of_lightnings_own_step_after_the_fallback_is_still_said() -> None:
     """Beyond plain SGD's own stable region: the fallback to Lightning's step diverges too, and the guard, still
     watching those losses, says so once and lets the fit run to its end (as plain Lightning would)."""
