@@ -26,6 +26,8 @@ class Config:
     layerwise: bool = True
     intra_op_threads: Optional[int] = None  # None: torch's default (DDP: Lightning's cores // devices)
     straggler_factor: Optional[float] = None  # Straggler(rank=1, factor=...) on multi-device rows
+    staleness_compensation: Optional[str] = None  # None: the strategy's default
+    divergence_guard: bool = True
 
     @property
     def skip_group(self) -> str:
@@ -74,6 +76,9 @@ def build_configs(devices: int) -> dict[str, Config]:
         Config("pdasgd-mif1", "pdasgd", "overhead",
                "PD-ASGD engine with max_in_flight=1 (sequential; engine overhead vs plain)",
                backward_threads=1, max_in_flight=1),
+        Config("pdasgd-1:2-raw", "pdasgd", "compensation",
+               "PD-ASGD 1:2 with staleness_compensation='none' and divergence_guard=False (what the default's"
+               " compensation and guard cost)", staleness_compensation="none", divergence_guard=False),
         Config(f"pdasgd-mif1-x{n}", "pdasgd", "multi",
                f"PD-ASGD max_in_flight=1 on {n} devices: Lightning's own step per rank, the exchange in the background",
                backward_threads=1, max_in_flight=1, devices=n),
@@ -136,6 +141,12 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
         return Suite("speed", "samples/s of plain, PD-ASGD 1:2, max_in_flight=1 and auto, DDP and PD-ASGD on 2"
                      " devices, on two >= 5 ms workloads and the digits ones", plans, repeats=3,
                      straggler_workload=None, peak_repeats=3, run_timeout_s=300.0)
+    if name == "compensation":  # issue #20: the default's compensation and guard against neither, on speed's workloads
+        rows = ("plain", "pdasgd-1:2", "pdasgd-1:2-raw")
+        plans = tuple(WorkloadPlan(w, 3, rows) for w in ("wide-mlp", "cnn32", "digits-mlp", "digits-cnn"))
+        return Suite("compensation", "samples/s of PD-ASGD 1:2 with the default compensation and guard against"
+                     " staleness_compensation='none' with the guard off, on the speed suite's workloads", plans,
+                     repeats=3, straggler_workload=None, peak_repeats=3, run_timeout_s=300.0)
     if name == "quick":
         essential = ("plain", "pdasgd-1:2", "pdasgd-auto")
         extra = (f"ddp-x{n}", f"pdasgd-1:2-x{n}") + _straggler_rows(n, (1.0,))
@@ -169,4 +180,4 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
     raise ValueError(f"unknown suite {name!r}; choose one of {SUITES}")
 
 
-SUITES = ("smoke", "quick", "speed", "full")
+SUITES = ("smoke", "quick", "speed", "compensation", "full")

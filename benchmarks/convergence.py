@@ -75,15 +75,42 @@ RESNET18 = Workload(name="resnet18-digits", description="torchvision ResNet-18 (
                     build_model=models.digits_resnet18, target_accuracy=0.9, batch_size=64, weight_decay=1e-3)
 VGG_BN = Workload(name="vgg-bn-digits", description="VGG-style CNN, BatchNorm after each of 8 convs, digits 16x16",
                   build_model=models.digits_vgg_bn, target_accuracy=0.9, batch_size=64, weight_decay=5e-4)
+LSTM = Workload(name="lstm-order", description="the LSTM example (examples/sequence_classifier.py) on its synthetic"
+                " marker-order task, batch 64", build_model=nn.Identity, target_accuracy=0.95, batch_size=64)
 CONVERGENCE_WORKLOADS = {"digits-mlp-small": SMALL, "digits-mlp": WORKLOADS["digits-mlp"],
                          "digits-cnn": WORKLOADS["digits-cnn"], "synth-mlp": SYNTHETIC,
-                         "resnet18-digits": RESNET18, "vgg-bn-digits": VGG_BN}
+                         "resnet18-digits": RESNET18, "vgg-bn-digits": VGG_BN, "cnn32": WORKLOADS["cnn32"],
+                         "lstm-order": LSTM}
 
 
 def datasets(workload: Workload, seed: int) -> tuple[TensorDataset, TensorDataset]:
     if workload.name == "synth-mlp":
         return synthetic_datasets(seed)
+    if workload.synthetic is not None:
+        return workload.datasets(seed)
     return models.digits_datasets(seed)
+
+
+def module_and_data(spec: dict[str, Any], workload: Workload) -> tuple[Any, Any]:
+    """The LightningModule and DataModule of one cell: the LSTM example's own classes, else the benchmarks'
+    classifier over the workload's model with the optimizer the cell names (SGD by default)."""
+    from benchmarks.lit import Classifier, Data
+
+    if workload.name == "lstm-order":
+        from examples.sequence_classifier import SequenceClassifier, SequenceDataModule
+
+        return SequenceClassifier(lr=spec["lr"]), SequenceDataModule(batch_size=workload.batch_size, seed=spec["seed"])
+    train, val = datasets(workload, spec["seed"])
+    model = Classifier(workload)
+    optimizers = {
+        "adam": lambda: torch.optim.Adam(model.parameters(), lr=spec["lr"]),
+        "adamw": lambda: torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01),
+        "nesterov": lambda: torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=spec["momentum"],
+                                            nesterov=True, weight_decay=workload.weight_decay),
+    }
+    if spec.get("optimizer") in optimizers:
+        model.configure_optimizers = optimizers[spec["optimizer"]]  # type: ignore[method-assign]
+    return model, Data(train, val, workload.batch_size, spec["seed"])
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -91,38 +118,31 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one cell (in this process; with ``devices > 1`` Lightning launches the other ranks)."""
     import lightning.pytorch as pl
 
-    from benchmarks.lit import Classifier, Data
     from benchmarks.timing import RunClock
     from lightning_pdasgd import NonFiniteError, PDASGDStrategy
 
     workload = dataclasses.replace(CONVERGENCE_WORKLOADS[spec["workload"]], lr=spec["lr"],
                                    momentum=spec["momentum"])
     pl.seed_everything(spec["seed"], verbose=False)
-    train, val = datasets(workload, spec["seed"])
+    model, data = module_and_data(spec, workload)
     clock = RunClock()
     kind = spec["kind"]  # plain | ddp | pdasgd | dasgd
     if kind in ("pdasgd", "dasgd"):
         strategy: Any = PDASGDStrategy(backward_threads=spec.get("threads", 2), layerwise=kind == "pdasgd",
                                        staleness_compensation=spec["compensation"],
                                        lazy_reads=spec.get("lazy_reads", True),
-                                       divergence_guard=spec.get("guard", True))
+                                       divergence_guard=spec.get("guard", True),
+                                       **spec.get("strategy_kwargs", {}))
     else:
         strategy = "ddp" if kind == "ddp" else "auto"
     trainer = pl.Trainer(accelerator="cpu", devices=spec.get("devices", 1), strategy=strategy,
                          max_epochs=spec["epochs"], callbacks=[clock], num_sanity_val_steps=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    model = Classifier(workload)
-    if spec.get("optimizer") == "adam":
-        model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=spec["lr"])  # type: ignore
-    elif spec.get("optimizer") == "nesterov":
-        model.configure_optimizers = lambda: torch.optim.SGD(  # type: ignore
-            model.parameters(), lr=spec["lr"], momentum=spec["momentum"], nesterov=True,
-            weight_decay=workload.weight_decay)
     threads = torch.get_num_threads()
     started = time.perf_counter()
     diverged = False
     try:
-        trainer.fit(model, datamodule=Data(train, val, workload.batch_size, spec["seed"]))
+        trainer.fit(model, datamodule=data)
     except NonFiniteError:  # PD-ASGD stops at a NaN loss; plain Lightning trains on and validates at chance
         diverged = True
     torch.set_num_threads(threads)
@@ -186,7 +206,7 @@ def _cells(grid: str) -> list[dict[str, Any]]:
                         cells.append({**base, "kind": kind, "devices": devices, "threads": threads,
                                       "compensation": comp})
 
-    default = "predict+momentum"
+    default = "predict+momentum"  # the default these grids were published with
     methods = ("none", "predict", "momentum", "predict+momentum", "lr", "dc")  # predict+momentum-k1: see report
     single = (("plain", 1, 0), ("pdasgd", 1, 2))
     if grid == "deep":  # issues #19/#20: deep BatchNorm CNNs at plain's hyperparameters, and per-step progress
@@ -212,6 +232,31 @@ def _cells(grid: str) -> list[dict[str, Any]]:
         add("digits-mlp-small", 3, 0.1, 0.0, candidates, single)
         add("digits-mlp-small", 3, 0.01, 0.0, candidates, single, optimizer="adam")
         return [{**cell, "guard": True} if cell["kind"] == "pdasgd" else cell for cell in cells]
+    if grid == "paired":  # issue #20's goals: the default against plain on 5 paired seeds, read at every epoch's end
+        from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION as default
+
+        five, pair = (0, 1, 2, 3, 4), (("plain", 1, 0), ("pdasgd", 1, 2))
+        for lr in (0.05, 0.1):  # 4 epochs on the deep CNNs: plain's seeds still disagree by 15 points after 2
+            add("resnet18-digits", 4, lr, 0.9, (default,), pair, optimizer="nesterov", seeds_=five)
+        for optimizer in ("sgd", "nesterov"):
+            add("vgg-bn-digits", 4, 0.05, 0.9, (default,), pair, optimizer=optimizer, seeds_=five)
+        add("digits-cnn", 3, 0.1, 0.9, (default,), pair, seeds_=five)
+        add("cnn32", 3, 0.02, 0.9, (default,), pair, seeds_=five)
+        for lr, momentum in ((0.05, 0.5), (0.05, 0.9), (0.1, 0.0)):
+            add("digits-mlp-small", 3, lr, momentum, (default,), pair, seeds_=five)
+        for optimizer in ("adam", "adamw"):
+            add("digits-mlp-small", 3, 0.01, 0.0, (default,), pair, optimizer=optimizer, seeds_=five)
+        add("lstm-order", 3, 0.01, 0.0, (default,), pair, optimizer="adam", seeds_=five)
+        return cells
+    if grid == "guard":  # issue #20: compensation off, where that diverges: the guard on against the guard off
+        add("digits-cnn", 3, 0.1, 0.9, ("none",), single)
+        add("digits-mlp-small", 3, 0.2, 0.9, ("none",), single)
+        add("resnet18-digits", 2, 0.05, 0.9, ("none",), single, optimizer="nesterov")
+        add("vgg-bn-digits", 2, 0.05, 0.9, ("none",), single)
+        raw = [cell for cell in cells if cell["kind"] == "pdasgd"]
+        at_start = [{**cell, "lazy_reads": False} for cell in raw if cell["workload"] == "resnet18-digits"]
+        cells += at_start
+        return cells + [{**cell, "guard": False} for cell in raw + at_start]
     if grid == "quick":
         for lr in (0.1, 0.2, 0.4):
             add("digits-mlp-small", 3, lr, 0.9, methods, single, seeds_=(0,))
@@ -296,7 +341,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         setting = (row["workload"], row["optimizer"], row["lr"], row["momentum"], row["devices"])
-        method = row["compensation"] + (" (reads at start)" if row.get("lazy_reads") is False else "")
+        method = (row["compensation"] + (" (reads at start)" if row.get("lazy_reads") is False else "")
+                  + (" (guard off)" if row.get("guard") is False else ""))
         groups[(setting, row["kind"], row["threads"], method)].append(row)
     return {
         key: {
@@ -390,6 +436,58 @@ def write_report(rows: list[dict[str, Any]], out: Path, command: str, findings: 
     _plot(summary, out / "convergence.png")
 
 
+def write_paired_report(rows: list[dict[str, Any]], out: Path, command: str) -> None:
+    """The ``paired`` grid's table: per row, plain and the default after every epoch (means over the paired seeds),
+    the final difference with the spread of the per-seed differences, and the guard's trips; other compensations
+    in ``rows`` (earlier defaults) get their final accuracy in a column of their own."""
+    from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION as default
+
+    by_row: dict[tuple, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        setting = (row["workload"], row["optimizer"], row["lr"], row["momentum"], row["epochs"])
+        by_row[setting][row["compensation"]][row["seed"]] = row
+    others = sorted({row["compensation"] for row in rows} - {"-", default})
+    lines = [
+        "# The default against plain Lightning, paired seeds (issue #20's goals)",
+        "",
+        f"Command: `{command}`. Each seed trains plain Lightning and PD-ASGD (1 forward : 2 backward threads, the",
+        f"default `staleness_compensation=\"{default}\"` and divergence guard) on the same data order and initial",
+        "weights. Accuracies are validation accuracy after each epoch, mean over the seeds; Δ = PD-ASGD - plain at the",
+        "end (mean, and [min, max] of the per-seed differences); worst epoch gap = the largest mean shortfall of",
+        "PD-ASGD at any epoch's end; E[s] = measured mean staleness"
+        + (f"; the last column(s): final accuracy of {', '.join(others)} on the same seeds." if others else "."),
+        "",
+        "| row | seeds | plain per epoch | PD-ASGD per epoch | Δ final [min, max] | worst epoch gap | plain final"
+        " [min, max] | guard trips | E[s] |" + "".join(f" {other} |" for other in others),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(others),
+    ]
+    for (workload, optimizer, lr, momentum, epochs), methods in by_row.items():
+        seeds = sorted(set(methods.get("-", {})) & set(methods.get(default, {})))
+        if not seeds:
+            continue
+        plain = [methods["-"][seed] for seed in seeds]
+        pd = [methods[default][seed] for seed in seeds]
+        per_epoch = [[_mean([r["accuracies"][e] for r in runs]) for e in range(epochs)] for runs in (plain, pd)]
+        deltas = [b["final_accuracy"] - a["final_accuracy"] for a, b in zip(plain, pd)]
+        gap = max(p - q for p, q in zip(*per_epoch))
+        opt = {"sgd": f"SGD momentum {momentum}", "nesterov": f"SGD Nesterov {momentum}", "adam": "Adam",
+               "adamw": "AdamW"}[optimizer]
+        finals = [r["final_accuracy"] for r in plain]
+        extra = "".join(
+            f" {_mean([methods[other][s]['final_accuracy'] for s in seeds if s in methods.get(other, {})]):.3f} |"
+            if any(s in methods.get(other, {}) for s in seeds) else " |"
+            for other in others
+        )
+        lines.append(
+            f"| {workload}, {opt}, lr {lr}, {epochs} epochs | {len(seeds)} | "
+            + ", ".join(f"{a:.3f}" for a in per_epoch[0]) + " | " + ", ".join(f"{a:.3f}" for a in per_epoch[1])
+            + f" | {_mean(deltas):+.3f} [{min(deltas):+.3f}, {max(deltas):+.3f}] | {gap:+.3f} |"
+            f" {_mean(finals):.3f} [{min(finals):.3f}, {max(finals):.3f}] |"
+            f" {sum(r['guard_trips'] or 0 for r in pd)} | {_mean([r['staleness_mean'] for r in pd]):.2f} |" + extra
+        )
+    (out / "convergence.md").write_text("\n".join(lines) + "\n")
+
+
 def _plot(summary: dict[tuple, dict[str, Any]], path: Path) -> None:
     """Final accuracy vs lr on the issue's model (every method), and the default vs none on the other workloads."""
     import matplotlib
@@ -455,7 +553,8 @@ def _plot(summary: dict[tuple, dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--grid", choices=("quick", "full", "multi", "deep", "deep-guard"), default="quick")
+    parser.add_argument("--grid", choices=("quick", "full", "multi", "deep", "deep-guard", "paired", "guard"),
+                        default="quick")
     parser.add_argument("--out", default="/tmp/conv")
     parser.add_argument("--report", action="store_true",
                         help="only (re)write convergence.md/.png from OUT (with --grid: which grid OUT holds)")
@@ -466,7 +565,9 @@ def main() -> None:
     out = Path(args.out)
     if args.report:
         rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
-        if args.grid in ("full", "multi"):
+        if args.grid == "paired":
+            write_paired_report(rows, out, f"nice -n 5 python -m benchmarks.convergence --grid paired --out {out}")
+        elif args.grid in ("full", "multi"):
             write_report(rows, out, "nice -n 5 python -m benchmarks.convergence --grid full && ... --grid multi"
                          " --out benchmarks/results")
         else:
@@ -482,7 +583,10 @@ def main() -> None:
     run_grid(cells, out)
     rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
     command = " ".join(["python -m benchmarks.convergence", *sys.argv[1:]])
-    write_report(rows, out, command, FINDINGS if args.grid in ("full", "multi") else "")
+    if args.grid == "paired":
+        write_paired_report(rows, out, command)
+    else:
+        write_report(rows, out, command, FINDINGS if args.grid in ("full", "multi") else "")
 
 
 if __name__ == "__main__":

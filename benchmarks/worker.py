@@ -43,6 +43,9 @@ def _strategy(config: Config) -> Any:
             max_in_flight=config.max_in_flight,
             layerwise=config.layerwise,
             intra_op_threads=config.intra_op_threads,
+            divergence_guard=config.divergence_guard,
+            **({} if config.staleness_compensation is None else
+               {"staleness_compensation": config.staleness_compensation}),
         )
     return config.strategy  # "auto" or "ddp": Lightning's own
 

@@ -84,8 +84,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         metrics_on_progress_bar: also show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean`` on the bar.
         gradient_hooks: overrides that need the whole model's gradient (``on_after_backward``, ...):
             ``"synchronous"`` runs Lightning's own step for them; ``"skip"`` trains asynchronously without them.
-        staleness_compensation: how updates correct for their staleness: ``"predict+momentum"`` (default),
-            ``"predict"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a ``StalenessCompensation``.
+        staleness_compensation: how updates correct for their staleness: ``"predict"`` (default),
+            ``"predict+momentum"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a ``StalenessCompensation``.
     """
 
     strategy_name = "pdasgd"

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from benchmarks import aggregate
-from benchmarks.configs import Config, build_configs, build_suite
+from benchmarks.configs import SUITES, Config, build_configs, build_suite
 from benchmarks.run import plan_runs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def test_runs_are_interleaved_and_repeated() -> None:
 
 def test_every_suite_names_known_configurations() -> None:
     configs = build_configs(DEVICES)
-    for name in ("smoke", "quick", "full"):
+    for name in SUITES:
         for plan in build_suite(name, DEVICES).plans:
             assert set(plan.configs) <= set(configs), name
 

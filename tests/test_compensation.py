@@ -138,7 +138,7 @@ def test_the_names_above_are_every_documented_name_and_none_means_none() -> None
     assert type(resolve(None)) is StalenessCompensation
 
 
-def test_the_default_is_prediction_with_half_the_momentum_correction_ramped() -> None:
+def test_predict_and_momentum_is_prediction_with_half_the_momentum_correction_ramped() -> None:
     """``"predict+momentum"``: prediction plus the momentum correction at strength 1/2, ramped in from momentum 0.5
     to 0.9 (module docstring)."""
     method = resolve("predict+momentum")
@@ -253,6 +253,24 @@ def test_weight_prediction_extrapolates_by_the_expected_staleness_per_update() -
     method.fill(0, after, leaves, 5)
     for leaf, w, w_prev in zip(leaves, after, before):
         torch.testing.assert_close(leaf, w + 2.0 * (w - w_prev) / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shapes", [[(300, 100), (100,)], [(3, 2)] * 9], ids=["few-large", "many-small"])
+def test_weight_prediction_writes_exactly_what_a_copy_and_a_lerp_write(shapes: list[tuple[int, ...]]) -> None:
+    """Buckets of a few large tensors are predicted in one pass per tensor, buckets of many small ones by two
+    multi-tensor kernels: both must be bitwise the forward's weights ``lerp(w_prev, w, 1 + E[s] / gap)``."""
+    generator = torch.Generator().manual_seed(0)
+    before = [torch.randn(shape, generator=generator) for shape in shapes]
+    method = WeightPrediction()
+    _step(method, 1, params=before, version=0, grads=[torch.ones(shape) for shape in shapes], read=before)
+    _step(method, 2, params=before, version=1, grads=[torch.ones(shape) for shape in shapes], read=before)
+    after = [w - 0.1 * torch.randn(w.shape, generator=generator) for w in before]
+    leaves = [torch.full_like(w, float("nan")) for w in after]
+    method.fill(0, after, leaves, 3)
+    weight = 1.0 + method.expected_staleness(0) / 2  # the last update remembered was at version 1
+    expected = [w_prev.clone() for w_prev in before]
+    torch._foreach_lerp_(expected, after, weight)
+    assert all(torch.equal(leaf, want) for leaf, want in zip(leaves, expected))
 
 
 def test_weight_prediction_scale_multiplies_the_extrapolation() -> None:

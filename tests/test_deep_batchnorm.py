@@ -3,8 +3,8 @@
 Why this test exists: one step of delay on every layer takes this model to chance accuracy (a single-threaded
 simulation: 0.10 against plain's 0.96), and a scheduling change once did exactly that to the engine without any
 MLP test noticing. Lazy layer-wise reads keep the output side fresh, which is what makes it train. Measured on
-2 CPU cores (benchmarks/results/convergence-deep): plain 0.925-0.953 over 3 seeds; the default 0.92-0.96; every
-bucket read at the step's start (the old engine) 0.24-0.62.
+2 CPU cores after 2 epochs (benchmarks/results/convergence-paired, 5 seeds): plain 0.842-0.958, the default
+0.933-0.972; every bucket read at the step's start (the old engine, benchmarks/results/convergence-deep) 0.24-0.62.
 """
 
 from __future__ import annotations

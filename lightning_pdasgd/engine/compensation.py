@@ -8,23 +8,22 @@ with the delay: a learning rate tuned with plain Lightning can diverge under PD-
 The engine knows each update's staleness exactly (per parameter, remote updates of other ranks included) and
 still holds the weights its forward read, so it can correct for it. Methods (``STALENESS_COMPENSATIONS``):
 
-- ``"predict"`` (weight prediction, as in SpecTrain / PipeMare): the forward reads the weights extrapolated along
-  the measured per-update velocity by the expected staleness, ``w + E[s] * (w - w_prev) / (v - v_prev)``, so the
-  gradient is computed close to the weights it will be applied to. Optimizer-agnostic: the velocity is the
-  applied update itself (momentum buffer x lr for SGD, the bias-corrected Adam step, ...). Without momentum
-  (plain SGD, Adagrad, RMSprop with ``momentum=0``) the last update is one noisy gradient, whose extrapolation
-  hurts stability, so the forward then reads the weights unchanged.
-- ``"predict+momentum"`` (the default): prediction and half the momentum correction below, ``1 - m' = (1 - m) * (1 +
-  E[s] / 2)`` for momentum 0.9 and above, less below (none at 0.5 and below: ``DEFAULT_MOMENTUM_RAMP``; at momentum
-  0.5 the correction cost 6.8 points of per-step progress after the first epoch of the digits MLP, where prediction
-  alone kept up with plain). Prediction removes most of the delay of the smooth (low-curvature) part of the
-  trajectory; the correction damps the oscillations it cannot predict. With lazy layer-wise reads the output side is
-  almost never stale, so the correction acts mostly on the input side. Strength 1/2 was chosen over 1 on the deep grid
-  (benchmarks/results/convergence-deep, 3 seeds, lazy reads): ResNet-18 BatchNorm 0.963 vs 0.934 (plain 0.934), VGG-BN
-  heavy-ball 0.815 vs 0.782 (plain 0.923), digits CNN lr 0.1 0.949 vs 0.672 (plain 0.958); prediction alone lost
-  ResNet-18 (0.897) and VGG-BN (0.639). A stronger correction (``WeightPrediction(correct_momentum=True,
-  momentum_strength=2.0)``) recovered lr 0.4 on the digits MLP when every bucket was read at the step's start (0.94 vs
-  plain 0.76) but cost the CNN 12 points at lr 0.05.
+- ``"predict"`` (the default; weight prediction, as in SpecTrain / PipeMare): the forward reads the weights
+  extrapolated along the measured per-update velocity by the expected staleness,
+  ``w + E[s] * (w - w_prev) / (v - v_prev)``, so the gradient is computed close to the weights it will be applied to.
+  Optimizer-agnostic: the velocity is the applied update itself (momentum buffer x lr for SGD, the bias-corrected Adam
+  step, ...). Without momentum (plain SGD, Adagrad, RMSprop with ``momentum=0``) the last update is one noisy
+  gradient, whose extrapolation hurts stability, so the forward then reads the weights unchanged. It leaves the
+  optimizer's hyperparameters alone, so per-step progress is plain's. Chosen over ``"predict+momentum"`` on 5-14
+  paired seeds with lazy layer-wise reads (benchmarks/results/convergence-paired): the digits CNN at lr 0.1 0.934 vs
+  0.818 (plain 0.962), cnn32 at lr 0.02 0.967 vs 0.830 (plain 0.974), VGG-BN heavy-ball 0.944 vs 0.950 (plain
+  0.960), the small MLP at lr 0.2 0.935 vs 0.943 (plain 0.943). Lowering the momentum costs the small CNNs far more
+  than it buys near the stability edge, where the divergence guard catches what prediction cannot hold.
+- ``"predict+momentum"`` (the default until this release): prediction and half the momentum correction below, ``1 - m' =
+  (1 - m) * (1 + E[s] / 2)`` for momentum 0.9 and above, less below (none at 0.5 and below:
+  ``DEFAULT_MOMENTUM_RAMP``). It was chosen when every bucket was read at the step's start, where the whole model
+  was stale; with lazy reads it holds the high-lr MLP rows a point better and loses 12-14 points on small BatchNorm
+  CNNs at ordinary learning rates.
 - ``"momentum"``: lowers the optimizer's momentum (``momentum`` of SGD/RMSprop, ``beta1`` of ``betas``) so that
   explicit and implicit momentum together match the user's: ``1 - m' = (1 - m) * (1 + E[s])``.
   Optimizers without a momentum hyperparameter (plain SGD, Adagrad, ...) are left unchanged.
@@ -55,9 +54,13 @@ from lightning_pdasgd.engine.momentum import (  # noqa: F401 - corrected_momentu
 )
 
 STALENESS_COMPENSATIONS = ("predict", "predict+momentum", "momentum", "lr", "dc", "none")
-DEFAULT_STALENESS_COMPENSATION = "predict+momentum"  # measured best: benchmarks/results/convergence.md
+DEFAULT_STALENESS_COMPENSATION = "predict"  # measured best: benchmarks/results/convergence-paired
 
 Key = Hashable  # identifies one parameter or one bucket of parameters that is always updated together
+# a prediction is written tensor by tensor (one pass over memory) for buckets of at most this many tensors, or of
+# tensors this large on average; else by two multi-tensor kernels (a copy and a lerp: two passes, fewer calls)
+_LARGE_TENSORS_UP_TO = 4
+_LARGE_NUMEL = 1 << 14
 
 
 @dataclass(eq=False)
@@ -206,10 +209,14 @@ class WeightPrediction(StalenessCompensation):
             torch._foreach_copy_(leaves, params)
             return
         gap = version - state.previous_version
-        # leaf = w + factor * (w - w_prev) = lerp(w_prev, w, 1 + factor): two kernels per bucket
-        factor = self.scale * state.mean_staleness / gap
-        torch._foreach_copy_(leaves, state.previous)
-        torch._foreach_lerp_(leaves, params, 1.0 + factor)
+        # leaf = w + factor * (w - w_prev) = lerp(w_prev, w, 1 + factor)
+        weight = 1.0 + self.scale * state.mean_staleness / gap
+        if len(params) <= _LARGE_TENSORS_UP_TO or sum(p.numel() for p in params) >= _LARGE_NUMEL * len(params):
+            for leaf, previous, param in zip(leaves, state.previous, params):  # one pass over memory per tensor
+                torch.lerp(previous, param, weight, out=leaf)
+        else:  # many small tensors: two multi-tensor kernels cost less than a Python call each (bitwise the same)
+            torch._foreach_copy_(leaves, state.previous)
+            torch._foreach_lerp_(leaves, params, weight)
 
     def before_step(
         self,
@@ -329,7 +336,7 @@ class DelayCompensation(StalenessCompensation):
         return f"DelayCompensation(lam={self.lam})"
 
 
-DEFAULT_MOMENTUM_STRENGTH = 0.5  # the default's share of the momentum correction (see the module docstring)
+DEFAULT_MOMENTUM_STRENGTH = 0.5  # "predict+momentum"'s share of the momentum correction (the module docstring)
 DEFAULT_MOMENTUM_RAMP = (0.5, 0.9)  # ... applied in full from momentum 0.9, not at all up to 0.5
 
 
