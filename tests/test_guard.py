@@ -152,6 +152,35 @@ def test_loss_watch_trips_on_a_sustained_rise_not_on_noise() -> None:
     assert watch.observe(float("nan")) is None  # NaN/Inf is the `nonfinite` policy's, not the guard's
 
 
+# the first 12 losses of ResNet-18 with every layer read at the step's start and no compensation (measured)
+EARLY_BLOW_UP = [2.36, 2.34, 4.92, 4.16, 12.89, 9.84, 10.24, 9.23, 7.51, 6.58, 9.3, 21.93]
+# ... and of a run of the same setting whose loss doubled and came back by itself (measured)
+EARLY_WOBBLE = [2.35, 2.43, 5.39, 6.11, 6.14, 11.1, 6.2, 6.24, 4.59, 3.91, 3.08, 3.59, 5.26, 3.54, 3.32, 2.99, 3.45,
+                5.37, 3.72, 4.97, 4.3, 1.94, 3.34, 1.46, 2.85]
+
+
+def test_a_blow_up_in_the_first_steps_trips_inside_the_warm_up() -> None:
+    watch = LossWatch()  # a 20-step warm-up
+    trips = [(step, trip) for step, loss in enumerate(EARLY_BLOW_UP) if (trip := watch.observe(loss)) is not None]
+    assert trips, "a loss 4-9x the run's first within 12 steps is a blow-up"
+    step, trip = trips[0]
+    assert step < 20 and trip.best == max(EARLY_BLOW_UP[:2]) and trip.now > 3 * trip.best
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        EARLY_WOBBLE,
+        [2.3, 2.3, 2.2, 40.0, 2.1, 2.0, 1.9, 1.9, 1.8, 1.7, 1.7, 1.6, 1.5, 1.5, 1.4],  # one wild batch
+        [0.2, 2.3, 2.4, 2.3, 2.2, 2.2, 2.1, 2.0, 2.0, 1.9, 1.9, 1.8, 1.7, 1.6, 1.6],  # one low first batch
+    ],
+    ids=["doubled-and-recovered", "one-wild-batch", "one-low-first-batch"],
+)
+def test_the_first_steps_do_not_trip_on_a_wobble(losses: list[float]) -> None:
+    watch = LossWatch()
+    assert all(watch.observe(loss) is None for loss in losses)
+
+
 def test_a_loss_that_converged_towards_zero_does_not_trip_on_its_noise() -> None:
     """Lightning's own test models fit random data to a constant: the loss falls to ~1e-4 and then jumps by large
     factors from batch to batch. 3x of almost nothing is not a blow-up: the rise must undo much of the progress."""

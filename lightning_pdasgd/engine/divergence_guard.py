@@ -5,7 +5,8 @@ calculation: 38x for heavy-ball 0.9), so a learning rate tuned for plain Lightni
 edge. Compensation keeps most runs inside; where it cannot, a run must not end at chance accuracy without a word.
 
 The guard watches the training loss against its own recent history: a smoothed loss that climbs to ``factor``
-times the best smoothed loss of the run is a blow-up (a NaN/Inf loss or gradient is the ``nonfinite`` policy's:
+times the best smoothed loss of the run, or to ``factor`` times the run's first losses (from the first steps on, when
+there is no best yet), is a blow-up (a NaN/Inf loss or gradient is the ``nonfinite`` policy's:
 an error naming the step by default). The session then restores the last
 good weights, buffers and optimizer state (kept at consistent points and, on one device, every ``snapshot_every``
 steps while the loss is healthy), halves ``max_in_flight`` (down to one loss in flight: exactly plain Lightning's
@@ -19,7 +20,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import statistics
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -35,6 +38,8 @@ DEFAULT_WARMUP_STEPS = 20  # losses observed before a rise can count (the first 
 DEFAULT_SNAPSHOT_EVERY = 200  # one device: steps between snapshots of the last good state
 HEALTHY_FACTOR = 1.5  # a snapshot is taken only while the smoothed loss is within this factor of the best
 DEFAULT_RECLAIM = 0.5  # and the rise undid at least this share of the progress since the start
+EARLY_BASE_STEPS = 2  # inside the warm-up, a rise is measured from the highest of the first losses ...
+EARLY_RECENT_STEPS = 5  # ... and must hold for the median of this many latest losses as well as for the average
 
 
 @dataclass
@@ -44,6 +49,10 @@ class Trip:
     reason: str
     best: float
     now: float
+    baseline: str = "best smoothed loss"  # what ``best`` is
+    # a rise from the run's best counts only with the gradient norm up too (an objective that wanders upwards is no
+    # blow-up); a loss 3x where the run started counts alone (with BatchNorm the gradients may even shrink)
+    needs_gradients: bool = True
 
 
 class LossWatch:
@@ -63,6 +72,15 @@ class LossWatch:
         self._alpha = 2.0 / (smoothing_steps + 1)
         self._warmup = warmup_steps
         self.start = -math.inf  # the highest smoothed value of the first warm-up: where the run started
+        self.first = -math.inf  # the highest of the run's first losses: the level an early blow-up is measured from
+        self._firsts_seen = 0
+        self._recent: deque[float] = deque(maxlen=EARLY_RECENT_STEPS)
+        self.reset()
+
+    def rebase(self) -> None:
+        """Forget where the run started too (the weights were changed from outside: pruning, a reset)."""
+        self.start = self.first = -math.inf
+        self._firsts_seen = 0
         self.reset()
 
     def reset(self) -> None:
@@ -71,17 +89,35 @@ class LossWatch:
         self.smoothed: Optional[float] = None
         self.best = math.inf
         self.seen = 0
+        self._recent.clear()
 
     @property
     def rising(self) -> bool:
-        """Past the warm-up, the smoothed value ``factor`` times its best, and up by at least ``reclaim`` of the
-        way back to where the run started. The second condition keeps a loss that converged towards zero from
-        tripping on its noise (3x of almost nothing); a positive best is needed (a loss that can go negative has no
-        scale to compare against, and is never called a blow-up)."""
-        if self.smoothed is None or self.seen < self._warmup or not 0 < self.best < math.inf:
+        """``above_first`` at any time; past the warm-up also the smoothed value ``factor`` times its best and up by
+        at least ``reclaim`` of the way back to where the run started. The second condition keeps a loss that
+        converged towards zero from tripping on its noise (3x of almost nothing); a positive best is needed (a loss
+        that can go negative has no scale to compare against, and is never called a blow-up)."""
+        if self.smoothed is None:
+            return False
+        if self.above_first:
+            return True
+        if self.seen < self._warmup or not 0 < self.best < math.inf:
             return False
         undone = self.smoothed - self.best >= self.reclaim * (self.start - self.best)
         return self.smoothed > self.factor * self.best and undone
+
+    @property
+    def above_first(self) -> bool:
+        """The smoothed value and the median of the latest values both ``factor`` times the highest of the run's
+        first values. It catches a blow-up in the first steps, before there is a best to compare with (one step of
+        delay on every layer takes a deep BatchNorm network's loss from 2.4 to 22 within 12 steps), and one that
+        follows a rise inside the warm-up, which would otherwise count as where the run started. The highest of
+        the first values, so that one low first batch is no baseline; the median, so that one noisy batch is no
+        blow-up."""
+        if self.smoothed is None or len(self._recent) < EARLY_RECENT_STEPS or not 0 < self.first < math.inf:
+            return False
+        level = self.factor * self.first
+        return self.smoothed > level and statistics.median(self._recent) > level
 
     @property
     def healthy(self) -> bool:
@@ -97,6 +133,13 @@ class LossWatch:
             return None
         self.seen += 1
         self.smoothed = loss if self.smoothed is None else self.smoothed + self._alpha * (loss - self.smoothed)
+        self._recent.append(loss)
+        if self._firsts_seen < EARLY_BASE_STEPS:
+            self._firsts_seen += 1
+            self.first = max(self.first, loss)
+        if self.above_first:
+            return Trip(f"the smoothed loss rose above {self.factor:g}x the run's first losses", self.first,
+                        self.smoothed, "first loss", needs_gradients=False)
         if self.seen < self._warmup:
             if self.best == math.inf:  # the first warm-up only (a restore keeps where the run started)
                 self.start = max(self.start, self.smoothed)
@@ -181,8 +224,8 @@ class DivergenceGuard:
         good state no longer describe them, and a loss that jumps with them (a lottery-ticket reset) is no
         blow-up. The next forward keeps a new good state."""
         self.good = None
-        self.watch.reset()
-        self.gradients.reset()
+        self.watch.rebase()
+        self.gradients.rebase()
         self._gradient_norm = None
         self._since_snapshot = 0
 
@@ -190,8 +233,9 @@ class DivergenceGuard:
         """This step's loss (values on CUDA arrive a step or two late) and the gradient totals so far
         (``EngineStats.gradient_totals``; ``None`` where they are not measured, CUDA); a ``Trip`` on a blow-up.
 
-        Both must rise where both are measured: a real blow-up grows the gradients with the loss, while a loss that
-        merely wanders upwards (an unbounded or shifting objective) does not.
+        A rise from the run's best needs the gradient norm up too where it is measured: a real blow-up grows the
+        gradients with the loss, while a loss that merely wanders upwards (an unbounded or shifting objective) does
+        not. A loss 3x where the run started needs nothing more (``Trip.needs_gradients``).
         """
         self._since_snapshot += 1
         if gradient_totals is not None:
@@ -204,7 +248,7 @@ class DivergenceGuard:
                 self.gradients.observe(self._gradient_norm)
         for value in self.reader.push(loss):
             trip = self.watch.observe(value)
-            if trip is not None and (gradient_totals is None or self.gradients.rising):
+            if trip is not None and (not trip.needs_gradients or gradient_totals is None or self.gradients.rising):
                 return trip
         return None
 
@@ -230,7 +274,7 @@ class DivergenceGuard:
         self.trips += 1
         if in_flight <= 1 or self.good is None:
             warnings.warn(
-                f"PD-ASGD's divergence guard: at step {step} {trip.reason} (best smoothed loss {trip.best:.4g}, now"
+                f"PD-ASGD's divergence guard: at step {step} {trip.reason} ({trip.baseline} {trip.best:.4g}, now"
                 f" {trip.now:.4g}) with one loss in flight, i.e. with exactly plain Lightning's updates: plain"
                 " Lightning diverges here too. Training goes on unguarded, as it would without PD-ASGD. Lower the"
                 " learning rate (or the schedule's peak), add warm-up, or clip gradients"
@@ -246,7 +290,7 @@ class DivergenceGuard:
         self._since_snapshot = 0
         slower = max(1, in_flight // 2)
         message = (
-            f"PD-ASGD's divergence guard: at step {step} {trip.reason} (best smoothed loss {trip.best:.4g}, now"
+            f"PD-ASGD's divergence guard: at step {step} {trip.reason} ({trip.baseline} {trip.best:.4g}, now"
             f" {trip.now:.4g}). Restored the weights and optimizer state of step {self.good.step} and continued with"
             f" max_in_flight={slower} (was {in_flight}){' -- exactly plain updates' if slower == 1 else ''}. To avoid"
             " it: lower the learning rate, or set `PDASGDStrategy(max_in_flight=1)`; `divergence_guard=False` turns"
