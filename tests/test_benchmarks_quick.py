@@ -174,3 +174,33 @@ def test_update_bookkeeping_splits_the_update_paths_samples() -> None:
         "forward (torch/nn/modules/linear.py:125);sgd (torch/optim/sgd.py:300) 5",  # not under the hook
     ])
     assert classify(raw) == {"optimizer": 7, "nonfinite check": 2, "bookkeeping": 3}
+
+
+# ------------------------------------------------------------------------------------ the convergence grids (#20)
+def test_paired_grid_pairs_every_pdasgd_cell_with_a_plain_one_on_the_same_seed() -> None:
+    from benchmarks.convergence import _cells
+
+    cells = _cells("paired")
+    plain = {(c["workload"], c["optimizer"], c["lr"], c["seed"]) for c in cells if c["kind"] == "plain"}
+    pdasgd = {(c["workload"], c["optimizer"], c["lr"], c["seed"]) for c in cells if c["kind"] == "pdasgd"}
+    assert plain == pdasgd and len({key[3] for key in plain}) == 5
+    assert {"resnet18-digits", "vgg-bn-digits", "digits-cnn", "cnn32", "lstm-order"} <= {key[0] for key in plain}
+
+
+def test_convergence_cell_trains_the_lstm_example_and_the_paired_report_lists_it(tmp_path: Path) -> None:
+    """One epoch of the LSTM example, plain and PD-ASGD with a strategy setting passed through, into the paired
+    report: the grid's own path for a module that brings its own optimizer and data."""
+    from benchmarks.convergence import run_one, write_paired_report
+    from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION
+
+    base = dict(workload="lstm-order", epochs=1, lr=0.01, momentum=0.0, seed=0, optimizer="adam")
+    rows = [
+        run_one({**base, "kind": "plain", "compensation": "-"}),
+        run_one({**base, "kind": "pdasgd", "threads": 2, "compensation": DEFAULT_STALENESS_COMPENSATION,
+                 "strategy_kwargs": {"bucket_numel": 0}}),
+    ]
+    assert all(len(row["accuracies"]) == 1 and row["final_accuracy"] > 0.9 for row in rows), rows
+    assert rows[1]["staleness_mean"] is not None and rows[1]["guard_trips"] == 0
+    write_paired_report(rows, tmp_path, "test")
+    table = (tmp_path / "convergence.md").read_text()
+    assert "| lstm-order, Adam, lr 0.01, 1 epochs | 1 |" in table

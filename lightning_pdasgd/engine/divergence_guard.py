@@ -38,7 +38,7 @@ DEFAULT_WARMUP_STEPS = 20  # losses observed before a rise can count (the first 
 DEFAULT_SNAPSHOT_EVERY = 200  # one device: steps between snapshots of the last good state
 HEALTHY_FACTOR = 1.5  # a snapshot is taken only while the smoothed loss is within this factor of the best
 DEFAULT_RECLAIM = 0.5  # and the rise undid at least this share of the progress since the start
-EARLY_BASE_STEPS = 2  # inside the warm-up, a rise is measured from the highest of the first losses ...
+EARLY_BASE_STEPS = 2  # a rise from where the run started is measured from the highest of its first losses ...
 EARLY_RECENT_STEPS = 5  # ... and must hold for the median of this many latest losses as well as for the average
 
 
