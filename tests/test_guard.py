@@ -181,6 +181,18 @@ def test_the_first_steps_do_not_trip_on_a_wobble(losses: list[float]) -> None:
     assert all(watch.observe(loss) is None for loss in losses)
 
 
+def test_an_unbounded_objective_that_reached_zero_or_below_never_trips_from_its_first_losses() -> None:
+    """A loss linear in zero-initialised weights (the exact-accounting tests' LinearLoss) starts at 0 and grows in
+    magnitude with either sign; its gradient does not grow, so the rise-from-best rule does not trip either."""
+    watch = LossWatch()
+    losses = [0.0, 0.5] + [(-1) ** step * 0.5 * step for step in range(2, 60)]
+    assert all(watch.observe(loss) is None for loss in losses)
+    once_negative = LossWatch()  # one value at or below 0 and the first losses are no scale any more
+    for loss in [2.0, 2.0, -1.0] + [10.0] * 30:
+        once_negative.observe(loss)
+        assert not once_negative.above_first
+
+
 def test_a_loss_that_converged_towards_zero_does_not_trip_on_its_noise() -> None:
     """Lightning's own test models fit random data to a constant: the loss falls to ~1e-4 and then jumps by large
     factors from batch to batch. 3x of almost nothing is not a blow-up: the rise must undo much of the progress."""

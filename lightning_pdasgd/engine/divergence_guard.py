@@ -39,7 +39,9 @@ DEFAULT_SNAPSHOT_EVERY = 200  # one device: steps between snapshots of the last 
 HEALTHY_FACTOR = 1.5  # a snapshot is taken only while the smoothed loss is within this factor of the best
 DEFAULT_RECLAIM = 0.5  # and the rise undid at least this share of the progress since the start
 EARLY_BASE_STEPS = 2  # a rise from where the run started is measured from the highest of its first losses ...
-EARLY_RECENT_STEPS = 5  # ... and must hold for the median of this many latest losses as well as for the average
+EARLY_RECENT_STEPS = 5  # ... and must hold for the median of this many latest losses as well as for the average,
+EARLY_MIN_STEPS = 10  # ... from this many losses on, all of them positive (an objective that reaches 0 or below,
+# such as a loss linear in the weights, is unbounded: no multiple of its first values says it diverged)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class LossWatch:
         self.start = -math.inf  # the highest smoothed value of the first warm-up: where the run started
         self.first = -math.inf  # the highest of the run's first losses: the level an early blow-up is measured from
         self._firsts_seen = 0
+        self._all_positive = True  # every loss since the start was > 0: ``first`` is a scale
         self._recent: deque[float] = deque(maxlen=EARLY_RECENT_STEPS)
         self.reset()
 
@@ -81,6 +84,7 @@ class LossWatch:
         """Forget where the run started too (the weights were changed from outside: pruning, a reset)."""
         self.start = self.first = -math.inf
         self._firsts_seen = 0
+        self._all_positive = True
         self.reset()
 
     def reset(self) -> None:
@@ -113,8 +117,9 @@ class LossWatch:
         delay on every layer takes a deep BatchNorm network's loss from 2.4 to 22 within 12 steps), and one that
         follows a rise inside the warm-up, which would otherwise count as where the run started. The highest of
         the first values, so that one low first batch is no baseline; the median, so that one noisy batch is no
-        blow-up."""
-        if self.smoothed is None or len(self._recent) < EARLY_RECENT_STEPS or not 0 < self.first < math.inf:
+        blow-up. Only for a loss that has been positive throughout (cross-entropy, squared errors): an objective that
+        reaches 0 or below has no scale, and may grow without diverging."""
+        if self.smoothed is None or self.seen < EARLY_MIN_STEPS or not self._all_positive or not self.first < math.inf:
             return False
         level = self.factor * self.first
         return self.smoothed > level and statistics.median(self._recent) > level
@@ -134,6 +139,7 @@ class LossWatch:
         self.seen += 1
         self.smoothed = loss if self.smoothed is None else self.smoothed + self._alpha * (loss - self.smoothed)
         self._recent.append(loss)
+        self._all_positive = self._all_positive and loss > 0
         if self._firsts_seen < EARLY_BASE_STEPS:
             self._firsts_seen += 1
             self.first = max(self.first, loss)
