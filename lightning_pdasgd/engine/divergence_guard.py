@@ -97,15 +97,12 @@ class LossWatch:
 
     @property
     def rising(self) -> bool:
-        """``above_first`` at any time; past the warm-up also the smoothed value ``factor`` times its best and up by
-        at least ``reclaim`` of the way back to where the run started. The second condition keeps a loss that
-        converged towards zero from tripping on its noise (3x of almost nothing); a positive best is needed (a loss
-        that can go negative has no scale to compare against, and is never called a blow-up)."""
-        if self.smoothed is None:
-            return False
-        if self.above_first:
-            return True
-        if self.seen < self._warmup or not 0 < self.best < math.inf:
+        """Past the warm-up, the smoothed value ``factor`` times its best, and up by at least ``reclaim`` of the
+        way back to where the run started. The second condition keeps a loss that converged towards zero from
+        tripping on its noise (3x of almost nothing); a positive best is needed (a loss that can go negative has no
+        scale to compare against, and is never called a blow-up). ``above_first`` is the other rule, checked apart:
+        only this one is the gradient norm's condition for a rise from the best."""
+        if self.smoothed is None or self.seen < self._warmup or not 0 < self.best < math.inf:
             return False
         undone = self.smoothed - self.best >= self.reclaim * (self.start - self.best)
         return self.smoothed > self.factor * self.best and undone
