@@ -53,16 +53,22 @@ class PDASGDConfig:
     metrics_on_progress_bar: bool = False
     gradient_hooks: str = "synchronous"
     staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION
+    fault_tolerant: bool = False
+    lighthouse: str | None = None
+    replica: int | None = None
+    max_replicas: int = 16
+    ft_timeout: float = 5.0
 
     # the strategy's constructor arguments that are PD-ASGD settings (the rest are Lightning's)
     ARGUMENTS: ClassVar[tuple[str, ...]] = (
         "forward_threads", "backward_threads", "max_in_flight", "layerwise", "lazy_reads", "divergence_guard",
         "wait_timeout", "intra_op_threads", "log_grad_norm", "exchange_interval", "nonfinite",
         "checkpoint_on_preemption", "autotune_steps", "autotune_max_staleness", "bucket_numel", "metrics",
-        "metrics_on_progress_bar", "gradient_hooks", "staleness_compensation",
+        "metrics_on_progress_bar", "gradient_hooks", "staleness_compensation", "fault_tolerant", "lighthouse",
+        "replica", "max_replicas", "ft_timeout",
     )
-    _BOOLEANS: ClassVar[tuple[str, ...]] = ("lazy_reads", "divergence_guard")
-    _FLOATS: ClassVar[tuple[str, ...]] = ("wait_timeout", "exchange_interval", "autotune_max_staleness")
+    _BOOLEANS: ClassVar[tuple[str, ...]] = ("lazy_reads", "divergence_guard", "fault_tolerant")
+    _FLOATS: ClassVar[tuple[str, ...]] = ("wait_timeout", "exchange_interval", "autotune_max_staleness", "ft_timeout")
 
     @classmethod
     def from_arguments(
@@ -119,6 +125,14 @@ class PDASGDConfig:
                 f"PDASGDStrategy: `gradient_hooks` must be one of {GRADIENT_HOOK_POLICIES},"
                 f" got {self.gradient_hooks!r}."
             )
+        check_positive_int("max_replicas", self.max_replicas)
+        replica_ok = self.replica is None or (not isinstance(self.replica, bool) and isinstance(self.replica, int))
+        if not replica_ok or (self.replica is not None and not 0 <= self.replica < self.max_replicas):
+            raise ValueError(
+                f"PDASGDStrategy: `replica={self.replica}` must be in 0..{self.max_replicas - 1} (`max_replicas`)."
+            )
+        if not self.ft_timeout > 0:
+            raise ValueError(f"PDASGDStrategy: `ft_timeout` must be > 0 seconds, got {self.ft_timeout!r}.")
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
             raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
 

@@ -43,13 +43,14 @@ from .integration._lightning import (
 from .integration.collectives import AsyncAwareCollectives
 from .integration.engine_backward import EngineBackward
 from .integration.engine_calls import EngineCall, logs_metrics
+from .integration.fault_tolerant_fit import FaultTolerantRanks
 from .integration.fit_sessions import FitSessions
 from .integration.one_process_per_device import OneProcessPerDevice
 from .integration.state_access import DrainBeforeStateAccess
 from .integration.step_accounting import StepAccounting
 
 
-class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPerDevice):
+class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPerDevice):
     """Partial Decoupled Asynchronous SGD (arXiv 2410.05985) for any LightningModule with automatic optimization.
 
     Every argument is described, with examples, in ``docs/configuration.md``.
@@ -86,6 +87,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
             ``"synchronous"`` runs Lightning's own step for them; ``"skip"`` trains asynchronously without them.
         staleness_compensation: how updates correct for their staleness: ``"predict"`` (default),
             ``"predict+momentum"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a ``StalenessCompensation``.
+        fault_tolerant, lighthouse, replica, max_replicas, ft_timeout: see ``docs/fault-tolerance.md`` (torchft).
     """
 
     strategy_name = "pdasgd"
@@ -111,6 +113,8 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         metrics_on_progress_bar: bool = False,
         gradient_hooks: Literal["synchronous", "skip"] = "synchronous",
         staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION,
+        fault_tolerant: bool = False, lighthouse: Optional[str] = None, replica: Optional[int] = None,
+        max_replicas: int = 16, ft_timeout: float = 5.0,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -187,10 +191,13 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        """With several devices, share the training epoch dynamically (see ``claiming.py``)."""
+        """With several devices, share the training epoch dynamically (``claiming.py``, or ``claim_ledger.py``)."""
         steps = self._fit.steps
         if steps is None or not steps.trainer.training:  # several devices, fitting (not validation)
             return dataloader
+        if self._fit.fault_tolerant is not None:
+            with EngineCall("the start of training"):
+                return self._fit.fault_tolerant_training_data(self, dataloader)
         return claim_batches(dataloader, steps.claim_key, self.process_count, self.global_rank)
 
     @override
@@ -212,6 +219,7 @@ class PDASGDStrategy(DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPe
         if fitting:
             _lightning_internals.optimizers_to_device(self.optimizers, self.root_device)
             setup_checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.process_count)
+            self._fit.check_fault_tolerance(self)
             EngineDrain.attach(trainer)
             self._backward_route.install()
 

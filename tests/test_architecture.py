@@ -22,6 +22,7 @@ LAYERS = {
     "_flavor": 0,
     "engine": 1,
     "distributed": 2,
+    "fault_tolerance": 2,  # torchft: Lightning-free like distributed/ (its Lightning side is integration/fault_tolerant_fit.py)
     "config": 2,
     "integration": 3,
     "strategy": 3,

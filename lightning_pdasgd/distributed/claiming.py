@@ -64,7 +64,7 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.claimed: list[int] = []  # batch indices this rank claimed in the current epoch
         # Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler` only
-        self.sampler = _EpochForwarder(self)
+        self.sampler = EpochForwarder(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -109,17 +109,17 @@ class ClaimingBatchSampler(Sampler[list[int]]):
             index = None
 
 
-class _EpochForwarder:
+class EpochForwarder:
     """Stands where Lightning looks for ``set_epoch`` (``batch_sampler.sampler``) and forwards it."""
 
-    def __init__(self, owner: ClaimingBatchSampler) -> None:
+    def __init__(self, owner: Any) -> None:
         self._owner = owner
 
     def set_epoch(self, epoch: int) -> None:
         self._owner.set_epoch(epoch)
 
 
-def _is_shuffled(dataloader: DataLoader) -> bool:
+def is_shuffled(dataloader: DataLoader) -> bool:
     sampler = dataloader.sampler
     if isinstance(sampler, DistributedSampler):
         return bool(sampler.shuffle)
@@ -134,28 +134,43 @@ def claiming_dataloader(
     Map-style datasets with a plain batch sampler are shared; iterable datasets and custom batch samplers keep
     their own sharding (the caller warns).
     """
+    num_samples = shareable_size(dataloader)
+    if num_samples is None:
+        return None
     batch_sampler = dataloader.batch_sampler
-    if not isinstance(batch_sampler, BatchSampler) or type(batch_sampler) is not BatchSampler:
-        return None
-    try:
-        num_samples = len(dataloader.dataset)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+    assert isinstance(batch_sampler, BatchSampler)
     claiming = ClaimingBatchSampler(
         num_samples=num_samples,
         batch_size=batch_sampler.batch_size,
         drop_last=batch_sampler.drop_last,
-        shuffle=_is_shuffled(dataloader),
+        shuffle=is_shuffled(dataloader),
         seed=seed,
         store=store,
         key_prefix=key_prefix,
         world_size=world_size,
         rank=rank,
     )
+    return with_batch_sampler(dataloader, claiming)
+
+
+def shareable_size(dataloader: DataLoader) -> int | None:
+    """The dataset's length if its batches can be handed out by index (a map-style dataset with Lightning's plain
+    batch sampler), else ``None``."""
+    batch_sampler = dataloader.batch_sampler
+    if not isinstance(batch_sampler, BatchSampler) or type(batch_sampler) is not BatchSampler:
+        return None
+    try:
+        return len(dataloader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def with_batch_sampler(dataloader: DataLoader, batch_sampler: Sampler[list[int]]) -> DataLoader:
+    """``dataloader`` with every setting kept but its batches drawn from ``batch_sampler``."""
     workers = dataloader.num_workers
     return DataLoader(
         dataloader.dataset,
-        batch_sampler=claiming,
+        batch_sampler=batch_sampler,
         num_workers=workers,
         collate_fn=dataloader.collate_fn,
         pin_memory=dataloader.pin_memory,

@@ -22,6 +22,7 @@ from lightning_pdasgd.engine import _torch_internals, cuda_streams
 from lightning_pdasgd.engine.backward_threads import BackwardWork
 from lightning_pdasgd.engine.bucket_optimizer import hyperparameter_snapshot
 from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
+from lightning_pdasgd.engine.completion import CompletionFrontier
 from lightning_pdasgd.engine.cuda_streams import BatchStream
 from lightning_pdasgd.engine.divergence_guard import DivergenceGuard, Trip
 from lightning_pdasgd.engine.guard_recovery import GuardRecovery
@@ -101,6 +102,8 @@ class FitSession(GuardRecovery):
         self._engine = self._threads.engine
         self._replicas: Replicas | None = None  # several devices
         self._current: StashAndStream | None = None  # the forward whose loss is not handed off yet
+        self.completion = CompletionFrontier()  # which batches have applied every update (fault tolerance)
+        self._plain_batch: int | None = None  # Lightning's own step: the batch whose step may still run
         # the guard watches asynchrony: a run configured with one loss in flight is exactly plain Lightning's
         asynchronous = config.in_flight > 1 and synchronous_reason is None
         self._guard = DivergenceGuard() if config.divergence_guard and asynchronous else None
@@ -230,6 +233,7 @@ class FitSession(GuardRecovery):
     def drain(self) -> None:
         """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
         self._engine.drain()
+        self._finish_plain_batch()
         # ---- CUDA only (issue #13): the loop's stream sees the queued updates; non-finite values read exactly
         cuda_streams.join_update_stream(self._device)
         self._check_device_nonfinite(wait=True)
@@ -254,6 +258,8 @@ class FitSession(GuardRecovery):
         batch_size = batch_size_of(step_args)
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self._threads.plain_steps:
+            self._finish_plain_batch()  # its step (if any) ran before this forward
+            self._plain_batch = self.completion.begin()
             if self._replicas is not None:
                 self._replicas.training()
             started = perf_counter()
@@ -273,6 +279,7 @@ class FitSession(GuardRecovery):
         try:
             started = perf_counter()
             stash = self._updater.stash()
+            stash.number = self.completion.begin()
             stream = self._threads.streams.next()
             stashed = perf_counter()
             with (
@@ -284,11 +291,17 @@ class FitSession(GuardRecovery):
             self._stats.record_forward(perf_counter() - stashed, batch_size, stashed - started)
         except BaseException:
             if stash is not None:
+                self.completion.finish(stash.number)
                 self._updater.release(stash, reusable=False)
             self._engine.release_slot()
             raise
         self._current = (stash, stream)
         return output
+
+    def _finish_plain_batch(self) -> None:
+        """Lightning's own step: the last forward's step has run (called before the next forward and at drains)."""
+        number, self._plain_batch = self._plain_batch, None
+        self.completion.finish(number)
 
     def plain_step(self) -> AbstractContextManager[None]:
         """Around Lightning's own step (its optimizer step, and ``training_step``, where manual optimization steps):
@@ -345,6 +358,7 @@ class FitSession(GuardRecovery):
         """Forget a forward whose loss was never handed off: its graph may live on, so its weights stay as read."""
         current, self._current = self._current, None
         if current is not None:
+            self.completion.finish(current[0].number)  # its loss was never handed off: no update will come
             self._updater.release(current[0], reusable=False)
 
     def _run_backward(self, work: BackwardWork[StashAndStream]) -> None:
@@ -362,5 +376,6 @@ class FitSession(GuardRecovery):
             cuda_streams.finish(stream)
         stash.record.seconds = perf_counter() - started
         self._stats.record_backward(stash.record)
+        self.completion.finish(stash.number)
         work.loss = None  # type: ignore[assignment]  # free the graph before the leaves are reused
         updater.release(stash, reusable=True)

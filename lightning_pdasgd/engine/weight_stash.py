@@ -57,6 +57,7 @@ class WeightStash:
     hyperparameters: list[dict[str, Any]] | None = None  # per param group, snapshot at hand-off
     step: int = -1  # Lightning's global_step when the forward ran, for error messages
     rank: int = 0
+    number: int | None = None  # the batch's place in forward order (``completion.py``)
     window: AccumulationWindow | None = None  # with gradient accumulation: the window its backward adds to
 
     @property

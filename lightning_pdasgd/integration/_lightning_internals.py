@@ -248,3 +248,11 @@ def route_precision_backward(plugin: object, backward: Callable[..., Any], post_
 def unroute_precision_backward(plugin: object) -> None:
     for name in _ROUTED:
         vars(plugin).pop(name, None)
+
+
+def set_current_epoch(trainer: object, epoch: int) -> None:
+    """Start the fit loop at ``epoch`` (a fault-tolerant replica joining a running job): the epoch counters a
+    checkpoint of the end of ``epoch - 1`` would restore."""
+    progress = trainer.fit_loop.epoch_progress  # type: ignore[attr-defined]
+    for counters in (progress.current, progress.total):
+        counters.ready = counters.started = counters.processed = counters.completed = epoch

@@ -1,0 +1,1 @@
+"""Training on when replicas die and join (opt-in, on torchft)."""

@@ -1,0 +1,89 @@
+"""The training data of a fault-tolerant fit: each replica trains the batches the claim ledger grants it.
+
+Like ``distributed/claiming.py``'s sampler it walks one shared permutation per epoch and has no ``len()`` (a
+replica's share is known only when the epoch's data runs out); the grants come from the replicated ledger
+(``claim_ledger.py``) instead of a key-value store, so they survive any replica's death.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+from lightning_pdasgd.distributed.claiming import EpochForwarder, is_shuffled, shareable_size, with_batch_sampler
+
+
+class LedgerBatchSampler(Sampler[list[int]]):
+    """Yields the batches the ledger grants this replica in the current epoch.
+
+    Args:
+        num_samples, batch_size, drop_last, shuffle: the user's loader's.
+        link: returns the fit's ``FaultTolerantLink`` (it exists once training starts, after the data is set up).
+        raise_if_failed: re-raises an engine error while a batch is awaited.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        drop_last: bool,
+        shuffle: bool,
+        link: Callable[[], Any],
+        raise_if_failed: Callable[[], None] = lambda: None,
+    ) -> None:
+        if num_samples <= 0 or batch_size <= 0:
+            raise ValueError(f"LedgerBatchSampler: nothing to share ({num_samples} samples, batch {batch_size}).")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self._link = link
+        self.raise_if_failed = raise_if_failed
+        self.forwards_begun: Callable[[], int] = lambda: self.yielded  # set by the fit: its forwards so far
+        self.yielded = 0  # batches handed to Lightning, over every iterator
+        self.epoch = 0
+        self.max_batches: int | None = None  # limit_train_batches, over all replicas
+        self.sampler = EpochForwarder(self)  # Lightning calls `set_epoch` on `batch_sampler.sampler`
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def epoch_batches(self) -> int:
+        full = self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
+        return full if self.max_batches is None else min(full, self.max_batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        link = self._link()
+        if link is None:
+            raise RuntimeError("PD-ASGD: the fault-tolerant exchange has not started; no batch can be claimed.")
+        # Lightning may drop an iterator whose prefetched batch never ran (a replica joining past epoch 0 takes a
+        # batch while the data is set up, then starts the epoch's own iterator): those batches are claimed again
+        link.untake(self.yielded - self.forwards_begun())
+        self.yielded = self.forwards_begun()
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(link.ledger.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        while (index := link.take_batch(self.epoch, self.raise_if_failed)) is not None:
+            self.yielded += 1
+            yield order[index * self.batch_size : (index + 1) * self.batch_size]
+
+
+def ledger_dataloader(dataloader: DataLoader, link: Callable[[], Any]) -> DataLoader | None:
+    """Rebuild ``dataloader`` around a :class:`LedgerBatchSampler`; ``None`` if it cannot be shared this way (an
+    iterable dataset, a custom batch sampler)."""
+    num_samples = shareable_size(dataloader)
+    if num_samples is None:
+        return None
+    batch_sampler = dataloader.batch_sampler
+    assert isinstance(batch_sampler, BatchSampler)
+    sampler = LedgerBatchSampler(
+        num_samples, batch_sampler.batch_size, batch_sampler.drop_last, is_shuffled(dataloader), link
+    )
+    return with_batch_sampler(dataloader, sampler)

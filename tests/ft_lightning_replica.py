@@ -1,0 +1,93 @@
+"""One replica of a fault-tolerant Lightning fit, as its own process (``tests/test_fault_tolerance.py``).
+
+``python -m tests.ft_lightning_replica OUT SLOT EPOCHS [--die-after N] [--wait-for-replicas K --wait-epochs 0,1]``
+
+The digits MLP with BatchNorm (``tests/models.py``) on ``Trainer(strategy=PDASGDStrategy(fault_tolerant=True))``:
+``--die-after N`` kills this process (SIGKILL) after its N-th training batch; ``--wait-for-replicas`` holds those
+epochs' starts until K replicas are in the quorum. Writes the final weights and what the fit saw to OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_pdasgd import PDASGDStrategy
+from tests.models import DigitsClassifier, DigitsData
+
+
+class _Scenario(Callback):
+    def __init__(self, die_after: int, wait_for: int, wait_epochs: set[int]) -> None:
+        self.die_after = die_after
+        self.wait_for = wait_for
+        self.wait_epochs = wait_epochs
+        self.trained = 0
+        self.first_epoch: int | None = None
+        self.first_step: int | None = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if self.first_epoch is None:
+            self.first_epoch, self.first_step = trainer.current_epoch, trainer.global_step
+        if trainer.current_epoch in self.wait_epochs:
+            deadline = time.monotonic() + 120
+            while trainer.strategy.live_replicas < self.wait_for:
+                assert time.monotonic() < deadline, "the other replicas never joined"
+                threading.Event().wait(0.01)
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        self.trained += 1
+        if self.trained == self.die_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("slot", type=int)
+    parser.add_argument("epochs", type=int)
+    parser.add_argument("--die-after", type=int, default=0)
+    parser.add_argument("--wait-for-replicas", type=int, default=0)
+    parser.add_argument("--wait-epochs", default="")
+    args = parser.parse_args()
+    out = Path(args.out)
+    torch.manual_seed(args.slot)
+    scenario = _Scenario(args.die_after, args.wait_for_replicas, {int(e) for e in args.wait_epochs.split(",") if e})
+    model = DigitsClassifier(optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.5))
+    trainer = Trainer(
+        strategy=PDASGDStrategy(fault_tolerant=True, replica=args.slot, ft_timeout=2.0, wait_timeout=120),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        callbacks=[scenario, ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=-1)],
+        logger=CSVLogger(out / "logs", name="", version=f"replica{args.slot}"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=DigitsData())
+    torch.save(model.state_dict(), out / f"replica{args.slot}.pt")
+    record = {
+        "trained": scenario.trained,
+        "first_epoch": scenario.first_epoch,
+        "first_step": scenario.first_step,
+        "global_step": trainer.global_step,
+        "current_epoch": trainer.current_epoch,
+        "val_accuracy": model.val_accuracy,
+        "guard_trips": trainer.strategy.stats.guard_trips,
+    }
+    (out / f"replica{args.slot}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
