@@ -35,6 +35,9 @@ class _Scenario(Callback):
         self.trained = 0
         self.first_epoch: int | None = None
         self.first_step: int | None = None
+        self.started = time.monotonic()
+        self.first_batch_after_s: float | None = None  # from `trainer.fit` to this replica's first batch
+        self.exchange: dict[str, float] = {}
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
         if self.first_epoch is None:
@@ -44,6 +47,18 @@ class _Scenario(Callback):
             while trainer.strategy.live_replicas < self.wait_for:
                 assert time.monotonic() < deadline, "the other replicas never joined"
                 threading.Event().wait(0.01)
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        if self.first_batch_after_s is None:
+            self.first_batch_after_s = time.monotonic() - self.started
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        exchange = trainer.strategy._fit.session.exchange  # still running: it stops in the strategy's hook after
+        self.exchange = {
+            "longest_round_s": exchange.longest_round_s,
+            "rounds": exchange.rounds,
+            "failed_rounds": exchange.failed_rounds,
+        }
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         self.trained += 1
@@ -75,6 +90,7 @@ def main() -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    scenario.started = time.monotonic()
     trainer.fit(model, datamodule=DigitsData())
     torch.save(model.state_dict(), out / f"replica{args.slot}.pt")
     record = {
@@ -85,6 +101,9 @@ def main() -> None:
         "current_epoch": trainer.current_epoch,
         "val_accuracy": model.val_accuracy,
         "guard_trips": trainer.strategy.stats.guard_trips,
+        "first_batch_after_s": scenario.first_batch_after_s,
+        "fit_s": time.monotonic() - scenario.started,
+        **scenario.exchange,
     }
     (out / f"replica{args.slot}.json").write_text(json.dumps(record))
 

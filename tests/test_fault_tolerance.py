@@ -122,10 +122,13 @@ def _lightning_replica(out: Path, lighthouse: str, slot: int, epochs: int, *extr
 
 
 @pytest.mark.timeout(300)
-def test_lightning_fit_survives_a_killed_replica_and_a_replacement_joins(tmp_path: Path, lighthouse: str) -> None:
-    """Three replicas of a real Lightning fit; one is SIGKILLed in the first epoch; a replacement joins the running
-    job at its epoch and step count; every replica ends identical, at the undisturbed accuracy and step count, and the
-    lowest live replica's checkpoint resumes in a plain Lightning fit."""
+def test_lightning_fit_survives_losing_the_lowest_replica_and_a_replacement_joins(
+    tmp_path: Path, lighthouse: str
+) -> None:
+    """Three replicas of a real Lightning fit; the lowest one (it writes the checkpoints) is SIGKILLed in the first
+    epoch; a replacement joins the running job at its epoch and step count; every replica ends identical, with one
+    step count, the checkpoints of every epoch were written (by whoever was lowest then), and the last one resumes
+    in a plain Lightning fit."""
     import torch
     from lightning.pytorch import Trainer
 
@@ -134,27 +137,29 @@ def test_lightning_fit_survives_a_killed_replica_and_a_replacement_joins(tmp_pat
     epochs, epoch_batches = 4, 45
     survivors = [
         _lightning_replica(tmp_path, lighthouse, slot, epochs, "--wait-for-replicas", "3", "--wait-epochs", "0,2")
-        for slot in (0, 1)
+        for slot in (1, 2)
     ]
     victim = _lightning_replica(
-        tmp_path, lighthouse, 2, epochs, "--die-after", "5", "--wait-for-replicas", "3", "--wait-epochs", "0"
+        tmp_path, lighthouse, 0, epochs, "--die-after", "5", "--wait-for-replicas", "3", "--wait-epochs", "0"
     )
     assert victim.wait(150) == -9
-    replacement = _lightning_replica(tmp_path, lighthouse, 2, epochs)
+    replacement = _lightning_replica(tmp_path, lighthouse, 0, epochs)
     codes = [process.wait(200) for process in (*survivors, replacement)]
     logs = "\n".join(path.read_text()[-4000:] for path in sorted(tmp_path.glob("lightning*.log")))
     assert codes == [0, 0, 0], logs
-    records = [json.loads((tmp_path / f"replica{slot}.json").read_text()) for slot in (0, 1, 2)]
+    records = {slot: json.loads((tmp_path / f"replica{slot}.json").read_text()) for slot in (0, 1, 2)}
     states = [torch.load(tmp_path / f"replica{slot}.pt") for slot in (0, 1, 2)]
     for state in states[1:]:
         assert all(torch.equal(state[key], states[0][key]) for key in state), "replicas differ at the end"
     # one step count for the whole job: every replica, the replacement too, counted every batch of every epoch
-    assert [record["global_step"] for record in records] == [epochs * epoch_batches] * 3, records
-    assert all(record["current_epoch"] == epochs for record in records)
-    assert records[2]["first_epoch"] >= 1 and records[2]["first_step"] > 0 and records[2]["trained"] > 0
+    assert [record["global_step"] for record in records.values()] == [epochs * epoch_batches] * 3, records
+    assert all(record["current_epoch"] == epochs for record in records.values())
+    assert records[0]["first_epoch"] >= 1 and records[0]["first_step"] > 0 and records[0]["trained"] > 0
     # three asynchronous replicas on this 2-core CI machine: one epoch's reading varies (0.84-0.96 measured)
-    assert max(records[2]["val_accuracy"][-2:]) > 0.9, records
-    # the lowest live replica wrote the checkpoints; the last one resumes in a plain fit
+    assert max(records[1]["val_accuracy"][-2:]) > 0.9, records
+    # the lowest live replica wrote the checkpoints, every epoch's; the last one resumes in a plain fit
+    saved = sorted(path.name for path in (tmp_path / "checkpoints").glob("epoch=*.ckpt"))
+    assert saved == [f"epoch={epoch}-step={(epoch + 1) * epoch_batches}.ckpt" for epoch in range(epochs)], saved
     last = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["global_step"] == epochs * epoch_batches
@@ -163,3 +168,28 @@ def test_lightning_fit_survives_a_killed_replica_and_a_replacement_joins(tmp_pat
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=DigitsData(), ckpt_path=str(last))
     assert trainer.global_step == (epochs + 1) * epoch_batches and model.val_accuracy[-1] > 0.85
+
+
+@pytest.mark.timeout(240)
+def test_replicas_each_launched_by_its_own_torchrun(tmp_path: Path, lighthouse: str) -> None:
+    """Each replica group under its own torchrun agent, as a cluster starts one per node (a single torchrun for all
+    would restart every worker when one dies): they train together and end identical with one step count."""
+    import torch
+
+    env = {**os.environ, "TORCHFT_LIGHTHOUSE": lighthouse, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    processes = []
+    for slot in (0, 1):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+            "-m", "tests.ft_lightning_replica", str(tmp_path), str(slot), "2", "--wait-for-replicas", "2",
+            "--wait-epochs", "0",
+        ]
+        log = open(tmp_path / f"torchrun{slot}.log", "w")  # noqa: SIM115
+        processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = [process.wait(200) for process in processes]
+    logs = "\n".join(path.read_text()[-4000:] for path in sorted(tmp_path.glob("torchrun*.log")))
+    assert codes == [0, 0], logs
+    records = [json.loads((tmp_path / f"replica{slot}.json").read_text()) for slot in (0, 1)]
+    assert [record["global_step"] for record in records] == [90, 90]
+    states = [torch.load(tmp_path / f"replica{slot}.pt") for slot in (0, 1)]
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])

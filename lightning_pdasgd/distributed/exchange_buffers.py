@@ -80,3 +80,41 @@ def merge_rebased(
     _torch_internals.foreach_copy_(live, torch._foreach_add(torch._foreach_sub(list(anchor), list(taken)), before))
     moved = torch._foreach_sub([value.float() for value in live], before)
     _torch_internals.foreach_copy_(base, torch._foreach_add(list(taken), moved))
+
+
+def apply_round(
+    groups: list[FlatGroup],
+    snapshots: list[Tensor],
+    summed: list[Tensor],
+    local_counts: list[int],
+    total_counts: list[int],
+    consistent: bool,
+) -> None:
+    """Apply a round's summed deltas: ``anchor += sum``; then under each bucket's lock ``live += anchor - snapshot``
+    (the other replicas' deltas, keeping this replica's updates made during the round), or at a consistent point
+    ``live := anchor``. The update counts (per bucket, flat) advance the buckets' versions by the others' updates."""
+    index = 0
+    for group, snapshot, delta in zip(groups, snapshots, summed):
+        group.anchor += delta
+        for position, bucket in enumerate(group.buckets):
+            anchor = group.views(group.anchor, position)
+            remote = 0 if consistent else total_counts[index] - local_counts[index]
+            if group.base is not None:  # bf16/fp16: rebased in float32, consistent points included
+                taken, base = group.views(snapshot, position), group.views(group.base, position)
+                bucket.merge(
+                    lambda live, anchor=anchor, taken=taken, base=base: merge_rebased(
+                        live, anchor, taken, base, consistent
+                    ),
+                    remote,
+                )
+            elif consistent:
+                bucket.merge(lambda live, anchor=anchor: _torch_internals.foreach_copy_(live, anchor), remote)
+            else:
+                taken = group.views(snapshot, position)
+                bucket.merge(
+                    lambda live, anchor=anchor, taken=taken: _torch_internals.foreach_add_difference_(
+                        live, anchor, taken
+                    ),
+                    remote,
+                )
+            index += 1

@@ -36,8 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd.distributed.exchange_buffers import make_flat_groups, merge_rebased
-from lightning_pdasgd.engine import _torch_internals
+from lightning_pdasgd.distributed.exchange_buffers import apply_round, make_flat_groups
 from lightning_pdasgd.engine.metrics import EXCHANGE_CPU_FRACTION, EXCHANGE_MS, EXCHANGE_ROUNDS, REPLICA_DIVERGENCE
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
 from lightning_pdasgd.errors import ConsistentPointMismatchError, RankFailedError
@@ -173,17 +172,10 @@ class ReplicaExchange:
             self._stream.wait_stream(torch.cuda.current_stream(self._device))
         with self._request_lock:
             self._request = (kind, stop)
-        deadline = monotonic() + self._timeout_s
-        while not self._consistent.wait(_POLL_SECONDS):
-            raise_if_failed()
-            if self._thread is None or not self._thread.is_alive():
-                raise RuntimeError("PD-ASGD: the exchange thread stopped before the ranks reached a consistent point.")
-            if monotonic() > deadline:
-                raise TimeoutError(
-                    f"PD-ASGD: the other ranks did not reach the {kind!r} consistent point within `wait_timeout`"
-                    f" ({self._timeout_s:.0f} s). A rank is much slower, stuck or gone."
-                )
-        raise_if_failed()
+        wait_on_exchange(
+            self._consistent, lambda: self._thread, self._timeout_s, raise_if_failed,
+            f"the other ranks reached the {kind!r} consistent point", "A rank is much slower, stuck or gone.",
+        )
 
     # ----------------------------------------------------------------------------------------------- the thread
     def _run(self) -> None:
@@ -267,31 +259,7 @@ class ReplicaExchange:
         total_counts = counts.tolist()
         self.remote_batches = max(self.remote_batches, int(total_counts[-1]) - own_batches)
         self.divergence = self._divergence(local_deltas, deltas)
-        index = 0
-        for group, snapshot, delta in zip(self._groups, snapshots, deltas):
-            group.anchor += delta
-            for position, bucket in enumerate(group.buckets):
-                anchor = group.views(group.anchor, position)
-                if group.base is not None:  # bf16/fp16: rebased in float32, consistent points included
-                    taken, base = group.views(snapshot, position), group.views(group.base, position)
-                    bucket.merge(
-                        lambda live, anchor=anchor, taken=taken, base=base: merge_rebased(
-                            live, anchor, taken, base, consistent
-                        ),
-                        0 if consistent else total_counts[index] - local_counts[index],
-                    )
-                elif consistent:
-                    bucket.merge(lambda live, anchor=anchor: _torch_internals.foreach_copy_(live, anchor), 0)
-                else:
-                    # live += anchor_new - snapshot: the other ranks' deltas, keeping this rank's updates since
-                    taken = group.views(snapshot, position)
-                    bucket.merge(
-                        lambda live, anchor=anchor, taken=taken: _torch_internals.foreach_add_difference_(
-                            live, anchor, taken
-                        ),
-                        total_counts[index] - local_counts[index],
-                    )
-                index += 1
+        apply_round(self._groups, snapshots, deltas, local_counts, total_counts, consistent)
         if consistent:
             self._make_identical()
             log.debug("rank %d: consistent point %r reached", self._rank, kind)
@@ -357,6 +325,27 @@ class ReplicaExchange:
         staged = tensor.to(self._device)
         dist.all_reduce(staged, op=op, group=self._group)
         tensor.copy_(staged.to(tensor.device))
+
+
+def wait_on_exchange(
+    event: threading.Event,
+    thread: Callable[[], threading.Thread | None],
+    timeout_s: float,
+    raise_if_failed: Callable[[], None],
+    what: str,
+    hint: str,
+) -> None:
+    """The loop thread waits until the exchange thread sets ``event`` (``what`` happened): re-raising an engine
+    error as soon as there is one, failing if the exchange thread stops, and at most ``timeout_s`` seconds."""
+    deadline = monotonic() + timeout_s
+    while not event.wait(_POLL_SECONDS):
+        raise_if_failed()
+        running = thread()
+        if running is None or not running.is_alive():
+            raise RuntimeError(f"PD-ASGD: the exchange thread stopped before {what}.")
+        if monotonic() > deadline:
+            raise TimeoutError(f"PD-ASGD: not done within `wait_timeout` ({timeout_s:.0f} s): {what}. {hint}")
+    raise_if_failed()
 
 
 def _kind(value: Any) -> str:

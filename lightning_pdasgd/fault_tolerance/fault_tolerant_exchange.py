@@ -33,9 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd.distributed.exchange_buffers import make_flat_groups
-from lightning_pdasgd.distributed.replica_exchange import CONSISTENT_POINT_KINDS
-from lightning_pdasgd.engine import _torch_internals
+from lightning_pdasgd.distributed.exchange_buffers import apply_round, make_flat_groups
+from lightning_pdasgd.distributed.replica_exchange import CONSISTENT_POINT_KINDS, wait_on_exchange
 from lightning_pdasgd.engine.metrics import EXCHANGE_MS, EXCHANGE_ROUNDS
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
 from lightning_pdasgd.errors import ConsistentPointMismatchError
@@ -180,17 +179,10 @@ class FaultTolerantExchange(ReplicaStateTransfer):
         return self._vote_result[: len(flags)]
 
     def _wait(self, event: threading.Event, what: str, raise_if_failed: Callable[[], None]) -> None:
-        deadline = monotonic() + self._link.wait_timeout_s
-        while not event.wait(_POLL_SECONDS):
-            raise_if_failed()
-            if self._thread is None or not self._thread.is_alive():
-                raise RuntimeError(f"PD-ASGD: the exchange thread stopped before {what}.")
-            if monotonic() > deadline:
-                raise TimeoutError(
-                    f"PD-ASGD: the live replicas did not reach {what} within `wait_timeout`"
-                    f" ({self._link.wait_timeout_s:.0f} s)."
-                )
-        raise_if_failed()
+        wait_on_exchange(
+            event, lambda: self._thread, self._link.wait_timeout_s, raise_if_failed,
+            f"the live replicas reached {what}", "A live replica is stuck, or the lighthouse unreachable.",
+        )
 
     # ----------------------------------------------------------------------------------------------- the thread
     def _run(self) -> None:
@@ -250,6 +242,7 @@ class FaultTolerantExchange(ReplicaStateTransfer):
         summed = torch.cat([self._control(member, exhausted, state_tensors), ledger_part])
         manager.allreduce(summed, reduce_op=torchft_adapter.sum_op()).wait()
         if manager.errored() is not None:  # a replica died: nothing changes; the next quorum leaves it out
+            manager.should_commit()  # votes no: the failure is counted, and the next quorum reconfigures the group
             return self._failed(local_counts)
         values = summed[:_CONTROL].tolist()
         members = values[1]
@@ -287,7 +280,8 @@ class FaultTolerantExchange(ReplicaStateTransfer):
             return self._failed(local_counts)
 
         self._unsent = [[0] * len(group.buckets) for group in self._groups]
-        self._apply(snapshots, deltas, local_counts, counts.tolist(), consistent)
+        flat_local = [count for group in local_counts for count in group]
+        apply_round(self._groups, snapshots, deltas, flat_local, counts.tolist(), consistent)
         with link.granted:
             ledger = link.ledger
             self.own_committed += len(link.claims.in_round)
@@ -339,25 +333,3 @@ class FaultTolerantExchange(ReplicaStateTransfer):
         self.failed_rounds += 1
         self._unsent = local_counts
         return False
-
-    def _apply(
-        self, snapshots: list[Tensor], summed: list[Tensor], local: list[list[int]], total: list[int], consistent: bool
-    ) -> None:
-        """anchor += sum; live += anchor_new - snapshot (keeps this replica's updates made during the round)."""
-        index = 0
-        for group, snapshot, delta, counts in zip(self._groups, snapshots, summed, local):
-            group.anchor += delta
-            for position, bucket in enumerate(group.buckets):
-                anchor = group.views(group.anchor, position)
-                remote = total[index] - counts[position]
-                if consistent:
-                    bucket.merge(lambda live, anchor=anchor: _torch_internals.foreach_copy_(live, anchor), remote)
-                else:
-                    taken = group.views(snapshot, position)
-                    bucket.merge(
-                        lambda live, anchor=anchor, taken=taken: _torch_internals.foreach_add_difference_(
-                            live, anchor, taken
-                        ),
-                        remote,
-                    )
-                index += 1

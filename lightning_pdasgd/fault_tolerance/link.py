@@ -58,6 +58,9 @@ class FaultTolerantLink:
         self.participating_rank: int | None = None  # this replica's rank in the last quorum (0: the lowest live)
         self.participants = 0
         self.on_quorum: Callable[[], None] = lambda: None  # after every quorum (the integration follows the ranks)
+        # what else a joining replica takes (the integration's: Lightning's callbacks' states), and how it loads it
+        self.save_extra: Callable[[], Any] = lambda: None
+        self.load_extra: Callable[[Any], None] = lambda state: None
         self.heals = 0
         self.committed_at_start = 0  # the job's batches before this replica started training (a joiner's)
 

@@ -101,6 +101,7 @@ class ReplicaStateTransfer:
                 for group in self._optimizer.param_groups
             ],
             "ledger": ledger,
+            "extra": self._link.save_extra(),
         }
 
     def heal(self, state: dict[str, Any]) -> None:
@@ -127,6 +128,7 @@ class ReplicaStateTransfer:
             group.update(hyperparameters)
         self._unsent = [[0] * len(group.buckets) for group in self._groups]
         link = self._link
+        link.load_extra(state["extra"])
         with link.granted:
             link.ledger.load_state_dict(state["ledger"])
             link.claims.reset()

@@ -256,3 +256,13 @@ def set_current_epoch(trainer: object, epoch: int) -> None:
     progress = trainer.fit_loop.epoch_progress  # type: ignore[attr-defined]
     for counters in (progress.current, progress.total):
         counters.ready = counters.started = counters.processed = counters.completed = epoch
+
+
+def callbacks_state(trainer: object) -> dict[str, Any]:
+    """Every callback's ``state_dict``, as a checkpoint holds them (``trainer/call.py``)."""
+    return _pytorch("trainer.call")._call_callbacks_state_dict(trainer)  # type: ignore[no-any-return]
+
+
+def load_callbacks_state(trainer: object, states: dict[str, Any]) -> None:
+    """Give every callback its state from ``callbacks_state`` of another replica's trainer."""
+    _pytorch("trainer.call")._call_callbacks_load_state_dict(trainer, {"callbacks": states})

@@ -159,6 +159,9 @@ class FaultTolerantFit:
             finished_total=lambda: session.completion.frontier,
         )
         link.on_quorum = self.follow_lowest_live
+        # a joiner's callbacks continue the job's (ModelCheckpoint's files: `last.ckpt`, not a new `last-v1.ckpt`)
+        link.save_extra = lambda: {"callbacks": _lightning_internals.callbacks_state(trainer)}
+        link.load_extra = lambda state: _lightning_internals.load_callbacks_state(trainer, state["callbacks"])
         session.join_peers(link, on_consistent=accounting.settle if accounting is not None else None)
         epoch = link.member_epoch()
         sampler.set_epoch(epoch)  # Lightning takes the first batch before it sets the first epoch
