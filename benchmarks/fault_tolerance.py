@@ -8,7 +8,9 @@ recommends):
 * ``undisturbed``: three replicas for every epoch;
 * ``lost-one``: the third replica is SIGKILLed after its 20th batch (in the second epoch); a replacement starts as
   soon as it is dead, and the survivors hold the third epoch's start until it is in the quorum, so the job trains
-  with two replicas for the rest of the second epoch.
+  with two replicas for the rest of the second epoch;
+* ``frozen``: the third replica is SIGSTOPped after its 20th batch (a hung machine: its sockets stay open and it
+  answers nothing, so only the timeouts find it) and the two others finish the fit alone.
 
 It reports, per scenario, the final validation accuracy (the lowest live replica's), the survivors' longest exchange
 round (their stall: a round against the dead replica fails after ``ft_timeout``, 2 s here), the rounds that failed,
@@ -63,27 +65,36 @@ def run_scenario(name: str, out: Path) -> dict[str, Any]:
     try:
         waits = ("--wait-for-replicas", "3", "--wait-epochs", "0,2" if name == "lost-one" else "0")
         survivors = [_replica(out, address, slot, *waits) for slot in (0, 1)]
+        frozen = None
         if name == "lost-one":
             victim = _replica(out, address, 2, "--die-after", "20", "--wait-for-replicas", "3", "--wait-epochs", "0")
             if victim.wait(300) != -9:
                 raise RuntimeError(f"the victim was not killed: see {out}")
             third = _replica(out, address, 2)
+        elif name == "frozen":
+            frozen = _replica(out, address, 2, "--freeze-after", "20", "--wait-for-replicas", "3", "--wait-epochs", "0")
+            third = None
         else:
             third = _replica(out, address, 2, *waits)
-        codes = [process.wait(600) for process in (*survivors, third)]
-        if codes != [0, 0, 0]:
+        running = [*survivors, third] if third is not None else survivors
+        codes = [process.wait(600) for process in running]
+        if frozen is not None:
+            frozen.kill()
+            frozen.wait(10)
+        if any(codes):
             raise RuntimeError(f"{name}: replicas exited with {codes}: see {out}")
     finally:
         lighthouse.kill()
         lighthouse.wait(10)
-    records = [json.loads((out / f"replica{slot}.json").read_text()) for slot in (0, 1, 2)]
+    slots = (0, 1, 2) if name != "frozen" else (0, 1, 1)  # frozen: no third record; the survivor's stands in
+    records = [json.loads((out / f"replica{slot}.json").read_text()) for slot in slots]
     return {
         "scenario": name,
         "accuracy": records[0]["val_accuracy"][-1],
         "global_steps": [record["global_step"] for record in records],
         "survivor_longest_round_s": max(record["longest_round_s"] for record in records[:2]),
         "survivor_failed_rounds": sum(record["failed_rounds"] for record in records[:2]),
-        "third_first_batch_after_s": records[2]["first_batch_after_s"],
+        "third_first_batch_after_s": records[2]["first_batch_after_s"] if name != "frozen" else float("nan"),
         "third_trained": records[2]["trained"],
         "fit_s": max(record["fit_s"] for record in records[:2]),
     }
@@ -96,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for repeat in range(args.repeats):
-        for name in ("undisturbed", "lost-one"):
+        for name in ("undisturbed", "lost-one", "frozen"):
             with tempfile.TemporaryDirectory() as scratch:
                 row = run_scenario(name, Path(scratch))
             row["repeat"] = repeat
@@ -116,7 +127,7 @@ def main() -> None:
         " | replacement: fit to first batch (s) | fit (s) |",
         "|---|---|---|---|---|---|",
     ]
-    for name in ("undisturbed", "lost-one"):
+    for name in ("undisturbed", "lost-one", "frozen"):
         mine = [row for row in rows if row["scenario"] == name]
 
         def cell(key: str, digits: int = 3, mine: list[dict[str, Any]] = mine) -> str:

@@ -3,7 +3,8 @@
 ``python -m tests.ft_lightning_replica OUT SLOT EPOCHS [--die-after N] [--wait-for-replicas K --wait-epochs 0,1]``
 
 The digits MLP with BatchNorm (``tests/models.py``) on ``Trainer(strategy=PDASGDStrategy(fault_tolerant=True))``:
-``--die-after N`` kills this process (SIGKILL) after its N-th training batch; ``--wait-for-replicas`` holds those
+``--die-after N`` kills this process (SIGKILL) after its N-th training batch (``--freeze-after N``: SIGSTOP, a hung
+machine); ``--wait-for-replicas`` holds those
 epochs' starts until K replicas are in the quorum. Writes the final weights and what the fit saw to OUT.
 """
 
@@ -28,8 +29,9 @@ from tests.models import DigitsClassifier, DigitsData
 
 
 class _Scenario(Callback):
-    def __init__(self, die_after: int, wait_for: int, wait_epochs: set[int]) -> None:
+    def __init__(self, die_after: int, wait_for: int, wait_epochs: set[int], freeze_after: int = 0) -> None:
         self.die_after = die_after
+        self.freeze_after = freeze_after
         self.wait_for = wait_for
         self.wait_epochs = wait_epochs
         self.trained = 0
@@ -64,6 +66,8 @@ class _Scenario(Callback):
         self.trained += 1
         if self.trained == self.die_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.trained == self.freeze_after:  # a hung machine: its sockets stay open, it answers nothing
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def main() -> None:
@@ -74,10 +78,12 @@ def main() -> None:
     parser.add_argument("--die-after", type=int, default=0)
     parser.add_argument("--wait-for-replicas", type=int, default=0)
     parser.add_argument("--wait-epochs", default="")
+    parser.add_argument("--freeze-after", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
     torch.manual_seed(args.slot)
-    scenario = _Scenario(args.die_after, args.wait_for_replicas, {int(e) for e in args.wait_epochs.split(",") if e})
+    epochs = {int(e) for e in args.wait_epochs.split(",") if e}
+    scenario = _Scenario(args.die_after, args.wait_for_replicas, epochs, args.freeze_after)
     model = DigitsClassifier(optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.5))
     trainer = Trainer(
         strategy=PDASGDStrategy(fault_tolerant=True, replica=args.slot, ft_timeout=2.0, wait_timeout=120),

@@ -142,3 +142,23 @@ def test_slots_outside_the_ledger_are_refused() -> None:
         ClaimLedger(4, 2).contribution(5, [], 1)
     with pytest.raises(ValueError, match="nothing to share"):
         ClaimLedger(0, 2)
+
+
+def test_batches_a_dead_replica_left_after_the_others_ran_out_are_trained_first_next_epoch() -> None:
+    """The others' data of the epoch ended (nothing free) while a replica held leases; it dies; the members meet at
+    the epoch's end without those batches: they are carried into the next epoch, with their epoch's identity."""
+    ledger_a, ledger_b = ClaimLedger(4, 2), ClaimLedger(4, 2)
+    a, b = _Replica(0, ledger_a, lease=2), _Replica(1, ledger_b, lease=2)
+    _round([a, b])  # a: 0, 2; b: 1, 3
+    a.train(2)
+    _round([a, b])
+    assert not ledger_a.any_free() and a.claims.take() is None  # a's epoch has ended; b still holds 1 and 3
+    _round([a])  # b died: its leases are free again, but a has left the epoch
+    carried = ledger_a.next_epoch(torch.tensor([True, False]))
+    assert carried == 2 and ledger_a.carried == [(0, 1), (0, 3)]
+    assert len(ledger_a.owner) == 6 and [ledger_a.batch(i) for i in (0, 4, 5)] == [(1, 0), (0, 1), (0, 3)]
+    a.claims.reset()
+    while not ledger_a.complete:
+        a.train(2)
+        _round([a])
+    assert sorted(a.trained) == [0, 0, 1, 2, 2, 3, 4, 5] and ledger_a.committed_batches == 2 + 6

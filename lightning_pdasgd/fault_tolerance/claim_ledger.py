@@ -47,6 +47,9 @@ class ClaimLedger:
         self.epoch = epoch
         self.seed = seed  # orders every epoch's permutation (the first quorum's primary's, like rank 0's)
         self.owner = torch.full((epoch_batches,), FREE, dtype=torch.int64)
+        # batches of the previous epoch a dead replica left untrained, trained first in this one: (epoch, index),
+        # as entries ``epoch_batches + k`` of ``owner``
+        self.carried: list[tuple[int, int]] = []
         self.members = torch.zeros(slots, dtype=torch.bool)  # slots that train this epoch
         self.committed_batches = 0  # batches DONE over the whole fit (all epochs): the job's step count
 
@@ -54,7 +57,7 @@ class ClaimLedger:
     @property
     def width(self) -> int:
         """Length of one contribution: presence and wants per slot, then one flag per batch."""
-        return 2 * self.slots + self.epoch_batches
+        return 2 * self.slots + len(self.owner)
 
     def contribution(self, slot: int, finished: list[int], wanted: int) -> torch.Tensor:
         """What replica ``slot`` adds to the round's sum."""
@@ -117,11 +120,24 @@ class ClaimLedger:
     def leased_to(self, slot: int) -> list[int]:
         return (self.owner == slot).nonzero().flatten().tolist()
 
-    def next_epoch(self, present: torch.Tensor) -> None:
-        """The members met after the epoch's last batch: a new epoch, every batch free, every present slot a member."""
+    def next_epoch(self, present: torch.Tensor) -> int:
+        """The members met after the epoch's data ended: a new epoch, every batch free, every present slot a member.
+
+        Batches not done (a replica died holding them after the others had taken the epoch's last ones) are carried
+        into the new epoch and trained first; returns how many."""
+        left = (self.owner != DONE).nonzero().flatten().tolist()
+        carried = [self.batch(index) for index in left]
         self.epoch += 1
-        self.owner = torch.full((self.epoch_batches,), FREE, dtype=torch.int64)
+        self.carried = carried
+        self.owner = torch.full((self.epoch_batches + len(carried),), FREE, dtype=torch.int64)
         self.members = present.clone().bool()
+        return len(carried)
+
+    def batch(self, index: int) -> tuple[int, int]:
+        """Which epoch's permutation, and which batch of it, entry ``index`` of ``owner`` stands for."""
+        if index < self.epoch_batches:
+            return self.epoch, index
+        return self.carried[index - self.epoch_batches]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -130,6 +146,7 @@ class ClaimLedger:
             "epoch": self.epoch,
             "seed": self.seed,
             "owner": self.owner.clone(),
+            "carried": list(self.carried),
             "members": self.members.clone(),
             "committed_batches": self.committed_batches,
         }
@@ -140,6 +157,7 @@ class ClaimLedger:
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
         self.owner = state["owner"].clone()
+        self.carried = [tuple(pair) for pair in state["carried"]]
         self.members = state["members"].clone()
         self.committed_batches = int(state["committed_batches"])
 

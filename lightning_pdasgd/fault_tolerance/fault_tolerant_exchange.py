@@ -189,7 +189,10 @@ class FaultTolerantExchange(ReplicaStateTransfer):
         try:
             while not self._abort.is_set():
                 started = monotonic()
-                if self._round():
+                stop = self._round()
+                # a failed round included: the longest is the stall a dead replica caused
+                self.longest_round_s = max(self.longest_round_s, monotonic() - started)
+                if stop:
                     return
                 rest = self._link.interval_s - (monotonic() - started)
                 if rest > 0 and self._request is None and self._vote is None and not self._abort.is_set():
@@ -288,12 +291,13 @@ class FaultTolerantExchange(ReplicaStateTransfer):
             grants = ledger.apply(summed[_CONTROL:])
             link.claims.committed(grants)
             if consistent and values[_EXHAUSTED] == members:  # the members met after the epoch's data ended
-                if not ledger.complete:
+                carried = ledger.next_epoch(summed[_CONTROL : _CONTROL + ledger.slots] > 0)
+                if carried:
                     log.warning(
-                        "PD-ASGD: %d batch(es) of epoch %d were not trained: a replica died after the others had"
-                        " taken the epoch's last batches.", ledger.remaining(), ledger.epoch,
+                        "PD-ASGD: %d batch(es) of epoch %d were left by a replica that died after the others had"
+                        " taken the epoch's last batches; they are trained first in epoch %d.",
+                        carried, ledger.epoch - 1, ledger.epoch,
                     )
-                ledger.next_epoch(summed[_CONTROL : _CONTROL + ledger.slots] > 0)
                 link.claims.reset()
             link.granted.notify_all()
             self.remote_batches = max(
@@ -306,9 +310,7 @@ class FaultTolerantExchange(ReplicaStateTransfer):
             self._vote = None
             self._voted.set()
         self.rounds += 1
-        elapsed = monotonic() - started
-        self.round_seconds += elapsed
-        self.longest_round_s = max(self.longest_round_s, elapsed)
+        self.round_seconds += monotonic() - started
         if not consistent:
             return False
         with torch.no_grad():
@@ -318,6 +320,11 @@ class FaultTolerantExchange(ReplicaStateTransfer):
                 tensor.copy_(total / members)
             for buffer, largest in zip(self._integer_buffers(), largest_counts):
                 buffer.copy_(largest)
+        if kinds == ["fit_end"] and self._link.ledger.carried:
+            log.warning(
+                "PD-ASGD: the fit ended before %d batch(es) left by a replica that died were trained again.",
+                len(self._link.ledger.carried),
+            )
         with self._request_lock:
             self._request = None
         log.debug(

@@ -65,14 +65,19 @@ class LedgerBatchSampler(Sampler[list[int]]):
         # batch while the data is set up, then starts the epoch's own iterator): those batches are claimed again
         link.untake(self.yielded - self.forwards_begun())
         self.yielded = self.forwards_begun()
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(link.ledger.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
+        orders: dict[int, list[int]] = {}
         while (index := link.take_batch(self.epoch, self.raise_if_failed)) is not None:
             self.yielded += 1
-            yield order[index * self.batch_size : (index + 1) * self.batch_size]
+            epoch, position = link.ledger.batch(index)  # a batch carried from the epoch before, or this epoch's
+            if epoch not in orders:
+                orders[epoch] = self._permutation(link.ledger.seed, epoch)
+            yield orders[epoch][position * self.batch_size : (position + 1) * self.batch_size]
+
+    def _permutation(self, seed: int, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        generator = torch.Generator().manual_seed(seed + epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
 
 
 def ledger_dataloader(dataloader: DataLoader, link: Callable[[], Any]) -> DataLoader | None:
