@@ -27,7 +27,46 @@ from torch.utils.data.distributed import DistributedSampler
 from lightning_pdasgd.engine import _torch_internals
 
 
-class ClaimingBatchSampler(Sampler[list[int]]):
+class SharedEpochBatchSampler(Sampler[list[int]]):
+    """What every sampler that shares an epoch's batches between replicas has: the dataset's size and batching, the
+    epoch (Lightning sets it), the epoch's batch count (``limit_train_batches`` over all replicas) and its permutation.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, drop_last: bool, shuffle: bool) -> None:
+        if num_samples <= 0 or batch_size <= 0:
+            raise ValueError(f"{type(self).__name__}: nothing to share ({num_samples} samples, batch {batch_size}).")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.max_batches: int | None = None  # batches per epoch, all ranks together (limit_train_batches)
+        self.epoch = 0
+        # Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler` only
+        self.sampler = EpochForwarder(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_batches(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    @property
+    def epoch_batches(self) -> int:
+        """Batches in one epoch, all ranks together: the dataset's, or fewer under ``limit_train_batches``."""
+        return self.num_batches if self.max_batches is None else min(self.num_batches, self.max_batches)
+
+    def permutation(self, seed: int, epoch: int) -> list[int]:
+        """The sample order of ``epoch``: the same on every replica given the same ``seed``."""
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        generator = torch.Generator().manual_seed(seed + epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+
+class ClaimingBatchSampler(SharedEpochBatchSampler):
     """Yields the batches this rank claims from the epoch's shared permutation.
 
     It has no ``len()`` on purpose: a rank's share is only known when the epoch's data runs out, and Lightning then
@@ -48,37 +87,14 @@ class ClaimingBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         rank: int | None = None,
     ) -> None:
-        if num_samples <= 0 or batch_size <= 0:
-            raise ValueError(f"ClaimingBatchSampler: nothing to claim ({num_samples} samples, batch {batch_size}).")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.shuffle = shuffle
+        super().__init__(num_samples, batch_size, drop_last, shuffle)
         self.seed = seed
         self.store = store
         self.key_prefix = key_prefix
         self.world_size = world_size
         self.rank = rank  # None: no reserved batch (every batch through the counter)
-        self.max_batches: int | None = None  # batches per epoch, all ranks together (limit_train_batches)
         self.budget: Callable[[int], int] | None = None  # epoch's batches -> claims it may still take
-        self.epoch = 0
         self.claimed: list[int] = []  # batch indices this rank claimed in the current epoch
-        # Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler` only
-        self.sampler = EpochForwarder(self)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def num_batches(self) -> int:
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
-
-    @property
-    def epoch_batches(self) -> int:
-        """Batches in one epoch, all ranks together: the dataset's, or fewer under ``limit_train_batches``."""
-        return self.num_batches if self.max_batches is None else min(self.num_batches, self.max_batches)
 
     @property
     def estimated_batches(self) -> int:
@@ -87,14 +103,8 @@ class ClaimingBatchSampler(Sampler[list[int]]):
     def _limit(self) -> int:
         return self.epoch_batches if self.budget is None else self.budget(self.epoch_batches)
 
-    def _permutation(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.num_samples))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.num_samples, generator=generator).tolist()
-
     def __iter__(self) -> Iterator[list[int]]:
-        order = self._permutation()
+        order = self.permutation(self.seed, self.epoch)
         key = f"{self.key_prefix}/epoch{self.epoch}"
         reserved = self.rank is not None and 0 <= self.rank < self.world_size
         self.claimed = []

@@ -7,17 +7,20 @@ replica's share is known only when the epoch's data runs out); the grants come f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader
 
-from lightning_pdasgd.distributed.claiming import EpochForwarder, is_shuffled, shareable_size, with_batch_sampler
+from lightning_pdasgd.distributed.claiming import (
+    SharedEpochBatchSampler,
+    is_shuffled,
+    shareable_size,
+    with_batch_sampler,
+)
 
 
-class LedgerBatchSampler(Sampler[list[int]]):
+class LedgerBatchSampler(SharedEpochBatchSampler):
     """Yields the batches the ledger grants this replica in the current epoch.
 
     Args:
@@ -35,27 +38,11 @@ class LedgerBatchSampler(Sampler[list[int]]):
         link: Callable[[], Any],
         raise_if_failed: Callable[[], None] = lambda: None,
     ) -> None:
-        if num_samples <= 0 or batch_size <= 0:
-            raise ValueError(f"LedgerBatchSampler: nothing to share ({num_samples} samples, batch {batch_size}).")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.shuffle = shuffle
+        super().__init__(num_samples, batch_size, drop_last, shuffle)
         self._link = link
         self.raise_if_failed = raise_if_failed
         self.forwards_begun: Callable[[], int] = lambda: self.yielded  # set by the fit: its forwards so far
         self.yielded = 0  # batches handed to Lightning, over every iterator
-        self.epoch = 0
-        self.max_batches: int | None = None  # limit_train_batches, over all replicas
-        self.sampler = EpochForwarder(self)  # Lightning calls `set_epoch` on `batch_sampler.sampler`
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def epoch_batches(self) -> int:
-        full = self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
-        return full if self.max_batches is None else min(full, self.max_batches)
 
     def __iter__(self) -> Iterator[list[int]]:
         link = self._link()
@@ -70,14 +57,8 @@ class LedgerBatchSampler(Sampler[list[int]]):
             self.yielded += 1
             epoch, position = link.ledger.batch(index)  # a batch carried from the epoch before, or this epoch's
             if epoch not in orders:
-                orders[epoch] = self._permutation(link.ledger.seed, epoch)
+                orders[epoch] = self.permutation(link.ledger.seed, epoch)
             yield orders[epoch][position * self.batch_size : (position + 1) * self.batch_size]
-
-    def _permutation(self, seed: int, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.num_samples))
-        generator = torch.Generator().manual_seed(seed + epoch)
-        return torch.randperm(self.num_samples, generator=generator).tolist()
 
 
 def ledger_dataloader(dataloader: DataLoader, link: Callable[[], Any]) -> DataLoader | None:
