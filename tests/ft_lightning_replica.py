@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,7 @@ class _Scenario(Callback):
         if self.first_epoch is None:
             self.first_epoch, self.first_step = trainer.current_epoch, trainer.global_step
         if trainer.current_epoch in self.wait_epochs:
-            deadline = time.monotonic() + 120
-            while trainer.strategy.live_replicas < self.wait_for:
-                assert time.monotonic() < deadline, "the other replicas never joined"
-                threading.Event().wait(0.01)
+            trainer.strategy._fit.fault_tolerant.link.wait_for_replicas(self.wait_for)
 
     def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
         if self.first_batch_after_s is None:

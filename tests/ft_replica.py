@@ -66,11 +66,7 @@ def main() -> None:
     joined_at_epoch = epoch
     while epoch < args.epochs:
         if str(epoch) in args.wait_epochs.split(","):
-            deadline = time.monotonic() + 60
-            while link.participants < args.wait_for_replicas:
-                assert time.monotonic() < deadline, "the replacement never joined"
-                raise_if_failed()
-                time.sleep(0.01)
+            link.wait_for_replicas(args.wait_for_replicas, raise_if_failed)
         while (index := link.take_batch(epoch, raise_if_failed)) is not None:
             if first_batch_after_s is None:
                 first_batch_after_s = time.monotonic() - ready

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -193,3 +194,29 @@ def test_replicas_each_launched_by_its_own_torchrun(tmp_path: Path, lighthouse: 
     assert [record["global_step"] for record in records] == [90, 90]
     states = [torch.load(tmp_path / f"replica{slot}.pt") for slot in (0, 1)]
     assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+@pytest.mark.parametrize(
+    ("trainer_settings", "named"),
+    [
+        ({"max_steps": 20}, "max_steps=20"),
+        ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
+        ({"precision": "bf16-true"}, "precision='bf16-true'"),
+    ],
+)
+def test_settings_the_mode_cannot_do_yet_are_refused_at_setup_naming_them(
+    tmp_path: Path, trainer_settings: dict, named: str
+) -> None:
+    """Refused before anything connects to the lighthouse (none runs here), with the setting named."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_pdasgd import PDASGDStrategy
+    from tests.models import DigitsClassifier, DigitsData
+
+    strategy = PDASGDStrategy(fault_tolerant=True, lighthouse="http://localhost:1", replica=0)
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                      **trainer_settings)
+    with pytest.raises(MisconfigurationException, match=re.escape(named)):
+        trainer.fit(DigitsClassifier(), datamodule=DigitsData())

@@ -37,7 +37,7 @@ from lightning_pdasgd.distributed.exchange_buffers import apply_round, make_flat
 from lightning_pdasgd.distributed.replica_exchange import CONSISTENT_POINT_KINDS, wait_on_exchange
 from lightning_pdasgd.engine.metrics import EXCHANGE_MS, EXCHANGE_ROUNDS
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
-from lightning_pdasgd.errors import ConsistentPointMismatchError
+from lightning_pdasgd.errors import ConfigurationError, ConsistentPointMismatchError
 
 from . import torchft_adapter
 from .replica_state import ReplicaStateTransfer
@@ -76,9 +76,9 @@ class FaultTolerantExchange(ReplicaStateTransfer):
     ) -> None:
         for bucket in buckets:
             if bucket.device.type != "cpu" or bucket.dtype not in (torch.float32, torch.float64):
-                raise NotImplementedError(
-                    "PD-ASGD: `fault_tolerant=True` exchanges float32/float64 parameters on the CPU (gloo) for now;"
-                    f" got {bucket.dtype} on {bucket.device}."
+                raise ConfigurationError(
+                    "PD-ASGD: `fault_tolerant=True` exchanges float32/float64 parameters on the CPU (gloo); got"
+                    f" {bucket.dtype} on {bucket.device}. Train with `accelerator='cpu'` and `precision='32-true'`."
                 )
         self._link = link
         self._buckets = buckets

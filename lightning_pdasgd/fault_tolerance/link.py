@@ -107,6 +107,17 @@ class FaultTolerantLink:
             ledger = self.ledger
             return ledger.epoch if ledger.is_member(self.claims.slot) else ledger.epoch + 1
 
+    def wait_for_replicas(self, count: int, raise_if_failed: Callable[[], None] = lambda: None) -> None:
+        """Wait until at least ``count`` replicas are in the quorum (checked after every committed round), e.g. to
+        start only when every replica has joined; at most ``wait_timeout``."""
+        deadline = monotonic() + self.wait_timeout_s
+        with self.granted:
+            while self.participants < count:
+                if monotonic() > deadline:
+                    raise TimeoutError(f"PD-ASGD: {count} replicas were not in the quorum within `wait_timeout`.")
+                self.granted.wait(_POLL_SECONDS)
+                raise_if_failed()
+
     def untake(self, count: int) -> None:
         """The last ``count`` batches taken will not be trained: they go back to the front of this replica's queue."""
         with self.lock:

@@ -107,6 +107,11 @@ class FaultTolerantFit:
             raise MisconfigurationException(
                 "PD-ASGD `fault_tolerant=True` needs automatic optimization (the engine applies every update)."
             )
+        if str(trainer.precision) not in ("32-true", "64-true", "32", "64"):
+            raise MisconfigurationException(
+                f"PD-ASGD `fault_tolerant=True` exchanges float32/float64 parameters: `precision={trainer.precision!r}`"
+                " is not supported yet. Use `precision='32-true'`."
+            )
         if trainer.max_steps not in (None, -1):
             raise MisconfigurationException(
                 f"PD-ASGD `fault_tolerant=True` stops by epochs: `Trainer(max_steps={trainer.max_steps})` is not"
