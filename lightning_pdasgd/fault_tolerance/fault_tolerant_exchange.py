@@ -110,10 +110,14 @@ class FaultTolerantExchange(ReplicaStateTransfer):
     def start(self) -> None:
         """Start from the same state as the others (a replica joining a running job takes a peer's; replicas that all
         start together take the first quorum's lowest one's), then the thread runs rounds."""
-        while not self._start_together():
-            pass  # a replica died during the round: the next quorum
-        while not self._round_committed():
-            pass
+        deadline = monotonic() + self._link.wait_timeout_s
+        for attempt in (self._start_together, self._round_committed):
+            while not attempt():  # a replica died during the round: the next quorum leaves it out
+                if monotonic() > deadline:
+                    raise TimeoutError(
+                        "PD-ASGD: no exchange round with the other replicas committed within `wait_timeout`"
+                        f" ({self._link.wait_timeout_s:.0f} s): they keep failing or the lighthouse is unreachable."
+                    )
         with self._link.lock:
             self._link.committed_at_start = self._link.ledger.committed_batches - self.own_committed
             self.remote_batches = 0  # counted from here: the job's batches so far are this fit's starting step
