@@ -40,20 +40,13 @@ class FaultTolerantStepAccounting(StepAccounting):
         super().__init__(trainer, world_size=1, claim_key=(0, ""))
         self.job_batches: Callable[[], int] = lambda: 0  # the ledger's count of the job's batches in the anchor
 
-    def _ledger_sampler(self) -> Optional[LedgerBatchSampler]:
-        loader = self._trainer.train_dataloader
-        sampler = loader.batch_sampler if isinstance(loader, DataLoader) else None
-        return sampler if isinstance(sampler, LedgerBatchSampler) else None
+    _sampler_type = LedgerBatchSampler
 
     def _after_setup_data(self) -> None:
-        sampler = self._ledger_sampler()
+        sampler = self._claiming_sampler()
         if sampler is None:
             return
-        limit = self._user_limit
-        if isinstance(limit, float):
-            sampler.max_batches = int(sampler.epoch_batches * limit)
-        elif isinstance(limit, int):
-            sampler.max_batches = limit
+        self._limit_epoch(sampler)
         _lightning_internals.set_num_training_batches(self._trainer, sampler.epoch_batches)
 
     def _check_last_epoch_of_max_steps(self) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from lightning_pdasgd.distributed.claiming import ClaimingBatchSampler, new_claim_key
+from lightning_pdasgd.distributed.claiming import ClaimingBatchSampler, SharedEpochBatchSampler, new_claim_key
 from lightning_pdasgd.distributed.replica_link import ReplicaLink
 from lightning_pdasgd.errors import StepMismatchError
 
@@ -116,21 +116,28 @@ class StepAccounting:
         self._epoch_remote_in_batches = 0
 
     # ------------------------------------------------------------------------------------------- the epoch's batches
-    def _claiming_sampler(self) -> ClaimingBatchSampler | None:
+    _sampler_type: type[SharedEpochBatchSampler] = ClaimingBatchSampler  # what shares the epoch's batches
+
+    def _claiming_sampler(self) -> Any:
         loader = self._trainer.train_dataloader  # one DataLoader, or a collection (not claimed)
         sampler = loader.batch_sampler if isinstance(loader, DataLoader) else None
-        return sampler if isinstance(sampler, ClaimingBatchSampler) else None
+        return sampler if isinstance(sampler, self._sampler_type) else None
+
+    def _limit_epoch(self, sampler: SharedEpochBatchSampler) -> None:
+        """``limit_train_batches`` limits the epoch of all ranks together, not each rank's share."""
+        limit = self._user_limit
+        if isinstance(limit, float):
+            sampler.max_batches = int(sampler.num_batches * limit)
+        elif isinstance(limit, int):
+            sampler.max_batches = limit
 
     def _after_setup_data(self) -> None:
         """The training data is loaded: the epoch's length is the single-device one (``num_training_batches``)."""
         sampler = self._claiming_sampler()
         if sampler is None:
             return
+        self._limit_epoch(sampler)
         limit = self._user_limit
-        if isinstance(limit, float):
-            sampler.max_batches = int(sampler.num_batches * limit)
-        elif isinstance(limit, int):
-            sampler.max_batches = limit
         sampler.budget = self._budget
         if sampler.epoch_batches < self._world_size:
             raise MisconfigurationException(
