@@ -232,10 +232,13 @@ def _cells(grid: str) -> list[dict[str, Any]]:
         add("digits-mlp-small", 3, 0.1, 0.0, candidates, single)
         add("digits-mlp-small", 3, 0.01, 0.0, candidates, single, optimizer="adam")
         return [{**cell, "guard": True} if cell["kind"] == "pdasgd" else cell for cell in cells]
-    if grid == "paired":  # issue #20's goals: the default against plain on 5 paired seeds, read at every epoch's end
-        from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION as default
+    from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION
 
-        five, pair = (0, 1, 2, 3, 4), (("plain", 1, 0), ("pdasgd", 1, 2))
+    pair = (("plain", 1, 0), ("pdasgd", 1, 2))
+    if grid in ("paired", "warmup"):
+        default = DEFAULT_STALENESS_COMPENSATION
+    if grid == "paired":  # issue #20's goals: the default against plain on 5 paired seeds, read at every epoch's end
+        five = (0, 1, 2, 3, 4)
         for lr in (0.05, 0.1):  # 4 epochs on the deep CNNs: plain's seeds still disagree by 15 points after 2
             add("resnet18-digits", 4, lr, 0.9, (default,), pair, optimizer="nesterov", seeds_=five)
         for optimizer in ("sgd", "nesterov"):
@@ -248,6 +251,14 @@ def _cells(grid: str) -> list[dict[str, Any]]:
             add("digits-mlp-small", 3, 0.01, 0.0, (default,), pair, optimizer=optimizer, seeds_=five)
         add("lstm-order", 3, 0.01, 0.0, (default,), pair, optimizer="adam", seeds_=five)
         return cells
+    if grid == "warmup":  # issue #20: the synchronous warm-up (the default) against none, 8 paired seeds
+        eight = tuple(range(8))
+        add("vgg-bn-digits", 4, 0.05, 0.9, (default,), pair, seeds_=eight)
+        add("digits-cnn", 3, 0.1, 0.9, (default,), pair, seeds_=eight)
+        add("cnn32", 3, 0.02, 0.9, (default,), pair, seeds_=eight)
+        without = [{**cell, "strategy_kwargs": {"synchronous_warmup": 0}, "label": "no warm-up"}
+                   for cell in cells if cell["kind"] == "pdasgd"]
+        return cells + without
     if grid == "guard":  # issue #20: compensation off, where that diverges: the guard on against the guard off
         add("digits-cnn", 3, 0.1, 0.9, ("none",), single)
         add("digits-mlp-small", 3, 0.2, 0.9, ("none",), single)
@@ -293,7 +304,7 @@ def _multi_cells() -> list[dict[str, Any]]:
 def _key(cell: dict[str, Any]) -> str:
     return json.dumps({k: cell[k] for k in sorted(cell) if k in (
         "workload", "epochs", "lr", "momentum", "seed", "optimizer", "kind", "devices", "threads", "compensation",
-        "lazy_reads", "guard")},
+        "lazy_reads", "guard", "label", "strategy_kwargs")},
         sort_keys=True)
 
 
@@ -445,14 +456,15 @@ def write_paired_report(rows: list[dict[str, Any]], out: Path, command: str) -> 
     by_row: dict[tuple, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         setting = (row["workload"], row["optimizer"], row["lr"], row["momentum"], row["epochs"])
-        by_row[setting][row["compensation"]][row["seed"]] = row
-    others = sorted({row["compensation"] for row in rows} - {"-", default})
+        by_row[setting][row.get("label", row["compensation"])][row["seed"]] = row
+    others = sorted({row.get("label", row["compensation"]) for row in rows} - {"-", default})
     lines = [
         "# The default against plain Lightning, paired seeds (issue #20's goals)",
         "",
         f"Command: `{command}`. Each seed trains plain Lightning and PD-ASGD (1 forward : 2 backward threads, the",
-        f"default `staleness_compensation=\"{default}\"` and divergence guard) on the same data order and initial",
-        "weights. Accuracies are validation accuracy after each epoch, mean over the seeds; Δ = PD-ASGD - plain at the",
+        f"default `staleness_compensation=\"{default}\"`, synchronous warm-up and divergence guard) on the same data",
+        "order and initial weights. Accuracies are validation accuracy after each epoch, mean over the seeds;",
+        "Δ = PD-ASGD - plain at the",
         "end (mean, and [min, max] of the per-seed differences); worst epoch gap = the largest mean shortfall of",
         "PD-ASGD at any epoch's end; E[s] = measured mean staleness"
         + (f"; the last column(s): final accuracy of {', '.join(others)} on the same seeds." if others else "."),
@@ -553,7 +565,7 @@ def _plot(summary: dict[tuple, dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--grid", choices=("quick", "full", "multi", "deep", "deep-guard", "paired", "guard"),
+    parser.add_argument("--grid", choices=("quick", "full", "multi", "deep", "deep-guard", "paired", "guard", "warmup"),
                         default="quick")
     parser.add_argument("--out", default="/tmp/conv")
     parser.add_argument("--report", action="store_true",
@@ -565,8 +577,9 @@ def main() -> None:
     out = Path(args.out)
     if args.report:
         rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
-        if args.grid == "paired":
-            write_paired_report(rows, out, f"nice -n 5 python -m benchmarks.convergence --grid paired --out {out}")
+        if args.grid in ("paired", "warmup"):
+            command = f"nice -n 5 python -m benchmarks.convergence --grid {args.grid} --out {out}"
+            write_paired_report(rows, out, command)
         elif args.grid in ("full", "multi"):
             write_report(rows, out, "nice -n 5 python -m benchmarks.convergence --grid full && ... --grid multi"
                          " --out benchmarks/results")
@@ -583,7 +596,7 @@ def main() -> None:
     run_grid(cells, out)
     rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
     command = " ".join(["python -m benchmarks.convergence", *sys.argv[1:]])
-    if args.grid == "paired":
+    if args.grid in ("paired", "warmup"):
         write_paired_report(rows, out, command)
     else:
         write_report(rows, out, command, FINDINGS if args.grid in ("full", "multi") else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Union
 
@@ -15,6 +16,9 @@ DEFAULT_BACKWARD_THREADS = 2
 DEFAULT_BUCKET_NUMEL = 1 << 16
 METRICS_LEVELS = ("off", "basic", "full")
 GRADIENT_HOOK_POLICIES = ("synchronous", "skip")
+# the first steps of a fit run Lightning's own synchronous step: a fraction of the run, at most so many steps
+DEFAULT_SYNCHRONOUS_WARMUP = 0.1
+SYNCHRONOUS_WARMUP_MAX_STEPS = 500
 
 
 def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
@@ -53,6 +57,7 @@ class PDASGDConfig:
     metrics_on_progress_bar: bool = False
     gradient_hooks: str = "synchronous"
     staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION
+    synchronous_warmup: Union[int, float] = DEFAULT_SYNCHRONOUS_WARMUP
     fault_tolerant: bool = False
     lighthouse: str | None = None
     replica: int | None = None
@@ -64,8 +69,8 @@ class PDASGDConfig:
         "forward_threads", "backward_threads", "max_in_flight", "layerwise", "lazy_reads", "divergence_guard",
         "wait_timeout", "intra_op_threads", "log_grad_norm", "exchange_interval", "nonfinite",
         "checkpoint_on_preemption", "autotune_steps", "autotune_max_staleness", "bucket_numel", "metrics",
-        "metrics_on_progress_bar", "gradient_hooks", "staleness_compensation", "fault_tolerant", "lighthouse",
-        "replica", "max_replicas", "ft_timeout",
+        "metrics_on_progress_bar", "gradient_hooks", "staleness_compensation", "synchronous_warmup",
+        "fault_tolerant", "lighthouse", "replica", "max_replicas", "ft_timeout",
     )
     _BOOLEANS: ClassVar[tuple[str, ...]] = ("lazy_reads", "divergence_guard", "fault_tolerant")
     _FLOATS: ClassVar[tuple[str, ...]] = ("wait_timeout", "exchange_interval", "autotune_max_staleness", "ft_timeout")
@@ -118,6 +123,13 @@ class PDASGDConfig:
                 f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {self.exchange_interval!r}."
             )
         resolve_compensation(self.staleness_compensation)  # a ValueError names the allowed values
+        warmup = self.synchronous_warmup
+        steps = isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0
+        if not steps and not (isinstance(warmup, float) and 0.0 <= warmup < 1.0):
+            raise ValueError(
+                f"PDASGDStrategy: `synchronous_warmup` must be a number of steps (an integer >= 0) or a fraction of"
+                f" the run in [0, 1), got {warmup!r}. Use 0 to train asynchronously from the first step."
+            )
         if self.metrics not in METRICS_LEVELS:
             raise ValueError(f"PDASGDStrategy: `metrics` must be one of {METRICS_LEVELS}, got {self.metrics!r}.")
         if self.gradient_hooks not in GRADIENT_HOOK_POLICIES:
@@ -135,6 +147,16 @@ class PDASGDConfig:
             raise ValueError(f"PDASGDStrategy: `ft_timeout` must be > 0 seconds, got {self.ft_timeout!r}.")
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
             raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
+
+    def warmup_steps(self, run_steps: float, done_steps: int) -> int:
+        """How many of the coming optimizer steps run Lightning's own synchronous step: ``synchronous_warmup``
+        steps, or that fraction of a run of ``run_steps`` (``inf``: unknown) at most
+        ``SYNCHRONOUS_WARMUP_MAX_STEPS``, less the ``done_steps`` a resumed fit has already trained."""
+        warmup = self.synchronous_warmup
+        if isinstance(warmup, float):
+            cap = SYNCHRONOUS_WARMUP_MAX_STEPS
+            warmup = cap if run_steps == float("inf") else min(cap, math.ceil(warmup * run_steps))
+        return max(0, int(warmup) - done_steps)
 
     def ineffective_settings(self) -> list[str]:
         """Warnings for settings that would silently do nothing."""

@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, PDASGDConfig
+from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, DEFAULT_SYNCHRONOUS_WARMUP, PDASGDConfig
 from lightning_pdasgd.distributed.claiming import claim_batches
 from lightning_pdasgd.engine import _torch_internals
 from lightning_pdasgd.engine.backward_threads import BackwardEngine
@@ -80,13 +80,13 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
             mean staleness.
         bucket_numel: parameters updated together in one optimizer call: a module's always, and consecutive
             modules until a bucket holds this many elements (``0``: one bucket per module).
-        metrics: the ``pdasgd/*`` metrics logged: ``"basic"`` (throughput, staleness, queue, wall time),
-            ``"full"`` or ``"off"``.
+        metrics: ``pdasgd/*`` metrics logged: ``"basic"`` (throughput, staleness, queue, time), ``"full"``, ``"off"``.
         metrics_on_progress_bar: also show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean`` on the bar.
         gradient_hooks: overrides that need the whole model's gradient (``on_after_backward``, ...):
             ``"synchronous"`` runs Lightning's own step for them; ``"skip"`` trains asynchronously without them.
         staleness_compensation: how updates correct for their staleness: ``"predict"`` (default),
             ``"predict+momentum"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a ``StalenessCompensation``.
+        synchronous_warmup: the first steps one loss in flight: a fraction of the run (at most 500 steps) or steps.
         fault_tolerant, lighthouse, replica, max_replicas, ft_timeout: see ``docs/fault-tolerance.md`` (torchft).
     """
 
@@ -113,6 +113,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         metrics_on_progress_bar: bool = False,
         gradient_hooks: Literal["synchronous", "skip"] = "synchronous",
         staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION,
+        synchronous_warmup: Union[int, float] = DEFAULT_SYNCHRONOUS_WARMUP,
         fault_tolerant: bool = False, lighthouse: Optional[str] = None, replica: Optional[int] = None,
         max_replicas: int = 16, ft_timeout: float = 5.0,
         accelerator: Optional[Accelerator] = None,

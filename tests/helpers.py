@@ -28,6 +28,16 @@ def assert_identical_replicas(first: dict[str, Any], second: dict[str, Any]) -> 
             assert torch.equal(value, second["optimizer"]["state"][index][name]), (index, name)
 
 
+def assert_same_training_state(plain: Any, plain_trainer: Any, other: Any, trainer: Any) -> None:
+    """Two fits ended bit for bit alike: parameters, BatchNorm buffers and the optimizer's state."""
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key]), key
+    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
+    for index, state in trainer.optimizers[0].state_dict()["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[index][name])), (index, name)
+
+
 def trainer_kwargs(**overrides: object) -> dict[str, object]:
     """A quiet CPU Trainer configuration for tests."""
     kwargs: dict[str, object] = dict(

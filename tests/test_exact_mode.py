@@ -10,11 +10,10 @@ from typing import Any
 
 import lightning as L
 import pytest
-import torch
 
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
-from tests.helpers import DIGITS_OPTIMIZERS, engine_threads, fit_digits
+from tests.helpers import DIGITS_OPTIMIZERS, assert_same_training_state, engine_threads, fit_digits
 
 pytestmark = pytest.mark.usefixtures("users_exact_mode")  # what users get (`tests/conftest.py`)
 
@@ -36,12 +35,7 @@ def test_one_loss_in_flight_is_lightnings_own_step_bitwise(optimizer: str) -> No
     pdasgd, trainer = fit_digits(strategy, optimizer)
 
     assert trainer.global_step == plain_trainer.global_step == 40
-    for key, value in plain.state_dict().items():  # parameters and BatchNorm buffers, bit for bit
-        assert torch.equal(value, pdasgd.state_dict()[key]), key
-    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
-    for index, state in trainer.optimizers[0].state_dict()["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[index][name])), (index, name)
+    assert_same_training_state(plain, plain_trainer, pdasgd, trainer)
     assert strategy.stats.total_updates == 0, "no update went through the engine"
 
 

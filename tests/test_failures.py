@@ -112,7 +112,7 @@ class SlowModel(DigitsClassifier):
 def test_wait_timeout_names_the_wait() -> None:
     # two slots, one slow backward thread: the third forward waits for a slot (with max_in_flight=1 the batch-end
     # drain, which makes batch-end hooks see the update as in a plain step, would be the wait that times out)
-    strategy = PDASGDStrategy(backward_threads=1, max_in_flight=2, wait_timeout=0.3)
+    strategy = PDASGDStrategy(backward_threads=1, max_in_flight=2, wait_timeout=0.3, synchronous_warmup=0)
     with pytest.raises(EngineTimeoutError, match=r"wait_timeout.*in-flight slot \(`max_in_flight`\)"):
         _fit(SlowModel(), strategy=strategy)
     assert engine_threads() == []

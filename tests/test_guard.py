@@ -120,14 +120,19 @@ def test_a_blow_up_is_caught_restored_and_trained_on_with_less_asynchrony() -> N
     assert max(guarded.losses) < 1e6  # caught long before the loss overflowed
 
 
-def test_a_blow_up_with_one_loss_in_flight_is_plain_lightnings_own_and_trains_on_with_a_warning() -> None:
+@pytest.mark.parametrize(("warmup", "trips"), [(0, 2), (0.1, 1)], ids=["asynchronous-first", "warm-up"])
+def test_a_blow_up_with_one_loss_in_flight_is_plain_lightnings_own_and_trains_on_with_a_warning(
+    warmup: float, trips: int
+) -> None:
     """lr x curvature = 8, beyond plain SGD's own stable region: after the first restore the run is plain Lightning's
     updates and diverges again. Plain Lightning trains on regardless (as Lightning's own demo model does at its
-    defaults), so the guard says so and stops watching instead of ending the fit."""
+    defaults), so the guard says so and stops watching instead of ending the fit. With the synchronous warm-up the
+    blow-up comes within it, one loss in flight: said at the first trip."""
     model = LeastSquares(lr=1.0, stale=False)
     with pytest.warns(RuntimeWarning, match="plain Lightning diverges here too.*Lower the learning rate"):
-        trainer = _fit(model, PDASGDStrategy(staleness_compensation="none", nonfinite="off"))
-    assert trainer.strategy.stats.guard_trips == 2
+        trainer = _fit(model, PDASGDStrategy(staleness_compensation="none", nonfinite="off",
+                                             synchronous_warmup=warmup))
+    assert trainer.strategy.stats.guard_trips == trips
     assert trainer.global_step == STEPS  # the fit ran to its end
 
 
@@ -239,6 +244,6 @@ def test_a_blow_up_of_lightnings_own_step_after_the_fallback_is_still_said() -> 
     watching those losses, says so once and lets the fit run to its end (as plain Lightning would)."""
     model = LeastSquares(lr=1.0, stale=False)
     with pytest.warns(RuntimeWarning, match="plain Lightning diverges here too.*Lower the learning rate"):
-        trainer = _fit(model, PDASGDStrategy(staleness_compensation="none", nonfinite="off"))
+        trainer = _fit(model, PDASGDStrategy(staleness_compensation="none", nonfinite="off", synchronous_warmup=0))
     assert trainer.strategy.stats.guard_trips == 2
     assert trainer.global_step == STEPS

@@ -129,7 +129,7 @@ def test_each_layer_is_read_when_the_forward_reaches_it(lazy: bool) -> None:
     progress = _Progress()
     model = ThreeLayers(progress)
     strategy = PDASGDStrategy(backward_threads=1, max_in_flight=2, bucket_numel=0, lazy_reads=lazy,
-                              staleness_compensation="none", divergence_guard=False)
+                              staleness_compensation="none", divergence_guard=False, synchronous_warmup=0)
     trainer = L.Trainer(strategy=strategy, **trainer_kwargs(max_epochs=1))
     trainer.fit(model, train_dataloaders=_batches())
 

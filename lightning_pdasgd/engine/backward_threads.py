@@ -124,7 +124,7 @@ class BackwardEngine:
         if alive:
             raise EngineTimeoutError(
                 f"PD-ASGD: backward threads {alive} did not stop within `wait_timeout`"
-                f" ({self.wait_timeout:.0f} s) while the engine shut down."
+                f" ({self.wait_timeout:g} s) while the engine shut down."
             )
         log.debug("%s: stopped", type(self).__name__)
 
@@ -168,7 +168,7 @@ class BackwardEngine:
             with self._pending_changed:
                 self._pending -= 1
             raise EngineTimeoutError(
-                f"PD-ASGD: the backward queue stayed full for `wait_timeout` ({self.wait_timeout:.0f} s)."
+                f"PD-ASGD: the backward queue stayed full for `wait_timeout` ({self.wait_timeout:g} s)."
             ) from None
 
     @property
@@ -201,7 +201,7 @@ class BackwardEngine:
                 raise RuntimeError(f"PD-ASGD: every backward thread has exited while waiting for {what}.")
             if monotonic() > deadline:
                 raise EngineTimeoutError(
-                    f"PD-ASGD: waited more than `wait_timeout` ({self.wait_timeout:.0f} s) for {what};"
+                    f"PD-ASGD: waited more than `wait_timeout` ({self.wait_timeout:g} s) for {what};"
                     f" {self._pending} backward passes still pending. Raise `PDASGDStrategy(wait_timeout=...)`"
                     " if single backward passes really take this long."
                 )

@@ -301,10 +301,15 @@ def describe_session(session: FitSession, world_size: int) -> str:
         because = "max_in_flight=1" if session.synchronous_reason is None else "as warned"
         return f"PD-ASGD: Lightning's own synchronous step ({because}){ranks}; exact, no engine threads"
     tuning = f", autotuning {len(tuner.candidates)} candidates" if tuner is not None else ""
+    backward_threads, max_in_flight, intra_op = counts.backward_threads, counts.max_in_flight, counts.intra_op_threads
+    if session.threads.warming_up:  # say what the run trains with after it
+        backward_threads, max_in_flight = session.threads.after_warmup
+        intra_op = counts.intra_op_threads_for(backward_threads, max_in_flight, None)
+        tuning += f"; one loss in flight for the first {session.threads.warmup_left} steps (synchronous warm-up)"
     ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
     return (
-        f"PD-ASGD: 1 forward : {counts.backward_threads} backward threads{ranks},"
-        f" max_in_flight={counts.max_in_flight}, {counts.intra_op_threads} intra-op thread(s) per engine thread,"
+        f"PD-ASGD: 1 forward : {backward_threads} backward threads{ranks},"
+        f" max_in_flight={max_in_flight}, {intra_op} intra-op thread(s) per engine thread,"
         f" {len(session.updater.buckets)} update buckets"
         f" ({_update_kind(session.updater)} updates){tuning}"
     )

@@ -142,12 +142,13 @@ class FitSession(GuardRecovery):
         return self._current is not None and not self._threads.plain_steps
 
     # ------------------------------------------------------------------------------------------- lifecycle
-    def start_for(self, world_size: int, run_steps: float) -> str:
-        """Start the engine (autotuning when a thread count is "auto"); returns the line to log at INFO."""
+    def start_for(self, world_size: int, run_steps: float, warmup_steps: int = 0) -> str:
+        """Start the engine (autotuning when a thread count is "auto"; Lightning's own step for the first
+        ``warmup_steps`` optimizer steps); returns the line to log at INFO."""
         config = self._config
         short = not self._threads.start(
             config.autotune and self.synchronous_reason is None, config.autotune_steps, config.autotune_max_staleness,
-            world_size == 1, run_steps, synchronous=self.synchronous_reason is not None,
+            world_size == 1, run_steps, synchronous=self.synchronous_reason is not None, warmup_steps=warmup_steps,
         )
         return ("PD-ASGD: the run is too short for autotuning; keeping the configured thread counts.\n"
                 if short else "") + describe_session(self, world_size)
@@ -247,10 +248,15 @@ class FitSession(GuardRecovery):
 
     # ------------------------------------------------------------------------------------------- the step
     def before_step(self) -> str | None:
-        """Before a training step's closure: the autotuner may switch configuration; its report when it chooses."""
-        return self._threads.before_step(
+        """Before a training step's closure: the synchronous warm-up may end and the autotuner may switch
+        configuration; the autotuner's report when it chooses."""
+        was_plain = self._threads.plain_steps
+        report = self._threads.before_step(
             (self._stats.total_staleness_sum, self._stats.total_updates), self._config.max_in_flight
         )
+        if was_plain and not self._threads.plain_steps:
+            self._finish_plain_batch()  # the last plain step has run: its batch applied every update
+        return report
 
     def forward(self, run: Callable[[], Any], step_args: tuple[Any, ...]) -> Any:
         """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot; ``step_args``

@@ -70,6 +70,11 @@ class ThreadSettings:
         return self.counts.backward_threads
 
     @property
+    def explicit_intra_op_threads(self) -> int | None:
+        """The user's ``intra_op_threads`` (``None``: the core budget)."""
+        return self._explicit_intra_op
+
+    @property
     def max_in_flight(self) -> int:
         return self.counts.max_in_flight
 
@@ -150,13 +155,19 @@ class EngineThreads:
         )
         self.tuner: ThreadAutotuner | None = None
         self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
+        self.warming_up = False  # the synchronous warm-up: one loss in flight, then the configured counts
+        self.warmup_left = 0  # ... for this many more optimizer steps
+        self.after_warmup = (backward_threads, max_in_flight)  # the configured counts
 
     def start(self, autotune: bool, autotune_steps: int, max_staleness: float, allow_synchronous: bool,
-              run_steps: float, synchronous: bool = False) -> bool:
+              run_steps: float, synchronous: bool = False, warmup_steps: int = 0) -> bool:
         """Start the backward threads, and the autotuner when asked; ``False`` when the run is too short to tune.
 
         One loss in flight without autotuning runs Lightning's own synchronous step: the exact mode is exact and
         free by construction (``ENGINE_AT_ONE_IN_FLIGHT``). ``synchronous``: that step whatever the settings.
+        ``warmup_steps``: the first optimizer steps one loss in flight through the engine -- exact, as
+        Lightning's own step, with every engine policy (non-finite, metrics, errors) -- then the configured counts
+        (and the autotuner's trials).
         """
         one_in_flight = not autotune and self.settings.max_in_flight == 1 and not engine_at_one_in_flight()
         if synchronous or one_in_flight:
@@ -165,8 +176,12 @@ class EngineThreads:
             return True
         plan = None
         if autotune:
-            plan = plan_trials(default_candidates(self._device, allow_synchronous), autotune_steps, run_steps)
+            plan = plan_trials(default_candidates(self._device, allow_synchronous), autotune_steps,
+                               max(run_steps - warmup_steps, 0))
         self.settings.apply()
+        if warmup_steps > 0:
+            self.warming_up, self.warmup_left = True, warmup_steps
+            self.reconfigure(1, 1)
         self.engine.start()
         if plan is not None:
             candidates, steps_per_trial = plan
@@ -178,6 +193,7 @@ class EngineThreads:
         after a blow-up at two losses in flight, on one device."""
         cuda_streams.join_update_stream(self._device)
         self.plain_steps = True
+        self.warming_up = False
         self.settings.counts = ThreadCounts(self.settings.backward_threads, 1, self.settings.saved_num_threads)
         self.settings.use_every_core(None)
         self.engine.stop()
@@ -185,7 +201,15 @@ class EngineThreads:
 
     def before_step(self, staleness: tuple[float, int], configured_in_flight: int | None) -> str | None:
         """Before a training step: let the autotuner switch configuration (a step runs wholly in one); its report
-        on the step its choice is made."""
+        on the step its choice is made. During the synchronous warm-up, counts its steps; the engine takes over
+        after the last."""
+        if self.warming_up:
+            if self.warmup_left > 0:
+                self.warmup_left -= 1
+                return None
+            self.warming_up = False
+            self.engine.drain()
+            self.reconfigure(*self.after_warmup)  # drained: no update is lost or reordered
         tuner = self.tuner
         if tuner is None or tuner.done:
             return None

@@ -1,0 +1,112 @@
+"""The synchronous warm-up: the first optimizer steps of a fit run one loss in flight (exactly plain Lightning's
+updates, with every engine policy), then the configured asynchrony.
+
+Why (``docs/convergence.md``): the first steps, where the loss falls fastest, are where asynchrony cost the small
+BatchNorm CNNs of the paired grid their worst seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+
+from lightning_pdasgd import PDASGDStrategy
+from lightning_pdasgd.config import SYNCHRONOUS_WARMUP_MAX_STEPS, PDASGDConfig
+from tests.helpers import assert_same_training_state, engine_threads, fit_digits, trainer_kwargs
+from tests.models import DigitsClassifier, DigitsData
+
+
+class _Mode(L.Callback):
+    """Records, at every batch end, the bound on losses in flight the step ran under."""
+
+    def __init__(self) -> None:
+        self.in_flight: list[int] = []
+        self.parameters = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        session = trainer.strategy._session
+        assert not session.threads.plain_steps, "the warm-up runs through the engine"
+        self.in_flight.append(session.threads.settings.max_in_flight)
+        self.parameters = session.updater.num_parameters
+
+
+def test_the_warmup_steps_are_plain_lightnings_updates_bitwise() -> None:
+    plain, plain_trainer = fit_digits("auto", "sgd_momentum_nesterov_wd", steps=12)
+    strategy = PDASGDStrategy(synchronous_warmup=12)
+    warmed, trainer = fit_digits(strategy, "sgd_momentum_nesterov_wd", steps=12)
+
+    assert trainer.global_step == plain_trainer.global_step == 12
+    assert_same_training_state(plain, plain_trainer, warmed, trainer)
+    assert strategy.stats.total_updates > 0, "the updates went through the engine"
+    assert strategy.stats.total_staleness_sum == 0
+
+
+def test_the_engine_takes_over_after_the_warmup_and_trains_asynchronously() -> None:
+    mode = _Mode()
+    strategy = PDASGDStrategy(synchronous_warmup=5)
+    model, trainer = fit_digits(strategy, "sgd_momentum_nesterov_wd", steps=30, callbacks=[mode])
+
+    assert trainer.global_step == 30
+    assert mode.in_flight == [1] * 5 + [2] * 25
+    assert strategy.stats.total_updates == 30 * mode.parameters  # each step updated each parameter once
+    assert strategy.stats.total_staleness_sum > 0, "two losses in flight after the warm-up"
+    assert not engine_threads(), "the engine's threads end with the fit"
+
+
+def test_warmup_zero_trains_asynchronously_from_the_first_step() -> None:
+    mode = _Mode()
+    fit_digits(PDASGDStrategy(synchronous_warmup=0), "sgd_momentum_nesterov_wd", steps=4, callbacks=[mode])
+    assert mode.in_flight == [2] * 4
+
+
+def test_a_fraction_warms_up_that_share_of_the_run() -> None:
+    mode = _Mode()
+    fit_digits(PDASGDStrategy(synchronous_warmup=0.25), "sgd_momentum_nesterov_wd", steps=20, callbacks=[mode])
+    assert mode.in_flight == [1] * 5 + [2] * 15
+
+
+@pytest.mark.parametrize(
+    ("warmup", "run_steps", "done", "expected"),
+    [
+        (0.1, 92, 0, 10),  # a tenth of the run, rounded up
+        (0.1, 100_000, 0, SYNCHRONOUS_WARMUP_MAX_STEPS),  # at most this many steps
+        (0.1, float("inf"), 0, SYNCHRONOUS_WARMUP_MAX_STEPS),  # a run of unknown length
+        (0.1, 92, 4, 6),  # a resumed fit has trained some already
+        (0.1, 92, 40, 0),
+        (7, 92, 0, 7),
+        (7, float("inf"), 3, 4),
+        (0, 92, 0, 0),
+        (0.0, 92, 0, 0),
+    ],
+)
+def test_warmup_steps_from_the_setting(warmup: float, run_steps: float, done: int, expected: int) -> None:
+    assert PDASGDConfig.from_arguments(synchronous_warmup=warmup).warmup_steps(run_steps, done) == expected
+
+
+def test_the_default_is_a_tenth_of_the_run() -> None:
+    assert PDASGDStrategy().config.synchronous_warmup == 0.1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.0, 1.5, -0.1, True, "10", None])
+def test_a_bad_warmup_is_refused_naming_the_setting(bad: Any) -> None:
+    with pytest.raises(ValueError, match="synchronous_warmup"):
+        PDASGDStrategy(synchronous_warmup=bad)
+
+
+def test_a_resumed_fit_warms_up_only_the_steps_it_has_not_trained(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    first = L.Trainer(strategy=PDASGDStrategy(synchronous_warmup=6), max_steps=4, limit_val_batches=0,
+                      **trainer_kwargs())
+    first.fit(DigitsClassifier(), DigitsData(batch_size=32))
+    checkpoint = tmp_path / "step4.ckpt"
+    first.save_checkpoint(checkpoint)
+
+    mode = _Mode()
+    resumed = L.Trainer(strategy=PDASGDStrategy(synchronous_warmup=6), max_steps=10, limit_val_batches=0,
+                        callbacks=[mode], **trainer_kwargs())
+    resumed.fit(DigitsClassifier(), DigitsData(batch_size=32), ckpt_path=checkpoint)
+    assert resumed.global_step == 10
+    assert mode.in_flight == [1] * 2 + [2] * 4
