@@ -148,15 +148,16 @@ class PDASGDConfig:
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
             raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
 
-    def warmup_steps(self, run_steps: float, done_steps: int) -> int:
-        """How many of the coming optimizer steps run Lightning's own synchronous step: ``synchronous_warmup``
-        steps, or that fraction of a run of ``run_steps`` (``inf``: unknown) at most
-        ``SYNCHRONOUS_WARMUP_MAX_STEPS``, less the ``done_steps`` a resumed fit has already trained."""
+    def warmup_steps(self, run_steps: float, done_steps: int, ranks: int = 1) -> int:
+        """How many of this rank's coming optimizer steps run one loss in flight: ``synchronous_warmup`` steps, or
+        that fraction of a run of ``run_steps`` (``inf``: unknown) at most ``SYNCHRONOUS_WARMUP_MAX_STEPS``, less
+        the ``done_steps`` a resumed fit has already trained. Steps count as ``global_step`` does, over all
+        ``ranks`` (each trains its share)."""
         warmup = self.synchronous_warmup
         if isinstance(warmup, float):
             cap = SYNCHRONOUS_WARMUP_MAX_STEPS
             warmup = cap if run_steps == float("inf") else min(cap, math.ceil(warmup * run_steps))
-        return max(0, int(warmup) - done_steps)
+        return math.ceil(max(0, int(warmup) - done_steps) / ranks)
 
     def ineffective_settings(self) -> list[str]:
         """Warnings for settings that would silently do nothing."""

@@ -69,21 +69,23 @@ def test_a_fraction_warms_up_that_share_of_the_run() -> None:
 
 
 @pytest.mark.parametrize(
-    ("warmup", "run_steps", "done", "expected"),
+    ("warmup", "run_steps", "done", "ranks", "expected"),
     [
-        (0.1, 92, 0, 10),  # a tenth of the run, rounded up
-        (0.1, 100_000, 0, SYNCHRONOUS_WARMUP_MAX_STEPS),  # at most this many steps
-        (0.1, float("inf"), 0, SYNCHRONOUS_WARMUP_MAX_STEPS),  # a run of unknown length
-        (0.1, 92, 4, 6),  # a resumed fit has trained some already
-        (0.1, 92, 40, 0),
-        (7, 92, 0, 7),
-        (7, float("inf"), 3, 4),
-        (0, 92, 0, 0),
-        (0.0, 92, 0, 0),
+        (0.1, 92, 0, 1, 10),  # a tenth of the run, rounded up
+        (0.1, 100_000, 0, 1, SYNCHRONOUS_WARMUP_MAX_STEPS),  # at most this many steps
+        (0.1, float("inf"), 0, 1, SYNCHRONOUS_WARMUP_MAX_STEPS),  # a run of unknown length
+        (0.1, 92, 4, 1, 6),  # a resumed fit has trained some already
+        (0.1, 92, 40, 1, 0),
+        (7, 92, 0, 1, 7),
+        (7, float("inf"), 3, 1, 4),
+        (0, 92, 0, 1, 0),
+        (0.0, 92, 0, 1, 0),
+        (0.1, 92, 0, 2, 5),  # steps count over ranks, as `global_step` does: each rank warms up its share
+        (0.1, 92, 4, 4, 2),
     ],
 )
-def test_warmup_steps_from_the_setting(warmup: float, run_steps: float, done: int, expected: int) -> None:
-    assert PDASGDConfig.from_arguments(synchronous_warmup=warmup).warmup_steps(run_steps, done) == expected
+def test_warmup_steps_from_the_setting(warmup: float, run_steps: float, done: int, ranks: int, expected: int) -> None:
+    assert PDASGDConfig.from_arguments(synchronous_warmup=warmup).warmup_steps(run_steps, done, ranks) == expected
 
 
 def test_the_default_is_a_tenth_of_the_run() -> None:
