@@ -16,7 +16,7 @@ DEFAULT_BACKWARD_THREADS = 2
 DEFAULT_BUCKET_NUMEL = 1 << 16
 METRICS_LEVELS = ("off", "basic", "full")
 GRADIENT_HOOK_POLICIES = ("synchronous", "skip")
-# the first steps of a fit run Lightning's own synchronous step: a fraction of the run, at most so many steps
+# the first steps of a fit run one loss in flight: a fraction of the run, at most so many steps
 DEFAULT_SYNCHRONOUS_WARMUP = 0.1
 SYNCHRONOUS_WARMUP_MAX_STEPS = 500
 

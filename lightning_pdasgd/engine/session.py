@@ -143,7 +143,7 @@ class FitSession(GuardRecovery):
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start_for(self, world_size: int, run_steps: float, warmup_steps: int = 0) -> str:
-        """Start the engine (autotuning when a thread count is "auto"; Lightning's own step for the first
+        """Start the engine (autotuning when a thread count is "auto"; one loss in flight for the first
         ``warmup_steps`` optimizer steps); returns the line to log at INFO."""
         config = self._config
         short = not self._threads.start(

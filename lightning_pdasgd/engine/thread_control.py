@@ -70,11 +70,6 @@ class ThreadSettings:
         return self.counts.backward_threads
 
     @property
-    def explicit_intra_op_threads(self) -> int | None:
-        """The user's ``intra_op_threads`` (``None``: the core budget)."""
-        return self._explicit_intra_op
-
-    @property
     def max_in_flight(self) -> int:
         return self.counts.max_in_flight
 
