@@ -27,10 +27,10 @@ class _Mode(L.Callback):
         self.parameters = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        session = trainer.strategy._session
-        assert not session.threads.plain_steps, "the warm-up runs through the engine"
-        self.in_flight.append(session.threads.settings.max_in_flight)
-        self.parameters = session.updater.num_parameters
+        strategy = trainer.strategy
+        assert strategy.engine is not None and strategy.engine.running, "the warm-up runs through the engine"
+        self.in_flight.append(strategy.max_in_flight)
+        self.parameters = strategy.updater.num_parameters
 
 
 def test_the_warmup_steps_are_plain_lightnings_updates_bitwise() -> None:
