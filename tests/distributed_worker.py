@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lightning_pdasgd import PDASGDStrategy, Straggler  # noqa: E402
-from tests.helpers import trainer_kwargs  # noqa: E402
+from tests.helpers import LEARN_EPOCHS, trainer_kwargs  # noqa: E402
 from tests.models import LR, DigitsClassifier, DigitsData, LinearLoss, integer_batches  # noqa: E402
 
 
@@ -247,7 +247,7 @@ def learn(out: Path, log: BatchLog) -> CaseResult:
     # every rank's updates are applied to every replica: half the single-device test's lr keeps the same
     # per-sample step while staleness (two engines plus the exchange) roughly doubles
     model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
-    trainer = _trainer(strategy=PDASGDStrategy(metrics="full"), max_epochs=8, callbacks=[log])
+    trainer = _trainer(strategy=PDASGDStrategy(metrics="full"), max_epochs=LEARN_EPOCHS, callbacks=[log])
     trainer.fit(model, DigitsData(batch_size=32))
     trainer.save_checkpoint(out / "learn.ckpt")
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
@@ -394,11 +394,11 @@ def guard(out: Path, log: BatchLog) -> CaseResult:
 
 @case("resume")
 def resume(out: Path, log: BatchLog, devices: str, ckpt: str) -> CaseResult:
-    """Resumes the 2-rank ``learn`` checkpoint ``ckpt`` on ``devices`` processes to epoch 10. Checks that it goes on
-    from all ranks' step count, trains every remaining batch once, and stays accurate."""
+    """Resumes the 2-rank ``learn`` checkpoint ``ckpt`` on ``devices`` processes for two more epochs. Checks that it
+    goes on from all ranks' step count, trains every remaining batch once, and stays accurate."""
     L.seed_everything(1)
     model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-    trainer = _trainer(devices=int(devices), max_epochs=10, callbacks=[log])
+    trainer = _trainer(devices=int(devices), max_epochs=LEARN_EPOCHS + 2, callbacks=[log])
     trainer.fit(model, DigitsData(batch_size=32), ckpt_path=ckpt)
     return trainer, dict(accuracy=_accuracy(model), state=_state(model))
 
@@ -413,7 +413,7 @@ def nodes(out: Path, log: BatchLog, devices: str, num_nodes: str) -> CaseResult:
     model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
     claims = ClaimLog()
     # default_root_dir: under SLURM Lightning resumes by itself from any hpc_ckpt_*.ckpt there (the working folder)
-    trainer = _trainer(devices=int(devices), num_nodes=int(num_nodes), max_epochs=8, callbacks=[log, claims],
+    trainer = _trainer(devices=int(devices), num_nodes=int(num_nodes), max_epochs=LEARN_EPOCHS, callbacks=[log, claims],
                        default_root_dir=out)
     trainer.fit(model, DigitsData(batch_size=32))
     environment = trainer.strategy.cluster_environment

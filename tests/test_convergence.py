@@ -227,9 +227,18 @@ class AlwaysOneStale(DigitsClassifier):
         return loss
 
 
+# lr 0.2, momentum 0.9, 3 epochs: a learning rate plain Lightning handles. The run-to-run spread of one seed's final
+# accuracy is several points (plain: 0.91-0.97 over these seeds), so the tests compare means over 8 seeds, paired.
+STALE_LR_SEEDS = range(8)
+
+
+def _sgd_lr_02(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.2, momentum=0.9)
+
+
 def _accuracy(compensation: str, seed: int) -> float:
     L.seed_everything(seed)
-    model = AlwaysOneStale(optimizer=lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.9))
+    model = AlwaysOneStale(optimizer=_sgd_lr_02)
     # the guard and the warm-up off: this measures the compensation alone (the guard would also end the gating's
     # asynchrony, and the gate makes every update stale from the first)
     trainer = L.Trainer(strategy=PDASGDStrategy(backward_threads=2, staleness_compensation=compensation,
@@ -240,10 +249,27 @@ def _accuracy(compensation: str, seed: int) -> float:
     return model.val_accuracy[-1]
 
 
+@pytest.fixture(scope="module")
+def plain_accuracy() -> float:
+    """Plain Lightning's mean final accuracy over the same seeds and settings (deterministic on CPU)."""
+    accuracies = []
+    for seed in STALE_LR_SEEDS:
+        L.seed_everything(seed)
+        model = DigitsClassifier(optimizer=_sgd_lr_02)
+        L.Trainer(max_epochs=3, **trainer_kwargs()).fit(model, DigitsData(batch_size=32))
+        accuracies.append(model.val_accuracy[-1])
+    return sum(accuracies) / len(accuracies)
+
+
 @pytest.mark.parametrize(
     ("compensation", "learns"), [("none", False), (DEFAULT_STALENESS_COMPENSATION, True)]
 )
-def test_lr_tuned_for_plain_lightning_learns_only_with_compensation(compensation: str, learns: bool) -> None:
-    """lr 0.2, momentum 0.9: plain Lightning reaches ~0.93-0.97 here; uncompensated PD-ASGD 0.62-0.88."""
-    accuracy = sum(_accuracy(compensation, seed) for seed in (0, 1)) / 2
-    assert (accuracy >= 0.92) == learns, f"{compensation}: mean final accuracy {accuracy:.3f}"
+def test_lr_tuned_for_plain_lightning_learns_only_with_compensation(
+    compensation: str, learns: bool, plain_accuracy: float
+) -> None:
+    """Every update one step stale: with the default compensation the mean final accuracy stays within 3 points of
+    plain's (measured 1-2 below); uncompensated PD-ASGD ends 30-45 points below."""
+    accuracy = sum(_accuracy(compensation, seed) for seed in STALE_LR_SEEDS) / len(STALE_LR_SEEDS)
+    assert (accuracy >= plain_accuracy - 0.03) == learns, (
+        f"{compensation}: mean final accuracy {accuracy:.3f}, plain {plain_accuracy:.3f}"
+    )

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import assert_identical_replicas
+from tests.helpers import LEARN_EPOCHS, assert_identical_replicas
 from tests.models import integer_batches
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -56,9 +56,10 @@ def test_two_ranks_learn_digits(learned: Path) -> None:
     assert first["metrics"]["train_loss_epoch"] == pytest.approx(second["metrics"]["train_loss_epoch"], rel=1e-6)
     assert "pdasgd/replica_divergence" in first["metrics"] and first["metrics"]["pdasgd/exchange_rounds"] > 0
     # every epoch's 45 batches were shared dynamically, each used exactly once
-    assert first["batches"] + second["batches"] == 8 * 45
+    assert first["batches"] + second["batches"] == LEARN_EPOCHS * 45
     assert first["batches"] > 0 and second["batches"] > 0
-    assert first["global_step"] == second["global_step"] == 8 * 45  # the batches of all ranks, as on one device
+    # the batches of all ranks, as on one device
+    assert first["global_step"] == second["global_step"] == LEARN_EPOCHS * 45
 
 
 def test_replicas_are_bitwise_identical_after_fit(learned: Path) -> None:
@@ -250,9 +251,9 @@ def test_two_rank_checkpoint_resumes_on_any_device_count(learned: Path, tmp_path
     _ok(_launch("resume", tmp_path, str(devices), str(learned / "learn.ckpt")))
     resumed = torch.load(tmp_path / "resume-rank0.pt", weights_only=False)
     assert resumed["accuracy"] >= 0.9
-    assert resumed["batches"] > 0  # epochs 8 and 9 ran from the checkpoint
-    # the 2-rank checkpoint counted every rank's batches (8 epochs of 45): the step count goes on from there
-    assert resumed["global_step"] == 10 * 45
+    assert resumed["batches"] > 0  # the two epochs after the checkpoint's ran
+    # the 2-rank checkpoint counted every rank's batches (LEARN_EPOCHS epochs of 45): the step count goes on from there
+    assert resumed["global_step"] == (LEARN_EPOCHS + 2) * 45
     if devices == 2:
         other = torch.load(tmp_path / "resume-rank1.pt", weights_only=False)
         assert resumed["batches"] + other["batches"] == 2 * 45

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import assert_identical_replicas
+from tests.helpers import LEARN_EPOCHS, assert_identical_replicas
 from tests.test_distributed import WORKER, _results
 
 TIMEOUT_S = 300  # all processes of one run together
-EPOCHS, EPOCH_BATCHES = 8, 45  # the `learn` workload: 8 epochs of 45 batches (all ranks together)
+EPOCHS, EPOCH_BATCHES = LEARN_EPOCHS, 45  # the `learn` workload: epochs of 45 batches (all ranks together)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(TIMEOUT_S + 120)]
 
