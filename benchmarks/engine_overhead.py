@@ -2,14 +2,17 @@
 
 Two MLPs on random data (no data loading cost to hide behind), each trained for ``--steps`` steps by plain
 Lightning, by PD-ASGD's default (1 forward : 2 backward threads), by ``max_in_flight=1`` (the exact mode: Lightning's
-own step on one device) and by the engine at one loss in flight (``PDASGD_ENGINE_AT_ONE_IN_FLIGHT=1``), the modes
-interleaved within each repeat so that drift of the machine hits all alike; medians of ``--repeats``. Prints
-the ratio of throughputs and the overhead per step in microseconds, and writes them as JSON with ``--out``::
+own step on one device) and by the engine at one loss in flight (``PDASGD_ENGINE_AT_ONE_IN_FLIGHT=1``); on request
+(``--modes``) also by the default with its staleness compensation and/or divergence guard off, which splits what
+they cost (issue #20's throughput goal). The modes are interleaved within each repeat so that drift of the machine
+hits all alike; medians of ``--repeats``. Prints the ratio of throughputs and the overhead per step in microseconds,
+and writes them as JSON with ``--out``::
 
     python -m benchmarks.engine_overhead --repeats 3 --out benchmarks/results/engine_overhead/cpu.json
 
 Steps are timed from the first ``on_train_batch_start`` after ``--warmup`` steps to the last ``on_train_batch_end``
-(engine start-up and the final drain are excluded: the per-step cost is what this measures).
+(engine start-up and the final drain are excluded: the per-step cost is what this measures). The asynchronous modes
+run their synchronous warm-up during those ``--warmup`` steps, so every timed step is asynchronous.
 """
 
 from __future__ import annotations
@@ -40,7 +43,13 @@ class Mlp:
 
 
 MLPS = (Mlp("mlp-medium", (784, 1024, 1024, 10), 128), Mlp("mlp-small", (64, 256, 256, 10), 32))
-MODES = ("plain", "default", "max_in_flight=1", "engine, 1 in flight", "auto")
+# the default's asynchronous steps with parts of it off: what staleness compensation and the divergence guard cost
+_PARTS_OFF = {
+    "default, no guard": dict(divergence_guard=False),
+    "no compensation": dict(staleness_compensation="none"),
+    "no compensation, no guard": dict(staleness_compensation="none", divergence_guard=False),
+}
+MODES = ("plain", "default", "max_in_flight=1", "engine, 1 in flight", "auto", *_PARTS_OFF)
 DEFAULT_MODES = MODES[:4]  # "auto" is measured over whole runs, trials included: ``--modes auto --warmup 0``
 
 
@@ -83,16 +92,21 @@ class _StepTimer(L.Callback):
         return (self.ended - self.started) / max(self.timed, 1)
 
 
-def _strategy(mode: str) -> Any:
+def _strategy(mode: str, warmup: int) -> Any:
     if mode == "plain":
         return "auto"
     if mode == "auto":
         return PDASGDStrategy(backward_threads="auto")
-    return PDASGDStrategy() if mode == "default" else PDASGDStrategy(max_in_flight=1, backward_threads=1)
+    if mode in ("max_in_flight=1", "engine, 1 in flight"):
+        return PDASGDStrategy(max_in_flight=1, backward_threads=1)
+    # the synchronous warm-up ends within the untimed steps, so the timed ones are all asynchronous
+    return PDASGDStrategy(synchronous_warmup=warmup, **_PARTS_OFF.get(mode, {}))
 
 
-def time_one(mlp: Mlp, mode: str, steps: int, warmup: int, seed: int) -> float:
-    """Seconds per step of one run."""
+def time_one(
+    mlp: Mlp, mode: str, steps: int, warmup: int, seed: int, strategy: Any = None, callbacks: tuple[Any, ...] = ()
+) -> float:
+    """Seconds per step of one run (``strategy``: instead of ``mode``'s; ``callbacks``: more of Lightning's)."""
     torch.manual_seed(seed)
     samples = mlp.batch_size * (steps + warmup)
     data = TensorDataset(torch.randn(samples, mlp.sizes[0]), torch.randint(0, mlp.sizes[-1], (samples,)))
@@ -102,7 +116,8 @@ def time_one(mlp: Mlp, mode: str, steps: int, warmup: int, seed: int) -> float:
     else:
         os.environ.pop(ENGINE_AT_ONE_IN_FLIGHT, None)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, strategy=_strategy(mode), max_steps=steps + warmup, callbacks=[timer],
+        accelerator="cpu", devices=1, strategy=strategy if strategy is not None else _strategy(mode, warmup),
+        max_steps=steps + warmup, callbacks=[timer, *callbacks],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(_Classifier(mlp.sizes), DataLoader(data, batch_size=mlp.batch_size))
@@ -129,14 +144,20 @@ def measure(steps: int, warmup: int, repeats: int, modes: tuple[str, ...] = DEFA
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a run over the MLPs: ``--steps``, ``--warmup``, ``--repeats`` and ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="also write the results as JSON here")
+    return parser
+
+
+def main() -> None:
+    parser = run_arguments(__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES),
                         help=f"from {MODES} (quote names with spaces); 'plain' is always measured")
-    parser.add_argument("--out")
     args = parser.parse_args()
     modes = tuple(dict.fromkeys(["plain", *args.modes]))
     unknown = set(modes) - set(MODES)
@@ -148,12 +169,17 @@ def main() -> None:
             print(f"{name:11s} {mode:20s} {row['ms_per_step']:8.3f} ms/step  {row['ratio_to_plain']:5.3f}x plain"
                   f"  overhead {row['overhead_us_per_step']:8.1f} us/step")
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                   "torch": torch.__version__, "lightning": L.__version__}
-        with open(args.out, "w") as file:
-            json.dump({"machine": machine, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                       "results": results}, file, indent=1)
+        write_results(args.out, args, results)
+
+
+def write_results(out: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The results as JSON, with the machine and the run's steps, warm-up and repeats."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "lightning": L.__version__}
+    with open(out, "w") as file:
+        json.dump({"machine": machine, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                   "results": results}, file, indent=1)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,21 @@ def test_update_bookkeeping_splits_the_update_paths_samples() -> None:
     assert classify(raw) == {"optimizer": 7, "nonfinite check": 2, "bookkeeping": 3}
 
 
+def test_compensation_cost_times_the_default_compensation_and_the_guard() -> None:
+    """A short run of each MLP: both parts were called and timed, each a share of the process's CPU time; and the
+    guard's methods are given back afterwards."""
+    from benchmarks.compensation_cost import measure
+    from lightning_pdasgd.engine.divergence_guard import DivergenceGuard
+
+    observe = DivergenceGuard.observe
+    results = measure(steps=30, warmup=5, repeats=1)
+    assert DivergenceGuard.observe is observe
+    assert set(results) == {"mlp-medium", "mlp-small"}
+    for parts in results.values():
+        for part in ("compensation", "guard"):
+            assert 0.0 < parts[part]["cpu_share"] < 0.5, (part, parts)
+
+
 # ------------------------------------------------------------------------------------ the convergence grids (#20)
 def test_paired_grid_pairs_every_pdasgd_cell_with_a_plain_one_on_the_same_seed() -> None:
     from benchmarks.convergence import _cells

@@ -132,7 +132,10 @@ class BucketOptimizer:
             target.grad = grad
         try:
             if self._unhooked_step is not None and not group.get("differentiable"):
-                with torch.no_grad():
+                if torch.is_grad_enabled():  # in the gradient hook autograd has turned it off already
+                    with torch.no_grad():
+                        self._unhooked_step(optimizer)
+                else:
                     self._unhooked_step(optimizer)
             else:
                 args, kwargs = closure_arguments(type(optimizer))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +78,20 @@ def update_stream(device: torch.device) -> Any:
     return _UPDATE_STREAMS.get(device) if device.type == "cuda" else None
 
 
-@contextmanager
-def on_update_stream(device: torch.device, wait: bool = True, join: bool = False) -> Iterator[Any]:
+_NO_STREAM = nullcontext()  # reusable: what a CPU bucket's reads and updates enter (no generator per call)
+
+
+def on_update_stream(device: torch.device, wait: bool = True, join: bool = False) -> AbstractContextManager[Any]:
     """Run the body on the update stream; ``wait``: after the current stream's work (its inputs are ready there);
-    ``join``: the current stream then waits for the body (it reads the result or frees what the body read)."""
+    ``join``: the current stream then waits for the body (it reads the result or frees what the body read).
+    Off CUDA, nothing (entered on every update: no per-call context-manager object)."""
     if device.type != "cuda":
-        yield None
-        return
+        return _NO_STREAM
+    return _on_cuda_update_stream(device, wait, join)
+
+
+@contextmanager
+def _on_cuda_update_stream(device: torch.device, wait: bool, join: bool) -> Iterator[Any]:
     stream = _UPDATE_STREAMS.get(device)
     current = torch.cuda.current_stream(device)
     if wait and current != stream:

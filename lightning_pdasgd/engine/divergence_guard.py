@@ -188,9 +188,9 @@ class LossReader:
 
     def push(self, loss: Tensor) -> list[float]:
         """Queue this step's loss; returns the values that are ready, oldest first."""
+        if not loss.is_cuda:  # one call into torch: each one gives the GIL up, and takes it back from busy threads
+            return [loss.item() if loss.dim() == 0 else float(loss.detach().float().sum())]
         value = loss.detach()
-        if not value.is_cuda:
-            return [float(value.float().sum())]
         host = torch.empty((), dtype=torch.float32, pin_memory=True)
         host.copy_(value.float().sum(), non_blocking=True)
         event = torch.cuda.Event()

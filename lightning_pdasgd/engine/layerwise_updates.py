@@ -181,9 +181,10 @@ class LayerwiseUpdater:
             return self.windows.contribute(stash.window, index, grads, stash.versions[index])
 
     def _bucket_gradients_ready(self, stash: WeightStash, index: int) -> None:
+        """``stash``'s backward has accumulated its last gradient of bucket ``index`` (or has ended)."""
         summed = self._accumulate(stash, index, self._take_gradients(stash, index))
         if summed is not None:
-            self._step_bucket(stash, summed)
+            self._step_bucket(stash, summed, backward_done_with_bucket=True)
 
     def _step_together(self, stash: WeightStash, ready: list[ReadySum]) -> None:
         """Whole-backward updates (the caller holds the model lock): clipped by their total norm, then stepped."""
@@ -224,8 +225,12 @@ class LayerwiseUpdater:
         finally:
             stash.record.update_seconds += perf_counter() - started
 
-    def _step_bucket(self, stash: WeightStash, summed: ReadySum) -> None:
+    def _step_bucket(self, stash: WeightStash, summed: ReadySum, backward_done_with_bucket: bool = False) -> None:
         """Step one bucket's live parameters with gradients computed at the weights its forwards read.
+
+        ``backward_done_with_bucket``: ``stash``'s backward no longer uses the bucket's weights, so the storage it
+        read is released to the update (``ParameterBucket.update``), which then writes in place where no other
+        forward reads it.
 
         On CPU the gradients are checked and clipped before the bucket's lock. On CUDA this runs on autograd's
         device thread, where a host synchronisation would stall every in-flight backward: the check, the clipping
@@ -269,7 +274,10 @@ class LayerwiseUpdater:
             overrides = self.compensation.before_step(index, applied, used, read, staleness, version, hyperparameters)
             optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
 
-        staleness = bucket.update(summed.read_version, step)
+        finished_read = None
+        if backward_done_with_bucket and not on_device:
+            finished_read, stash.reads[index] = stash.reads[index], None
+        staleness = bucket.update(summed.read_version, step, finished_read)
         self._count_update(stash, index, staleness, len(present))
 
     def _count_update(self, stash: WeightStash, index: int, staleness: int, parameters: int) -> None:

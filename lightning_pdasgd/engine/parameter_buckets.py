@@ -128,11 +128,15 @@ class ParameterBucket:
         """A forward's graph no longer holds ``read`` (its backward ran). ``reusable=False``: the forward was never
         handed off, so a graph may still hold the storage: it is never written again."""
         with self._lock:
-            read.readers -= 1
-            if not reusable:
-                read.pinned = True
-            if read.readers == 0 and read is not self._live and not read.pinned:
-                self._spares.append(read)
+            self._release(read, reusable)
+
+    def _release(self, read: WeightVersion, reusable: bool) -> None:
+        """``release`` under the lock, which the caller holds."""
+        read.readers -= 1
+        if not reusable:
+            read.pinned = True
+        if read.readers == 0 and read is not self._live and not read.pinned:
+            self._spares.append(read)
 
     def read_into(self, leaves: Sequence[Tensor], fill: Fill | None = None) -> int:
         """Write the weights a forward reads into private ``leaves`` (a copy: used where the compensation predicts
@@ -185,16 +189,29 @@ class ParameterBucket:
             yield
 
     # ------------------------------------------------------------------------------------------- writes
-    def update(self, read_version: int, step: Callable[[int, int, list[Tensor]], None]) -> int:
+    def update(
+        self,
+        read_version: int,
+        step: Callable[[int, int, list[Tensor]], None],
+        finished_read: WeightVersion | None = None,
+    ) -> int:
         """Run ``step(staleness, version, targets)`` as one update; returns its staleness.
 
         ``targets`` hold the live values and are what ``step`` writes: the live storage itself when no forward
         reads it, else a second buffer that becomes live afterwards (copy-on-write). Staleness is the number of
         updates this bucket received between the forward's read and this update; ``version`` counts the updates
         before this one.
+
+        ``finished_read``: the read of the backward whose gradients this update applies, released first (CPU).
+        Once every gradient of a bucket has been accumulated, no node of that backward uses the bucket's weights
+        again (autograd runs a leaf's accumulation after every node that took the leaf as input), so that read
+        no longer needs protecting, and with no other forward reading the storage the update writes in place
+        instead of copying the bucket. On CUDA the read stays until the backward ends (the caller releases it).
         """
         # CUDA: after the gradients (ready on the stream autograd made current in the hook), on the update stream
         with self._lock, cuda_streams.on_update_stream(self.device):
+            if finished_read is not None:
+                self._release(finished_read, reusable=True)
             staleness = self._version - read_version
             target = self._writable()
             step(staleness, self._version, target.tensors)

@@ -3,8 +3,8 @@
 Why: a forward's graph saves the parameters it read. Updating them in place before its backward runs either
 breaks autograd ("modified by an inplace operation") or silently mixes old and new weights. Each forward therefore
 reads through private leaf tensors: each leaf aliases the storage of the version it read (the bucket writes
-copy-on-write, ``parameter_buckets.py``, so that storage stays as read until the backward has run), and its backward
-computes the exact gradient at those weights -- the stale gradient that asynchronous SGD theory assumes. The
+copy-on-write, ``parameter_buckets.py``, so that storage stays as read until the backward is done with it), and its
+backward computes the exact gradient at those weights -- the stale gradient that asynchronous SGD theory assumes. The
 leaves' ``.grad`` are private to one backward, so concurrent backwards never share a gradient buffer.
 
 A bucket is read when the forward reaches it (``lazy_reads.py``), not when the step starts. Until then its leaves point
