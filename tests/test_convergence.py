@@ -135,6 +135,7 @@ def test_weight_prediction_needs_momentum_and_staleness() -> None:
         param.sub_(1.0)
         method.fill(0, [param], [leaf], version=1)
         assert torch.equal(leaf, param), hyperparameters
+        assert method._states[0].previous is None, "no copy of the weights that no forward will extrapolate from"
 
 
 @pytest.mark.parametrize("name", STALENESS_COMPENSATIONS)

@@ -230,7 +230,9 @@ class WeightPrediction(StalenessCompensation):
     ) -> Optional[dict[str, Any]]:
         state = self._observe(key, staleness)
         state.momentum = self.scale > 0.0 and has_momentum(hyperparameters)
-        if state.mean_staleness > 0.0:  # else nothing was ever stale: no forward predicts (`wants_fill`), no copy
+        # no copy where no forward will predict (`wants_fill`): nothing was ever stale, or the optimizer carries no
+        # momentum (its last update is one noisy gradient, which is not extrapolated)
+        if state.momentum and state.mean_staleness > 0.0:
             params = list(params)
             if state.previous is None or [p.shape for p in state.previous] != [p.shape for p in params]:
                 state.previous = [torch.empty_like(param) for param in params]
