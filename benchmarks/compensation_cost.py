@@ -113,6 +113,7 @@ def measure(steps: int, warmup: int, repeats: int) -> dict[str, Any]:
                 for part in shares
             }
     finally:
+        CLOCK.counting = False
         undo()
     return results
 
@@ -126,6 +127,7 @@ def main() -> None:
                   f"  ({row['cpu_us_per_step']:7.1f} us per step; runs {row['runs']})")
     if args.out:
         write_results(args.out, args, results)
+
 
 if __name__ == "__main__":
     main()
