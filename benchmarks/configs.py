@@ -28,6 +28,7 @@ class Config:
     straggler_factor: Optional[float] = None  # Straggler(rank=1, factor=...) on multi-device rows
     staleness_compensation: Optional[str] = None  # None: the strategy's default
     divergence_guard: bool = True
+    replica_merge: Optional[str] = None  # None: the strategy's default ("mean")
 
     @property
     def skip_group(self) -> str:
@@ -82,6 +83,12 @@ def build_configs(devices: int) -> dict[str, Config]:
         Config(f"pdasgd-mif1-x{n}", "pdasgd", "multi",
                f"PD-ASGD max_in_flight=1 on {n} devices: Lightning's own step per rank, the exchange in the background",
                backward_threads=1, max_in_flight=1, devices=n),
+        Config(f"pdasgd-1:2-x{n}-sum", "pdasgd", "multi",
+               f"PD-ASGD 1:2 on {n} devices with replica_merge='sum' (every batch a whole step on every replica)",
+               backward_threads=2, devices=n, replica_merge="sum"),
+        Config(f"pdasgd-mif1-x{n}-sum", "pdasgd", "multi",
+               f"PD-ASGD max_in_flight=1 on {n} devices with replica_merge='sum'",
+               backward_threads=1, max_in_flight=1, devices=n, replica_merge="sum"),
     ]
     for factor in STRAGGLER_FACTORS[1:]:
         for base in (f"ddp-x{n}", f"pdasgd-1:2-x{n}"):
@@ -147,6 +154,12 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
         return Suite("compensation", "samples/s of PD-ASGD 1:2 with the default compensation and guard against"
                      " staleness_compensation='none' with the guard off, on the speed suite's workloads", plans,
                      repeats=3, straggler_workload=None, peak_repeats=3, run_timeout_s=300.0)
+    if name == "replicas":  # issue #21: two ranks against DDP, and how the exchange merges the replicas' updates
+        rows = (f"ddp-x{n}", f"pdasgd-1:2-x{n}", f"pdasgd-mif1-x{n}", f"pdasgd-1:2-x{n}-sum", f"pdasgd-mif1-x{n}-sum")
+        plans = (WorkloadPlan("digits-mlp", 5, rows), WorkloadPlan("digits-cnn", 4, rows))
+        return Suite("replicas", f"DDP and PD-ASGD on {n} devices (1:2 and max_in_flight=1), with replica_merge 'mean'"
+                     " (the default) and 'sum', on the digits MLP and CNN", plans, repeats=3,
+                     straggler_workload=None, peak_repeats=3, run_timeout_s=300.0)
     if name == "quick":
         essential = ("plain", "pdasgd-1:2", "pdasgd-auto")
         extra = (f"ddp-x{n}", f"pdasgd-1:2-x{n}") + _straggler_rows(n, (1.0,))
@@ -175,9 +188,9 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
             resnet = WorkloadPlan("cifar10-resnet18", 2, resnet_rows, train_limit=1024, val_limit=1000,
                                   target_accuracy=0.20)
         return Suite("full", "digits MLP (every row and the straggler sweep), digits CNN, ResNet-18 if CIFAR-10 is"
-                     " present", (mlp, cnn, wide, cnn32, resnet), repeats=3, straggler_workload="digits-mlp", peak_repeats=10,
-                     run_timeout_s=600.0)
+                     " present", (mlp, cnn, wide, cnn32, resnet), repeats=3, straggler_workload="digits-mlp",
+                     peak_repeats=10, run_timeout_s=600.0)
     raise ValueError(f"unknown suite {name!r}; choose one of {SUITES}")
 
 
-SUITES = ("smoke", "quick", "speed", "compensation", "full")
+SUITES = ("smoke", "quick", "speed", "compensation", "replicas", "full")

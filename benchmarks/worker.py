@@ -46,6 +46,7 @@ def _strategy(config: Config) -> Any:
             divergence_guard=config.divergence_guard,
             **({} if config.staleness_compensation is None else
                {"staleness_compensation": config.staleness_compensation}),
+            **({} if config.replica_merge is None else {"replica_merge": config.replica_merge}),
         )
     return config.strategy  # "auto" or "ddp": Lightning's own
 

@@ -15,6 +15,9 @@ ThreadCount = Union[int, Literal["auto"]]
 DEFAULT_BACKWARD_THREADS = 2
 DEFAULT_BUCKET_NUMEL = 1 << 16
 METRICS_LEVELS = ("off", "basic", "full")
+# how an exchange round combines the replicas' updates: "mean" (every batch counts 1/N of a step, as under DDP) or
+# "sum" (every batch a whole step, as on one device); see docs/multi-device.md
+REPLICA_MERGES = ("mean", "sum")
 GRADIENT_HOOK_POLICIES = ("synchronous", "skip")
 # the first steps of a fit run one loss in flight: a fraction of the run, at most so many steps
 DEFAULT_SYNCHRONOUS_WARMUP = 0.1
@@ -48,6 +51,7 @@ class PDASGDConfig:
     intra_op_threads: int | None = None
     log_grad_norm: bool = False
     exchange_interval: float = 0.0
+    replica_merge: str = "mean"
     nonfinite: str = "error"
     checkpoint_on_preemption: bool = True
     autotune_steps: int = 6
@@ -67,7 +71,7 @@ class PDASGDConfig:
     # the strategy's constructor arguments that are PD-ASGD settings (the rest are Lightning's)
     ARGUMENTS: ClassVar[tuple[str, ...]] = (
         "forward_threads", "backward_threads", "max_in_flight", "layerwise", "lazy_reads", "divergence_guard",
-        "wait_timeout", "intra_op_threads", "log_grad_norm", "exchange_interval", "nonfinite",
+        "wait_timeout", "intra_op_threads", "log_grad_norm", "exchange_interval", "replica_merge", "nonfinite",
         "checkpoint_on_preemption", "autotune_steps", "autotune_max_staleness", "bucket_numel", "metrics",
         "metrics_on_progress_bar", "gradient_hooks", "staleness_compensation", "synchronous_warmup",
         "fault_tolerant", "lighthouse", "replica", "max_replicas", "ft_timeout",
@@ -121,6 +125,12 @@ class PDASGDConfig:
         if not self.exchange_interval >= 0:
             raise ValueError(
                 f"PDASGDStrategy: `exchange_interval` must be >= 0 seconds, got {self.exchange_interval!r}."
+            )
+        if self.replica_merge not in REPLICA_MERGES:
+            raise ValueError(
+                f"PDASGDStrategy: `replica_merge` must be one of {REPLICA_MERGES}, got {self.replica_merge!r}. Use"
+                " 'mean' (the default: DDP's learning-rate semantics) or 'sum' (every batch a whole step, as on one"
+                " device)."
             )
         resolve_compensation(self.staleness_compensation)  # a ValueError names the allowed values
         warmup = self.synchronous_warmup

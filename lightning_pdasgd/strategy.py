@@ -72,6 +72,9 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         intra_op_threads: intra-op threads of each engine thread; ``None``: the core budget (``autotune.py``).
         log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's gradient.
         exchange_interval: several devices: least seconds between the starts of two exchange rounds.
+        replica_merge: several devices: how a round combines the replicas' updates: ``"mean"`` (default: every
+            batch counts ``1/N`` of a step, as under DDP, so DDP's learning rate keeps working) or ``"sum"`` (every
+            batch a whole step, as on one device).
         nonfinite: a NaN/Inf loss or gradient: ``"error"`` (stop, naming step, parameter and rank), ``"skip"``
             (drop that update, count it in ``pdasgd/skipped_updates``) or ``"off"``.
         checkpoint_on_preemption: on SIGTERM or Ctrl-C, drain, reach a consistent point and save
@@ -104,6 +107,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         intra_op_threads: Optional[int] = None,
         log_grad_norm: bool = False,
         exchange_interval: float = 0.0,
+        replica_merge: Literal["mean", "sum"] = "mean",
         nonfinite: str = "error",
         checkpoint_on_preemption: bool = True,
         autotune_steps: int = 6,

@@ -244,8 +244,8 @@ def learn(out: Path, log: BatchLog) -> CaseResult:
     """Two ranks learn the digits; saves ``learn.ckpt`` for the resume case. Checks accuracy, bitwise-identical
     replicas and optimizer states, ``sync_dist`` metrics, and that every epoch's batches were each used once."""
     L.seed_everything(0)
-    # every rank's updates are applied to every replica: half the single-device test's lr keeps the same
-    # per-sample step while staleness (two engines plus the exchange) roughly doubles
+    # the default replica_merge="mean" counts each rank's updates 1/2, as DDP's averaged gradient would; the lr is
+    # the one the sum merge needed (half the single-device test's), kept so the runs stay comparable across releases
     model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), sync_dist=True)
     trainer = _trainer(strategy=PDASGDStrategy(metrics="full"), max_epochs=LEARN_EPOCHS, callbacks=[log])
     trainer.fit(model, DigitsData(batch_size=32))
@@ -255,25 +255,48 @@ def learn(out: Path, log: BatchLog) -> CaseResult:
                          metrics=metrics, val_accuracy=model.val_accuracy)
 
 
+@case("first_epoch")
+def first_epoch(out: Path, log: BatchLog, method: str, *seeds: str) -> CaseResult:
+    """The digits MLP after one epoch on two ranks, per seed: ``method`` is ``ddp`` (Lightning's DDP) or a
+    ``replica_merge`` of PD-ASGD's default settings. Checks how much the exchange's delay costs early learning."""
+    accuracies = []
+    trainer: Any = None
+    for seed in seeds:
+        L.seed_everything(int(seed))
+        model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), hidden=128)
+        strategy = "ddp" if method == "ddp" else PDASGDStrategy(replica_merge=method)
+        trainer = L.Trainer(strategy=strategy, **trainer_kwargs(devices=2, max_epochs=1, limit_val_batches=0))
+        trainer.fit(model, DigitsData(batch_size=32))
+        accuracies.append(_accuracy(model))
+    return trainer, dict(accuracies=accuracies)
+
+
 @case("linear")
-def linear(out: Path, log: BatchLog, batches: str, *bar: str) -> CaseResult:
-    """LinearLoss on ``batches`` integer batches (``tqdm`` after it: TQDM's progress bar instead of Rich's). Checks
-    no update lost or doubled across ranks (weights are exactly -lr times all batches), each batch claimed once,
-    and the progress bar's estimated total; also the workload of the torchrun launch test."""
+def linear(out: Path, log: BatchLog, batches: str, *options: str) -> CaseResult:
+    """LinearLoss on ``batches`` integer batches (options: ``tqdm``, TQDM's progress bar instead of Rich's; ``sum``,
+    ``replica_merge="sum"``). Checks no update lost or doubled across ranks (weights are exactly -lr times all
+    batches, over the ranks under the default mean), each batch claimed once, and the progress bar's estimated
+    total; also the workload of the torchrun launch test."""
     width = 256
     model = LinearLoss(width)
     bar_total = BarTotal()
     callbacks: list[Callback] = [log, bar_total]
-    if bar == ("tqdm",):  # Lightning picks Rich when it is installed
+    if "tqdm" in options:  # Lightning picks Rich when it is installed
         from lightning.pytorch.callbacks import TQDMProgressBar
 
         callbacks.append(TQDMProgressBar())
-    trainer = _trainer(max_epochs=1, callbacks=callbacks, enable_progress_bar=True)
+    strategy = PDASGDStrategy(replica_merge=_merge(options))
+    trainer = _trainer(strategy=strategy, max_epochs=1, callbacks=callbacks, enable_progress_bar=True)
     loader = integer_batches(int(batches), width)
     trainer.fit(model, loader)
     sampler = trainer.train_dataloader.batch_sampler
     return trainer, dict(state=_state(model), claimed=list(getattr(sampler, "claimed", [])), lr=LR,
-                         bar_total=bar_total.total)
+                         bar_total=bar_total.total, merge=_merge(options))
+
+
+def _merge(options: tuple[str, ...]) -> str:
+    """The case's ``replica_merge``: ``sum`` among its options, else the default."""
+    return "sum" if "sum" in options else "mean"
 
 
 @case("straggler")
@@ -426,17 +449,18 @@ def nodes(out: Path, log: BatchLog, devices: str, num_nodes: str) -> CaseResult:
 
 
 @case("synchronous")
-def synchronous(out: Path, log: BatchLog, batches: str) -> CaseResult:
+def synchronous(out: Path, log: BatchLog, batches: str, *options: str) -> CaseResult:
     """Lightning's own step (``max_in_flight=1``) on each rank while the exchange merges in the background. Checks,
     as ``linear``, that no update is lost or doubled (no merge lands inside a step) and every batch is claimed once."""
     width = 256
     os.environ.pop("PDASGD_ENGINE_AT_ONE_IN_FLIGHT", None)  # the users' max_in_flight=1, not the engine's test mode
-    trainer = _trainer(strategy=PDASGDStrategy(max_in_flight=1), max_epochs=1, callbacks=[log])
+    trainer = _trainer(strategy=PDASGDStrategy(max_in_flight=1, replica_merge=_merge(options)), max_epochs=1,
+                       callbacks=[log])
     model = LinearLoss(width)
     trainer.fit(model, integer_batches(int(batches), width))
     sampler = trainer.train_dataloader.batch_sampler
     return trainer, dict(state=_state(model), claimed=list(getattr(sampler, "claimed", [])), lr=LR,
-                         engine_updates=trainer.strategy.stats.total_updates)
+                         engine_updates=trainer.strategy.stats.total_updates, merge=_merge(options))
 
 
 def main(name: str, out: Path, *args: str) -> None:

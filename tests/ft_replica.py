@@ -49,7 +49,7 @@ def main() -> None:
     finished = [0]
     link = FaultTolerantLink(
         settings, epoch_batches=args.batches, seed=0, interval_s=0.02, wait_timeout_s=60,
-        finished_total=lambda: finished[0], lease=2,
+        finished_total=lambda: finished[0], lease=2, merge="sum",  # each batch adds exactly 1: counted by the test
     )
     exchange = link.connect(buckets, module, optimizer, errors.append)
 

@@ -277,7 +277,7 @@ def _exchange_rank(rank: int, port: int, out: str, dtype_name: str, updates: int
         buckets = make_buckets(module, optimizer, 0)
         errors: list[BaseException] = []
         exchange = ReplicaExchange(buckets, module, optimizer, group=dist.new_group(backend="gloo"),
-                                   interval_s=0.001, timeout_s=120, on_error=errors.append)
+                                   interval_s=0.001, timeout_s=120, on_error=errors.append, merge="sum")
         exchange.start()
         step_value = 1.0 if rank == 0 else 2.0  # small integers: exact in bf16 while |sum| <= 256
 

@@ -35,6 +35,7 @@ def test_registered_under_its_name() -> None:
         (dict(wait_timeout=0), "wait_timeout"),
         (dict(forward_threads=2), "forward_threads"),
         (dict(intra_op_threads=0), "intra_op_threads"),
+        (dict(replica_merge="average"), "replica_merge"),
     ],
 )
 def test_constructor_rejects_bad_values(kwargs: dict[str, Any], name: str) -> None:

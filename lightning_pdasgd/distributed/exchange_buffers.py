@@ -85,16 +85,17 @@ def merge_rebased(
 def apply_round(
     groups: list[FlatGroup],
     snapshots: list[Tensor],
-    summed: list[Tensor],
+    merged: list[Tensor],
     local_counts: list[int],
     total_counts: list[int],
     consistent: bool,
 ) -> None:
-    """Apply a round's summed deltas: ``anchor += sum``; then under each bucket's lock ``live += anchor - snapshot``
-    (the other replicas' deltas, keeping this replica's updates made during the round), or at a consistent point
-    ``live := anchor``. The update counts (per bucket, flat) advance the buckets' versions by the others' updates."""
+    """Apply a round's merged deltas (their sum, or their mean): ``anchor += merged``; then under each bucket's lock
+    ``live += anchor - snapshot`` (the other replicas' deltas, keeping this replica's updates made during the round),
+    or at a consistent point ``live := anchor``. The update counts (per bucket, flat) advance the buckets' versions
+    by the others' updates."""
     index = 0
-    for group, snapshot, delta in zip(groups, snapshots, summed):
+    for group, snapshot, delta in zip(groups, snapshots, merged):
         group.anchor += delta
         for position, bucket in enumerate(group.buckets):
             anchor = group.views(group.anchor, position)

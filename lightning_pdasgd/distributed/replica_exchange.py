@@ -1,18 +1,20 @@
 """Asynchronous replica exchange: every rank's updates reach every replica, in the background.
 
-The exchange sums parameter *deltas*. All ranks keep an identical *anchor* (the replicas' common past). A round,
-run by a communication thread on a process group of its own:
+The exchange all-reduces parameter *deltas*. All ranks keep an identical *anchor* (the replicas' common past). A
+round, run by a communication thread on a process group of its own:
 
-1. snapshots the live parameters (each under its parameter's lock) and takes ``delta = snapshot - anchor``,
-   i.e. this rank's updates not yet shared;
-2. all-reduces the deltas (sum), the per-parameter update counts and the ranks' counts of trained batches (the
-   global step count, see ``step_accounting.py``);
-3. advances the anchor by the sum (identical on every rank) and adds the *other* ranks' deltas to the live
-   parameters: ``live += anchor_new - snapshot``, which keeps this rank's updates made during the round.
+1. reads whether this rank asks for a consistent point, then snapshots the live parameters (each under its
+   parameter's lock) and takes ``delta = snapshot - anchor``, i.e. this rank's updates not yet shared;
+2. one small all-reduce: the requests, failures and SIGTERMs, the per-parameter update counts and the ranks' counts
+   of trained batches (the global step count, see ``step_accounting.py``);
+3. all-reduces the deltas: their sum, divided by the number of ranks under ``merge="mean"`` (the default: every
+   update counts ``1/N``, as in DDP's averaged gradient; ``"sum"``: every update counts once, as on one device);
+4. advances the anchor by that (identical on every rank) and moves the live parameters with it:
+   ``live += anchor_new - snapshot``, which keeps this rank's updates made during the round.
 
 So every update made on any rank reaches every replica after at most two rounds, none is lost (a local update is
-in exactly one delta) and none is counted twice (the anchor moves by exactly the deltas). The forward and backward
-threads never wait for this thread: they only contend for a parameter's lock during a copy.
+in exactly one delta) and none is counted twice (the anchor moves by exactly the merged deltas). The forward and
+backward threads never wait for this thread: they only contend for a parameter's lock during a copy.
 
 Consistent points (validation, checkpoints, end of epoch and of fit): every rank drains its engine and asks for
 one; the first round in which every rank asks finishes with the replicas made bitwise identical (live parameters
@@ -44,6 +46,9 @@ from lightning_pdasgd.errors import ConsistentPointMismatchError, RankFailedErro
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.05
+# the replicas' divergence (a metric: two passes over the deltas) is sampled every this many rounds, and at every
+# consistent point
+_DIVERGENCE_EVERY = 8
 CONSISTENT_POINT_KINDS = ("validation", "checkpoint", "epoch_end", "fit_end", "preempt", "rebuild", "guard")
 
 
@@ -62,6 +67,8 @@ class ReplicaExchange:
         on_error: called with any exception of the thread (the engine re-raises it in the loop thread).
         local_batches: this rank's count of trained batches (read once per round); the others' sum is
             ``remote_batches``, exact once a consistent point returns.
+        merge: ``"mean"``: the anchor advances by the mean of the ranks' deltas (every update counts ``1/N``, as
+            DDP's averaged gradient does); ``"sum"``: by their sum (every update counts once, as on one device).
     """
 
     def __init__(
@@ -74,7 +81,11 @@ class ReplicaExchange:
         timeout_s: float,
         on_error: Callable[[BaseException], None],
         local_batches: Callable[[], int] = lambda: 0,
+        merge: str = "mean",
     ) -> None:
+        if merge not in ("mean", "sum"):
+            raise ValueError(f"`merge` must be 'mean' or 'sum', got {merge!r}")
+        self._merge = merge
         self._params = [param for bucket in buckets for param in bucket.params]
         self._module = module
         self._optimizer = optimizer
@@ -114,6 +125,7 @@ class ReplicaExchange:
         self.cpu_seconds = 0.0  # CPU time of the exchange thread (its share of the core budget)
         self._started_at = monotonic()
         self.divergence = 0.0
+        self._total_counts: list[int] = []  # the last round's update counts summed over ranks (per bucket, flat)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -198,24 +210,33 @@ class ReplicaExchange:
         finally:
             self._stopped.set()
 
-    def _control(self) -> tuple[bool, str | None, bool]:
-        """One small all-reduce: who asks for a consistent point (and which), who failed, who got SIGTERM."""
-        with self._request_lock:
-            request = self._request
+    def _control(
+        self, request: tuple[str, bool] | None, aborting: bool, update_counts: list[int], own_batches: int
+    ) -> tuple[bool, str | None, bool]:
+        """One small all-reduce: who asks for a consistent point (and which), who failed, who got SIGTERM, and the
+        update and batch counts of the snapshot just taken. ``request`` and ``aborting`` were read before the
+        snapshot, so a request covers it: a rank asks only once it has drained its engine. One collective instead
+        of two: each costs the round a wait for the other ranks' exchange threads, which share their cores and
+        the GIL with training."""
         kinds = len(CONSISTENT_POINT_KINDS)
         world = self._world_size
-        # layout: [ready, stop, sigterm, kind one-hot (kinds), failed ranks (world)]
-        control = torch.zeros(3 + kinds + world, dtype=torch.float64, device=self._control_device)
+        # layout: [ready, stop, sigterm, kind one-hot (kinds), failed ranks (world), update counts, own batches];
+        # float64 holds every count exactly (below 2**53)
+        control = torch.zeros(3 + kinds + world + len(update_counts) + 1, dtype=torch.float64)
         if request is not None:
             control[0] = 1
             control[1] = float(request[1])
             control[3 + CONSISTENT_POINT_KINDS.index(request[0])] = 1
         control[2] = float(self._sigterm_flag.is_set())
-        aborting = self._abort.is_set()
         if aborting:
             control[3 + kinds + self._rank] = 1
+        control[3 + kinds + world:] = torch.tensor([*update_counts, own_batches], dtype=torch.float64)
+        control = control.to(self._control_device)
         dist.all_reduce(control, group=self._control_group)
         values = control.tolist()
+        counts = values[3 + kinds + world:]
+        self._total_counts = [int(count) for count in counts[:-1]]
+        self.remote_batches = max(self.remote_batches, int(counts[-1]) - own_batches)
         failed = [rank for rank in range(world) if values[3 + kinds + rank] > 0]
         if aborting:
             return False, None, True
@@ -237,29 +258,33 @@ class ReplicaExchange:
 
     def _round(self) -> bool:
         """One exchange round; returns True when the thread should stop."""
-        consistent, kind, stop = self._control()
-        if self._abort.is_set():
-            return True
-        local_counts: list[int] = []
+        with self._request_lock:  # before the snapshot: a consistent round's snapshot holds every update
+            request = self._request
+        aborting = self._abort.is_set()
         own_batches = int(self._local_batches())  # before the snapshot: never ahead of the updates it covers
-        snapshots = []
+        snapshots: list[Tensor] = []
+        local_counts: list[int] = []
         for group in self._groups:
             snapshot, counts = group.snapshot()
             snapshots.append(snapshot)
             local_counts.extend(counts)
+        consistent, kind, stop = self._control(request, aborting, local_counts, own_batches)
+        if aborting:
+            return True
         deltas = [
             snapshot - (group.anchor if group.base is None else group.base)
             for snapshot, group in zip(snapshots, self._groups)
         ]
-        local_deltas = [delta.clone() for delta in deltas]
+        sample_divergence = consistent or self.rounds % _DIVERGENCE_EVERY == 0
+        local_deltas = [delta.clone() for delta in deltas] if sample_divergence else []
         for delta in deltas:
             dist.all_reduce(delta, group=self._group)
-        counts = torch.tensor([*local_counts, own_batches], dtype=torch.int64, device=self._control_device)
-        dist.all_reduce(counts, group=self._control_group)
-        total_counts = counts.tolist()
-        self.remote_batches = max(self.remote_batches, int(total_counts[-1]) - own_batches)
-        self.divergence = self._divergence(local_deltas, deltas)
-        apply_round(self._groups, snapshots, deltas, local_counts, total_counts, consistent)
+        if sample_divergence:
+            self.divergence = self._divergence(local_deltas, deltas)
+        if self._merge == "mean":
+            for delta in deltas:
+                delta /= self._world_size
+        apply_round(self._groups, snapshots, deltas, local_counts, self._total_counts, consistent)
         if consistent:
             self._make_identical()
             log.debug("rank %d: consistent point %r reached", self._rank, kind)

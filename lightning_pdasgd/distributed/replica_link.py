@@ -27,6 +27,7 @@ class ReplicaLink:
     timeout_s: the most any wait for a consistent point may take.
     local_batches: this rank's count of trained batches since fit started, summed over the ranks in every round
         (the step count, ``integration/step_accounting.py``).
+    merge: how a round combines the ranks' updates (``ReplicaExchange``'s ``merge``).
     """
 
     def __init__(
@@ -36,12 +37,14 @@ class ReplicaLink:
         interval_s: float,
         timeout_s: float,
         local_batches: Callable[[], int] = lambda: 0,
+        merge: str = "mean",
     ) -> None:
         self._group = group
         self._device = device
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._local_batches = local_batches
+        self._merge = merge
 
     def make_identical(self, module: nn.Module) -> None:
         for tensor in [*module.parameters(), *module.buffers()]:
@@ -63,6 +66,7 @@ class ReplicaLink:
             timeout_s=self._timeout_s,
             on_error=on_error,
             local_batches=self._local_batches,
+            merge=self._merge,
         )
 
     def any_rank(self, flags: Sequence[bool]) -> list[bool]:

@@ -287,6 +287,9 @@ class FaultTolerantExchange(ReplicaStateTransfer):
             return self._failed(local_counts)
 
         self._unsent = [[0] * len(group.buckets) for group in self._groups]
+        if self._link.merge == "mean":  # replicas outside the epoch's members trained nothing: their deltas are 0
+            for delta in deltas:
+                delta /= max(members, 1)
         flat_local = [count for group in local_counts for count in group]
         apply_round(self._groups, snapshots, deltas, flat_local, counts.tolist(), consistent)
         with link.granted:

@@ -32,6 +32,8 @@ class FaultTolerantLink:
     wait_timeout_s: the most a consistent point or a wait for a batch may take.
     finished_total: how many batches this replica has finished (every update applied) since the fit started.
     lease: batches a replica holds ahead of its training.
+    merge: how a round combines the members' updates: ``"mean"`` (divided by the members that took part) or
+        ``"sum"`` (``ReplicaExchange``'s ``merge``).
     """
 
     def __init__(
@@ -43,8 +45,10 @@ class FaultTolerantLink:
         wait_timeout_s: float,
         finished_total: Callable[[], int],
         lease: int = 4,
+        merge: str = "mean",
     ) -> None:
         self.settings = settings
+        self.merge = merge
         self.interval_s = interval_s
         self.wait_timeout_s = wait_timeout_s
         self.finished_total = finished_total

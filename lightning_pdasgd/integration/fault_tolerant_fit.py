@@ -155,6 +155,7 @@ class FaultTolerantFit:
             interval_s=max(config.exchange_interval, _LEAST_EXCHANGE_INTERVAL_S),
             wait_timeout_s=config.wait_timeout,
             finished_total=lambda: session.completion.frontier,
+            merge=config.replica_merge,
         )
         link.on_quorum = self.follow_lowest_live
         # a joiner's callbacks continue the job's (ModelCheckpoint's files: `last.ckpt`, not a new `last-v1.ckpt`)

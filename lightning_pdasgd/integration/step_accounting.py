@@ -334,6 +334,7 @@ def start_exchange(session: FitSession, group: Any, device: torch.device, accoun
         device,
         interval_s=config.exchange_interval,
         timeout_s=config.wait_timeout,
+        merge=config.replica_merge,
         local_batches=(lambda: accounting.local_batches) if accounting is not None else (lambda: 0),
     )
     session.join_peers(link, on_consistent=accounting.settle if accounting is not None else None)
