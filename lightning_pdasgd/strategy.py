@@ -71,10 +71,8 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
             before it fails with an error naming it.
         intra_op_threads: intra-op threads of each engine thread; ``None``: the core budget (``autotune.py``).
         log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's gradient.
-        exchange_interval: several devices: least seconds between the starts of two exchange rounds.
-        replica_merge: several devices: how a round combines the replicas' updates: ``"mean"`` (default: every
-            batch counts ``1/N`` of a step, as under DDP, so DDP's learning rate keeps working) or ``"sum"`` (every
-            batch a whole step, as on one device).
+        exchange_interval, replica_merge: several devices: least seconds between the starts of two exchange rounds;
+            a round merges the ranks' updates by their ``"mean"`` (default, as DDP: keep its lr) or ``"sum"``.
         nonfinite: a NaN/Inf loss or gradient: ``"error"`` (stop, naming step, parameter and rank), ``"skip"``
             (drop that update, count it in ``pdasgd/skipped_updates``) or ``"off"``.
         checkpoint_on_preemption: on SIGTERM or Ctrl-C, drain, reach a consistent point and save
@@ -106,12 +104,10 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         wait_timeout: float = 600.0,
         intra_op_threads: Optional[int] = None,
         log_grad_norm: bool = False,
-        exchange_interval: float = 0.0,
-        replica_merge: Literal["mean", "sum"] = "mean",
+        exchange_interval: float = 0.0, replica_merge: Literal["mean", "sum"] = "mean",
         nonfinite: str = "error",
         checkpoint_on_preemption: bool = True,
-        autotune_steps: int = 6,
-        autotune_max_staleness: float = 4.0,
+        autotune_steps: int = 6, autotune_max_staleness: float = 4.0,
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
         metrics: str = "basic",
         metrics_on_progress_bar: bool = False,
