@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Union
 
+from lightning_pdasgd.distributed.replica_exchange import REPLICA_MERGES
 from lightning_pdasgd.engine import nonfinite
 from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
 from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
@@ -15,9 +16,6 @@ ThreadCount = Union[int, Literal["auto"]]
 DEFAULT_BACKWARD_THREADS = 2
 DEFAULT_BUCKET_NUMEL = 1 << 16
 METRICS_LEVELS = ("off", "basic", "full")
-# how an exchange round combines the replicas' updates: "mean" (every batch counts 1/N of a step, as under DDP) or
-# "sum" (every batch a whole step, as on one device); see docs/multi-device.md
-REPLICA_MERGES = ("mean", "sum")
 GRADIENT_HOOK_POLICIES = ("synchronous", "skip")
 # the first steps of a fit run one loss in flight: a fraction of the run, at most so many steps
 DEFAULT_SYNCHRONOUS_WARMUP = 0.1
