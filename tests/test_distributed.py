@@ -58,7 +58,7 @@ def test_two_ranks_learn_digits(learned: Path) -> None:
     assert "pdasgd/replica_divergence" in first["metrics"] and first["metrics"]["pdasgd/exchange_rounds"] > 0
     # the exchange thread is paced to its share of a core (back to back 10-14% here); the rounds of the
     # consistent points, which do not wait, add a little
-    assert first["metrics"]["pdasgd/exchange_cpu_frac"] <= 1.5 * EXCHANGE_CPU_SHARE, first["metrics"]
+    assert first["metrics"]["pdasgd/exchange_cpu_frac"] <= 1.6 * EXCHANGE_CPU_SHARE, first["metrics"]
     # every epoch's 45 batches were shared dynamically, each used exactly once
     assert first["batches"] + second["batches"] == LEARN_EPOCHS * 45
     assert first["batches"] > 0 and second["batches"] > 0

@@ -135,6 +135,7 @@ class ReplicaExchange:
         self._started_at = monotonic()
         self.divergence = 0.0
         self._total_counts: list[int] = []  # the last round's update counts summed over ranks (per bucket, flat)
+        self._consistent_round = False  # the last round was a consistent point's
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -213,7 +214,7 @@ class ReplicaExchange:
                     self.round_seconds += monotonic() - started
                     self.cpu_seconds = time.thread_time()
                     period = self._interval_s
-                    if self._merge == "mean":
+                    if self._merge == "mean" and not self._consistent_round:  # a consistent point: not periodic
                         period = max(period, (self.cpu_seconds - cpu_started) / EXCHANGE_CPU_SHARE)
                     rest = period - (monotonic() - started)
                     if rest > 0 and self._request is None and not self._abort.is_set():
@@ -284,6 +285,7 @@ class ReplicaExchange:
             snapshots.append(snapshot)
             local_counts.extend(counts)
         consistent, kind, stop = self._control(request, aborting, local_counts, own_batches)
+        self._consistent_round = consistent
         if aborting:
             return True
         deltas = [
