@@ -182,7 +182,8 @@ def test_pytorch_lightning_two_ranks_share_epochs(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=280, cwd=tmp_path,
                           env=env)  # fmt: skip
     rows = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    assert done.returncode == 0 and len(rows) == 2, done.stderr[-3000:]
+    # both streams in the message: a CI run once ended with code 0 and no RESULT line (not reproduced in 20 runs)
+    assert done.returncode == 0 and len(rows) == 2, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
     assert [row[0] for row in rows] == ["0", "1"]
     assert all(row[1] == "lightning_pdasgd.pl.strategy" and row[4] == "False" for row in rows), rows
     # one step count over all ranks (docs/multi-device.md): both see every batch of the 2 epochs of 16 batches,
