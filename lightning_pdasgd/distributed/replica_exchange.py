@@ -318,13 +318,14 @@ class ReplicaExchange:
         return False
 
     def _divergence(self, local: list[Tensor], summed: list[Tensor]) -> float:
-        """Relative L2 distance of this replica's snapshot to the replicas' average at the same round."""
+        """Relative L2 distance of this replica's snapshot to the replicas' average at the same round (a metric: norms
+        in the deltas' dtype, one temporary each; in float64 copies it took 0.5 s a round for a ResNet-18 on CPU)."""
         distance = 0.0
         norm = 0.0
         for own, total, group in zip(local, summed, self._groups):
             average_offset = total / self._world_size
-            distance += float((own - average_offset).double().pow(2).sum())
-            norm += float((group.anchor + average_offset).double().pow(2).sum())
+            distance += float(torch.linalg.vector_norm(own - average_offset)) ** 2
+            norm += float(torch.linalg.vector_norm(group.anchor + average_offset)) ** 2
         return math.sqrt(distance) / max(math.sqrt(norm), 1e-12)
 
     def _make_identical(self) -> None:
