@@ -134,7 +134,6 @@ class ReplicaExchange:
         self.cpu_seconds = 0.0  # CPU time of the exchange thread (its share of the core budget)
         self._started_at = monotonic()
         self.divergence = 0.0
-        self._total_counts: list[int] = []  # the last round's update counts summed over ranks (per bucket, flat)
         self._consistent_round = False  # the last round was a consistent point's
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -228,9 +227,10 @@ class ReplicaExchange:
 
     def _control(
         self, request: tuple[str, bool] | None, aborting: bool, update_counts: list[int], own_batches: int
-    ) -> tuple[bool, str | None, bool]:
+    ) -> tuple[bool, str | None, bool, list[int]]:
         """One small all-reduce: who asks for a consistent point (and which), who failed, who got SIGTERM, and the
-        update and batch counts of the snapshot just taken. ``request`` and ``aborting`` were read before the
+        update and batch counts of the snapshot just taken; returns (consistent, kind, stop, the update counts
+        summed over the ranks). ``request`` and ``aborting`` were read before the
         snapshot, so a request covers it: a rank asks only once it has drained its engine. One collective instead
         of two: each costs the round a wait for the other ranks' exchange threads, which share their cores and
         the GIL with training."""
@@ -251,17 +251,17 @@ class ReplicaExchange:
         dist.all_reduce(control, group=self._control_group)
         values = control.tolist()
         counts = values[3 + kinds + world:]
-        self._total_counts = [int(count) for count in counts[:-1]]
+        total_counts = [int(count) for count in counts[:-1]]
         self.remote_batches = max(self.remote_batches, int(counts[-1]) - own_batches)
         failed = [rank for rank in range(world) if values[3 + kinds + rank] > 0]
         if aborting:
-            return False, None, True
+            return False, None, True, total_counts
         if failed:
             raise RankFailedError(f"PD-ASGD: rank(s) {failed} failed; stopping this rank (rank {self._rank}) too.")
         if values[2] > 0:
             self.sigterm_seen.set()
         if values[0] < world:
-            return False, None, False
+            return False, None, False, total_counts
         asked = [CONSISTENT_POINT_KINDS[i] for i in range(kinds) if values[3 + i] > 0]
         if len(asked) != 1:
             raise ConsistentPointMismatchError(
@@ -270,7 +270,7 @@ class ReplicaExchange:
                 " (`val_check_interval=1.0`) and save checkpoints at epoch ends or after validation; a callback that"
                 " stops or validates one rank mid-epoch (`trainer.should_stop` from a batch hook) cannot work."
             )
-        return True, asked[0], values[1] > 0
+        return True, asked[0], values[1] > 0, total_counts
 
     def _round(self) -> bool:
         """One exchange round; returns True when the thread should stop."""
@@ -284,7 +284,7 @@ class ReplicaExchange:
             snapshot, counts = group.snapshot()
             snapshots.append(snapshot)
             local_counts.extend(counts)
-        consistent, kind, stop = self._control(request, aborting, local_counts, own_batches)
+        consistent, kind, stop, total_counts = self._control(request, aborting, local_counts, own_batches)
         self._consistent_round = consistent
         if aborting:
             return True
@@ -301,7 +301,7 @@ class ReplicaExchange:
         if self._merge == "mean":
             for delta in deltas:
                 delta /= self._world_size
-        apply_round(self._groups, snapshots, deltas, local_counts, self._total_counts, consistent)
+        apply_round(self._groups, snapshots, deltas, local_counts, total_counts, consistent)
         if consistent:
             self._make_identical()
             log.debug("rank %d: consistent point %r reached", self._rank, kind)
