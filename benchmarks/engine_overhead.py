@@ -70,26 +70,32 @@ class _Classifier(L.LightningModule):
 
 
 class _StepTimer(L.Callback):
-    """Wall time of the steps after the warm-up (Lightning's own hooks, on the loop thread)."""
+    """Wall time and the process's CPU time (every thread) of the steps after the warm-up (Lightning's own hooks,
+    on the loop thread). CPU time varies far less between runs than wall time on a shared machine, and with every
+    core busy it is what a mode costs in throughput: it splits costs of a few percent that wall time cannot."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.started = 0.0
-        self.ended = 0.0
+        self.started = self.ended = 0.0
+        self.cpu_started = self.cpu_ended = 0.0
         self.timed = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.warmup:
-            self.started = time.perf_counter()
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step > self.warmup:
-            self.ended = time.perf_counter()
+            self.ended, self.cpu_ended = time.perf_counter(), time.process_time()
             self.timed = trainer.global_step - self.warmup
 
     @property
     def seconds_per_step(self) -> float:
         return (self.ended - self.started) / max(self.timed, 1)
+
+    @property
+    def cpu_seconds_per_step(self) -> float:
+        return (self.cpu_ended - self.cpu_started) / max(self.timed, 1)
 
 
 def _strategy(mode: str, warmup: int) -> Any:
@@ -107,6 +113,13 @@ def time_one(
     mlp: Mlp, mode: str, steps: int, warmup: int, seed: int, strategy: Any = None, callbacks: tuple[Any, ...] = ()
 ) -> float:
     """Seconds per step of one run (``strategy``: instead of ``mode``'s; ``callbacks``: more of Lightning's)."""
+    return _timed_run(mlp, mode, steps, warmup, seed, strategy, callbacks).seconds_per_step
+
+
+def _timed_run(
+    mlp: Mlp, mode: str, steps: int, warmup: int, seed: int, strategy: Any = None, callbacks: tuple[Any, ...] = ()
+) -> _StepTimer:
+    """One run; its timer holds the wall and CPU seconds of the timed steps."""
     torch.manual_seed(seed)
     samples = mlp.batch_size * (steps + warmup)
     data = TensorDataset(torch.randn(samples, mlp.sizes[0]), torch.randint(0, mlp.sizes[-1], (samples,)))
@@ -121,16 +134,19 @@ def time_one(
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(_Classifier(mlp.sizes), DataLoader(data, batch_size=mlp.batch_size))
-    return timer.seconds_per_step
+    return timer
 
 
 def measure(steps: int, warmup: int, repeats: int, modes: tuple[str, ...] = DEFAULT_MODES) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for mlp in MLPS:
         times: dict[str, list[float]] = {mode: [] for mode in modes}
+        cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
         for repeat in range(repeats):
             for mode in modes:  # interleaved: every repeat times each mode once
-                times[mode].append(time_one(mlp, mode, steps, warmup, seed=repeat))
+                timer = _timed_run(mlp, mode, steps, warmup, seed=repeat)
+                times[mode].append(timer.seconds_per_step)
+                cpu_times[mode].append(timer.cpu_seconds_per_step)
         plain = statistics.median(times["plain"])
         results[mlp.name] = {
             mode: {
@@ -138,6 +154,8 @@ def measure(steps: int, warmup: int, repeats: int, modes: tuple[str, ...] = DEFA
                 "ratio_to_plain": round(plain / statistics.median(values), 3),
                 "overhead_us_per_step": round((statistics.median(values) - plain) * 1e6, 1),
                 "runs_ms": [round(value * 1e3, 4) for value in values],
+                "cpu_ms_per_step": round(statistics.median(cpu_times[mode]) * 1e3, 4),
+                "cpu_runs_ms": [round(value * 1e3, 4) for value in cpu_times[mode]],
             }
             for mode, values in times.items()
         }
@@ -167,7 +185,7 @@ def main() -> None:
     for name, modes in results.items():
         for mode, row in modes.items():
             print(f"{name:11s} {mode:20s} {row['ms_per_step']:8.3f} ms/step  {row['ratio_to_plain']:5.3f}x plain"
-                  f"  overhead {row['overhead_us_per_step']:8.1f} us/step")
+                  f"  overhead {row['overhead_us_per_step']:8.1f} us/step  CPU {row['cpu_ms_per_step']:8.3f} ms/step")
     if args.out:
         write_results(args.out, args, results)
 

@@ -80,3 +80,34 @@ def test_only_torchs_own_sgd_adam_and_adamw_skip_the_step_wrappers() -> None:
         assert _torch_internals.unhooked_step(cls) is not None, cls
     for cls in (CustomSGD, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.LBFGS):
         assert _torch_internals.unhooked_step(cls) is None, cls
+
+
+@pytest.mark.parametrize(
+    ("make", "exact"),
+    [
+        (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3), True),
+        (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.2, maximize=True), True),
+        (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True), False),
+        (lambda params: torch.optim.SGD(params, lr=0.1), False),
+        (lambda params: torch.optim.Adam(params, lr=0.1), False),
+    ],
+    ids=["heavy-ball", "heavy-ball-maximize", "nesterov", "no-momentum", "adam"],
+)
+def test_a_heavy_ball_step_is_exactly_lr_times_its_momentum_buffer(make: Any, exact: bool) -> None:
+    """``heavy_ball_velocity``: only where ``-lr * momentum_buffer`` is the step the bucket just took (what weight
+    prediction extrapolates instead of keeping a copy of the weights); ``None`` for every other optimizer."""
+    module = torch.nn.Linear(5, 3)
+    optimizer = make(module.parameters())
+    bucket = make_buckets(module, optimizer, 0)[0]
+    stepper = BucketOptimizer(optimizer, bucket)
+    hyperparameters = hyperparameter_snapshot(optimizer)[0]
+    assert stepper.heavy_ball_velocity(hyperparameters) is None, "no buffer before the first step"
+    for _ in range(2):
+        before = [tensor.clone() for tensor in bucket.aliases]
+        stepper.step([torch.randn(p.shape) for p in bucket.params], hyperparameters, bucket.aliases)
+    velocity = stepper.heavy_ball_velocity(hyperparameters)
+    assert (velocity is not None) is exact
+    if velocity is not None:
+        buffers, factor = velocity
+        for after, earlier, buffer in zip(bucket.aliases, before, buffers):
+            torch.testing.assert_close(after - earlier, factor * buffer, rtol=1e-5, atol=1e-7)

@@ -312,3 +312,51 @@ def test_weight_prediction_with_momentum_correction_uses_the_ramp() -> None:
     assert _step(method, 2) == {"momentum": pytest.approx(corrected_momentum(0.9, 2.0, 0.5))}
     assert _step(method, 2, {**SGD_MOMENTUM, "momentum": 0.5}, key="low") is None
     assert _step(WeightPrediction(), 2) is None  # prediction alone never overrides
+
+
+@pytest.mark.parametrize("shapes", [[(300, 100), (100,)], [(3, 2)] * 9], ids=["few-large", "many-small"])
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.01, "dampening": 0.1}, {"maximize": True}],
+                         ids=["plain", "decay-dampening", "maximize"])
+def test_weight_prediction_from_heavy_ball_buffers_matches_the_copy_of_the_weights(
+    shapes: list[tuple[int, ...]], options: dict[str, Any]
+) -> None:
+    """Heavy-ball SGD moves the weights by exactly ``-lr * momentum_buffer``: given the buffers
+    (``observe_velocity``), the prediction keeps no copy of the weights before each update and still reads what
+    the copy-and-lerp prediction reads, for torch's own SGD steps."""
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    runs = {}
+    for from_buffers in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, **options)
+        method = WeightPrediction()
+        grads = torch.Generator().manual_seed(1)
+        for version in range(3):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=grads)
+            live = [param.detach() for param in params]
+            method.before_step(0, live, [p.grad for p in params], live, 1, version, optimizer.param_groups[0])
+            optimizer.step()
+            if from_buffers:
+                buffers = [optimizer.state[param]["momentum_buffer"] for param in params]
+                method.observe_velocity(0, (buffers, -0.1))
+        assert (method._states[0].previous is None) is from_buffers, "no copy of the weights with the buffers"
+        leaves = [torch.full_like(w, float("nan")) for w in start]
+        assert method.wants_fill(0, 3)
+        method.fill(0, [param.detach() for param in params], leaves, 3)
+        runs[from_buffers] = leaves
+    for with_buffers, with_copy in zip(runs[True], runs[False]):
+        torch.testing.assert_close(with_buffers, with_copy, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_prediction_falls_back_to_the_copy_when_the_optimizer_keeps_no_velocity() -> None:
+    """``observe_velocity(key, None)`` (another optimizer, Nesterov, a bucket not every parameter of which moved):
+    the next update copies the weights again; until then the forward reads the live weights."""
+    method = WeightPrediction()
+    _step(method, 1, version=0)
+    method.observe_velocity(0, ([torch.zeros(3, 2), torch.zeros(2)], -0.1))
+    assert method.wants_fill(0, 1) and method._states[0].previous is None
+    method.observe_velocity(0, None)
+    assert not method.wants_fill(0, 1)
+    _step(method, 1, version=1)
+    assert method._states[0].previous is not None and method.wants_fill(0, 2)

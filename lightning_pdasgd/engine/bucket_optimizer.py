@@ -106,6 +106,25 @@ class BucketOptimizer:
         """The next step is skipped on the device where ``found_inf`` is 1 (float32, on the parameters' device)."""
         self._optimizer.found_inf = found_inf  # type: ignore[attr-defined]  # read by torch's fused step
 
+    def heavy_ball_velocity(self, hyperparameters: dict[str, Any]) -> tuple[list[Tensor], float] | None:
+        """After a step that updated every parameter of the bucket: torch's SGD with heavy-ball momentum moved each
+        by exactly ``-lr * momentum_buffer`` (weight decay, dampening and ``maximize`` are inside the buffer), so
+        the buffers and ``-lr`` describe the update without a copy of the weights. ``None`` for any other
+        optimizer, Nesterov momentum (its update also holds the gradient) or a tensor ``lr``."""
+        if type(self._optimizer) is not torch.optim.SGD or hyperparameters.get("nesterov"):
+            return None
+        lr, momentum = hyperparameters.get("lr"), hyperparameters.get("momentum")
+        if not isinstance(lr, (int, float)) or not isinstance(momentum, (int, float)) or momentum <= 0:
+            return None
+        user_state = self._user.state
+        buffers = []
+        for param in self._bucket.params:
+            buffer = user_state[param].get("momentum_buffer") if param in user_state else None
+            if buffer is None:
+                return None
+            buffers.append(buffer)
+        return buffers, -float(lr)
+
     def step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any], targets: list[Tensor]) -> None:
         """One update of the bucket's values in ``targets`` from ``grads`` (``None``: that parameter is left as
         it is). ``targets`` are the storage the bucket chose to write (``ParameterBucket.update``: the live values

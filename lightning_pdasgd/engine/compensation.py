@@ -12,8 +12,10 @@ still holds the weights its forward read, so it can correct for it. Methods (``S
   extrapolated along the measured per-update velocity by the expected staleness,
   ``w + E[s] * (w - w_prev) / (v - v_prev)``, so the gradient is computed close to the weights it will be applied to.
   Optimizer-agnostic: the velocity is the applied update itself (momentum buffer x lr for SGD, the bias-corrected Adam
-  step, ...). Without momentum (plain SGD, Adagrad, RMSprop with ``momentum=0``) the last update is one noisy
-  gradient, whose extrapolation hurts stability, so the forward then reads the weights unchanged. It leaves the
+  step, ...): a copy of the weights before each update, except for heavy-ball SGD, whose momentum buffer times ``-lr``
+  is exactly its update (``observe_velocity``: no copy). Without momentum (plain SGD, Adagrad, RMSprop with
+  ``momentum=0``) the last update is one noisy gradient, whose extrapolation hurts stability, so the forward then
+  reads the weights unchanged. It leaves the
   optimizer's hyperparameters alone, so per-step progress is plain's. Chosen over ``"predict+momentum"`` on 5-14
   paired seeds with lazy layer-wise reads (benchmarks/results/convergence-paired): the digits CNN at lr 0.1 0.934 vs
   0.818 (plain 0.962), cnn32 at lr 0.02 0.967 vs 0.830 (plain 0.974), VGG-BN heavy-ball 0.944 vs 0.950 (plain
@@ -57,6 +59,8 @@ STALENESS_COMPENSATIONS = ("predict", "predict+momentum", "momentum", "lr", "dc"
 DEFAULT_STALENESS_COMPENSATION = "predict"  # measured best: benchmarks/results/convergence-paired
 
 Key = Hashable  # identifies one parameter or one bucket of parameters that is always updated together
+# an optimizer's own record of its last update: (buffers, factor), the update moved the parameters by factor * buffers
+Velocity = tuple[list[Tensor], float]
 # a prediction is written tensor by tensor (one pass over memory) for buckets of at most this many tensors, or of
 # tensors this large on average; else by two multi-tensor kernels (a copy and a lerp: two passes, fewer calls)
 _LARGE_TENSORS_UP_TO = 4
@@ -70,7 +74,8 @@ class _KeyState:
     mean_staleness: float = 0.0
     updates: int = 0
     previous: Optional[list[Tensor]] = None  # the live weights just before the last local update
-    previous_version: int = 0
+    previous_version: int = 0  # the version before the last local update
+    velocity: Optional["Velocity"] = None  # (prediction) the optimizer's exact last update, where it keeps one
     momentum: bool = False  # (prediction) the optimizer carries momentum, so its last update is a velocity
 
 
@@ -121,6 +126,13 @@ class StalenessCompensation:
         of aliasing the live values (no copy). The base class never predicts."""
         return False
 
+    uses_velocity = False  # whether the engine should pass ``observe_velocity`` the optimizer's last update
+
+    def observe_velocity(self, key: Key, velocity: Optional[Velocity]) -> None:
+        """After each update of ``key`` (under its lock), where ``uses_velocity``: the optimizer's exact record of
+        that update, ``(buffers, factor)`` (the parameters moved by ``factor * buffers``), or ``None`` where the
+        optimizer keeps none."""
+
     def fill(self, key: Key, params: Sequence[Tensor], leaves: Sequence[Tensor], version: int) -> None:
         """Write the weights a forward reads into its stash ``leaves`` (default: an exact copy of ``params``)."""
         torch._foreach_copy_(list(leaves), list(params))
@@ -152,7 +164,7 @@ class WeightPrediction(StalenessCompensation):
 
     ``velocity`` is the average applied change per update of the parameter since the last local update (remote
     ranks' updates included, as they count in versions), so it needs no knowledge of the optimizer. Costs one
-    copy per update and a few element-wise operations per forward.
+    copy per update (none for heavy-ball SGD: ``observe_velocity``) and one pass per forward.
     """
 
     name = "predict"
@@ -187,19 +199,35 @@ class WeightPrediction(StalenessCompensation):
         low, high = self.momentum_ramp
         return self.momentum_strength * min(max((momentum - low) / (high - low), 0.0), 1.0)
 
+    uses_velocity = True
+
     def wants_fill(self, key: Key, version: int) -> bool:
         state = self._states.get(key)
         return (
             state is not None
-            and state.previous is not None
+            and (state.velocity is not None or state.previous is not None)
             and state.momentum
             and state.mean_staleness > 0.0
             and version - state.previous_version > 0
         )
 
+    def observe_velocity(self, key: Key, velocity: Optional[Velocity]) -> None:
+        """Heavy-ball SGD records its exact update in its momentum buffers: with them, no copy of the weights
+        before each update is needed (that copy was 2 of the prediction's 5 passes over the weights)."""
+        state = self._state(key)
+        state.velocity = velocity
+        if velocity is not None:
+            state.previous = None
+
     def fill(self, key: Key, params: Sequence[Tensor], leaves: Sequence[Tensor], version: int) -> None:
         params, leaves = list(params), list(leaves)
         state = self._states.get(key)
+        if state is not None and state.velocity is not None and self.wants_fill(key, version):
+            buffers, factor = state.velocity
+            if [b.shape for b in buffers] == [p.shape for p in params]:
+                self._fill_along(buffers, params, leaves, factor * self.scale * state.mean_staleness
+                                 / (version - state.previous_version))
+                return
         if (
             not self.wants_fill(key, version)
             or state is None
@@ -218,6 +246,16 @@ class WeightPrediction(StalenessCompensation):
             torch._foreach_copy_(leaves, state.previous)
             torch._foreach_lerp_(leaves, params, weight)
 
+    @staticmethod
+    def _fill_along(buffers: list[Tensor], params: list[Tensor], leaves: list[Tensor], alpha: float) -> None:
+        """``leaf = w + alpha * buffer``: one pass per tensor, or two multi-tensor kernels for many small ones."""
+        if len(params) <= _LARGE_TENSORS_UP_TO or sum(p.numel() for p in params) >= _LARGE_NUMEL * len(params):
+            for leaf, buffer, param in zip(leaves, buffers, params):
+                torch.add(param, buffer, alpha=alpha, out=leaf)
+        else:
+            torch._foreach_copy_(leaves, params)
+            torch._foreach_add_(leaves, buffers, alpha=alpha)
+
     def before_step(
         self,
         key: Key,
@@ -233,11 +271,12 @@ class WeightPrediction(StalenessCompensation):
         # no copy where no forward will predict (`wants_fill`): nothing was ever stale, or the optimizer carries no
         # momentum (its last update is one noisy gradient, which is not extrapolated)
         if state.momentum and state.mean_staleness > 0.0:
-            params = list(params)
-            if state.previous is None or [p.shape for p in state.previous] != [p.shape for p in params]:
-                state.previous = [torch.empty_like(param) for param in params]
-            torch._foreach_copy_(state.previous, params)
             state.previous_version = version
+            if state.velocity is None:  # else the optimizer records this update itself (`observe_velocity`)
+                params = list(params)
+                if state.previous is None or [p.shape for p in state.previous] != [p.shape for p in params]:
+                    state.previous = [torch.empty_like(param) for param in params]
+                torch._foreach_copy_(state.previous, params)
         if not self.correct_momentum:
             return None
         strength = self.strength_at(momentum_of(hyperparameters))

@@ -272,7 +272,11 @@ class LayerwiseUpdater:
             # override hyperparameters for this step only (the next step starts from the snapshot again)
             applied = [target for target, grad in zip(targets, grads) if grad is not None]
             overrides = self.compensation.before_step(index, applied, used, read, staleness, version, hyperparameters)
-            optimizer.step(grads, {**hyperparameters, **overrides} if overrides else hyperparameters, targets)
+            stepped = {**hyperparameters, **overrides} if overrides else hyperparameters
+            optimizer.step(grads, stepped, targets)
+            if self.compensation.uses_velocity:
+                every = len(present) == len(grads)  # a velocity only where every parameter moved
+                self.compensation.observe_velocity(index, optimizer.heavy_ball_velocity(stepped) if every else None)
 
         finished_read = None
         if backward_done_with_bucket and not on_device:
