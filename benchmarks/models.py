@@ -95,6 +95,18 @@ def digits_resnet18() -> nn.Module:
     return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Upsample(size=(16, 16), mode="bilinear"), model)
 
 
+def digits_torchvision(name: str) -> nn.Module:
+    """A torchvision classification model by name, from scratch, on the digits upsampled to 3x32x32 (small enough
+    for a CPU, large enough for every model's downsampling). GoogLeNet without its auxiliary heads (Lightning's
+    ``training_step`` gets one output)."""
+    import torchvision.models
+
+    extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(num_classes=10, **extra)
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Upsample(size=(32, 32), mode="bilinear"),
+                         nn.Conv2d(1, 3, kernel_size=1), model)
+
+
 def digits_vgg_bn() -> nn.Module:
     """A VGG-style CNN with BatchNorm after every convolution (8 conv layers, 16x16 digits)."""
     layers: list[nn.Module] = [nn.Unflatten(1, (1, 8, 8)), nn.Upsample(size=(16, 16), mode="bilinear")]

@@ -264,6 +264,7 @@ class FitSession(GuardRecovery):
         batch_size = batch_size_of(step_args)
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self._threads.plain_steps:
+            self._updater.reads.close()  # Lightning's own step: nothing of the engine on the modules' call path
             self._finish_plain_batch()  # its step (if any) ran before this forward
             self._plain_batch = self.completion.begin()
             if self._replicas is not None:
@@ -273,6 +274,7 @@ class FitSession(GuardRecovery):
                 output = run()
             self._stats.record_forward(perf_counter() - started, batch_size)
             return output
+        self._updater.reads.attach()  # after plain steps (an autotune trial) the pre-hooks come back
         if self._updater.follow_external_storage() and self._guard is not None:
             self._guard.restart()  # e.g. a lottery-ticket reset: the loss jumps back to where it started
         if self._guard is not None and self.exchange is None and self._guard.due_for_snapshot():
