@@ -385,6 +385,8 @@ def wait_on_exchange(
         raise_if_failed()
         running = thread()
         if running is None or not running.is_alive():
+            if event.is_set():  # it happened, then the thread stopped (a stopping point's last round) just now
+                break
             raise RuntimeError(f"PD-ASGD: the exchange thread stopped before {what}.")
         if monotonic() > deadline:
             raise TimeoutError(f"PD-ASGD: not done within `wait_timeout` ({timeout_s:.0f} s): {what}. {hint}")
