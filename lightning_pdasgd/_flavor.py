@@ -54,6 +54,7 @@ FLAVOURED = (
     "integration.setup_checks",
     "integration.state_access",
     "integration.step_accounting",
+    "integration.step_metrics",
 )
 
 

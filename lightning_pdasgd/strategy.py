@@ -22,8 +22,9 @@ from lightning_pdasgd.engine import _torch_internals
 from lightning_pdasgd.engine.backward_threads import BackwardEngine
 from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
 from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
-from lightning_pdasgd.engine.metrics import EngineStats, log_window
+from lightning_pdasgd.engine.metrics import EngineStats
 from lightning_pdasgd.engine.session import FitSession
+from lightning_pdasgd.engine.thread_control import runs_lightnings_step
 
 from .callbacks import EngineDrain
 from .integration import _lightning_internals, preemption, setup_checks  # relative: flavoured (_flavor.py)
@@ -42,12 +43,13 @@ from .integration._lightning import (
 )
 from .integration.collectives import AsyncAwareCollectives
 from .integration.engine_backward import EngineBackward
-from .integration.engine_calls import EngineCall, logs_metrics
+from .integration.engine_calls import EngineCall
 from .integration.fault_tolerant_fit import FaultTolerantRanks
 from .integration.fit_sessions import FitSessions
 from .integration.one_process_per_device import OneProcessPerDevice
 from .integration.state_access import DrainBeforeStateAccess
 from .integration.step_accounting import StepAccounting
+from .integration.step_metrics import StepMetrics
 
 
 class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPerDevice):
@@ -59,16 +61,13 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         forward_threads: threads that run ``training_step``: Lightning's loop thread, so ``1`` (or ``"auto"``).
         backward_threads: threads that run backward passes and apply the updates; ``"auto"`` times candidates
             (1-3 threads, intra-op settings, the plain step) on the first steps and keeps the fastest.
-        max_in_flight: most losses whose backward has not finished (default: ``backward_threads``); ``1`` gives
-            exactly the plain synchronous result.
+        max_in_flight: most losses whose backward has not finished (default: ``backward_threads``); ``1``: exact.
         layerwise: update each bucket the moment its gradients are ready (PD-ASGD); ``False``: the D-ASGD
             ablation, one whole-model update at the end of each backward.
-        lazy_reads: read each bucket's weights when the forward reaches its module; ``False``: read every bucket
-            when the step starts.
+        lazy_reads: read each bucket's weights when the forward reaches its module; ``False``: all at the start.
         divergence_guard: on a loss blow-up restore the last good state and go on with less asynchrony, warning
             once. ``False``: the raw behaviour.
-        wait_timeout: seconds any engine wait (a free slot, a drain, a consistent point, shutdown) may take
-            before it fails with an error naming it.
+        wait_timeout: seconds any engine wait (a slot, a drain, a consistent point, shutdown) may take; then an error.
         intra_op_threads: intra-op threads of each engine thread; ``None``: the core budget (``autotune.py``).
         log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's gradient.
         exchange_interval, replica_merge: several devices: least seconds between the starts of two exchange rounds;
@@ -77,12 +76,11 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
             (drop that update, count it in ``pdasgd/skipped_updates``) or ``"off"``.
         checkpoint_on_preemption: on SIGTERM or Ctrl-C, drain, reach a consistent point and save
             ``hpc_ckpt_<n>.ckpt`` (``fit(ckpt_path="hpc")`` resumes from it).
-        autotune_steps, autotune_max_staleness: ``"auto"``: steps timed per candidate; a chosen one's bound on
-            mean staleness.
+        autotune_steps, autotune_max_staleness: ``"auto"``: steps timed per candidate; its bound on mean staleness.
         bucket_numel: parameters updated together in one optimizer call: a module's always, and consecutive
             modules until a bucket holds this many elements (``0``: one bucket per module).
         metrics: ``pdasgd/*`` metrics logged: ``"basic"`` (throughput, staleness, queue, time), ``"full"``, ``"off"``.
-        metrics_on_progress_bar: also show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean`` on the bar.
+        metrics_on_progress_bar: also show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean``.
         gradient_hooks: overrides that need the whole model's gradient (``on_after_backward``, ...):
             ``"synchronous"`` runs Lightning's own step for them; ``"skip"`` trains asynchronously without them.
         staleness_compensation: how updates correct for their staleness: ``"predict"`` (default),
@@ -140,6 +138,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         self.autotune_report: Optional[str] = None
         self.in_optimizer_step = False  # a closure run inside `optimizer_step` closes its accumulation window
         self._backward_route = EngineBackward(self)  # a step's loss to the engine or to Lightning's backward
+        self._step_metrics = StepMetrics()  # the `pdasgd/*` metrics, retired once Lightning has taken them
         for warning in self._config.ineffective_settings():
             rank_zero_warn(warning)
 
@@ -221,8 +220,9 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
             _lightning_internals.optimizers_to_device(self.optimizers, self.root_device)
             setup_checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.process_count)
             self._fit.check_fault_tolerance(self)
-            EngineDrain.attach(trainer)
-            self._backward_route.install()
+            if not (self.process_count == 1 and runs_lightnings_step(self._config.in_flight, self._config.autotune)):
+                EngineDrain.attach(trainer)  # (the exact mode on one device: nothing of the engine's on the way)
+                self._backward_route.install()
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -272,7 +272,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
 
     def drain(self) -> None:
         """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
-        if self._session is not None:
+        if self._session is not None and not self._session.lightning_steps_only:  # (else none is in flight)
             with EngineCall("a drain"):
                 self._session.drain()
 
@@ -303,10 +303,11 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
                 raise
 
         with EngineCall("a training step", passed_through=raised_by_step):
-            self._fit.follow_parameter_changes(self)
+            self._step_metrics.before_step(module.trainer)
+            if not session.lightning_steps_only:  # (one device's plain step reads the parameter set as it is)
+                self._fit.follow_parameter_changes(self)
             output = session.forward(run_step, args)
-            if logs_metrics(module.trainer) and session.synchronous_reason is None:  # else the fit is Lightning's
-                log_window(session, module)
+            self._step_metrics.after_step(session, module)
         return output
 
     @override
@@ -318,14 +319,13 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         **kwargs: Any,
     ) -> Any:
         session = self._session
-        if session is not None:
-            with EngineCall("an optimizer step"):
-                report = session.before_step()  # before the closure: a step runs wholly in one configuration
-            if report is not None:
-                self.autotune_report = report
-                rank_zero_info(report)
-        if session is None:
+        if session is None or session.lightning_steps_only:  # nothing of the engine's runs inside the step
             return super().optimizer_step(optimizer, closure, model, **kwargs)
+        with EngineCall("an optimizer step"):
+            report = session.before_step()  # before the closure: a step runs wholly in one configuration
+        if report is not None:
+            self.autotune_report = report
+            rank_zero_info(report)
         if session.threads.plain_steps:
             with EngineCall("an optimizer step"):
                 self._fit.follow_parameter_changes(self)  # several devices: a rebuild meets the exchange, unheld

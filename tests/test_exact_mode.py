@@ -41,7 +41,8 @@ def test_one_loss_in_flight_is_lightnings_own_step_bitwise(optimizer: str) -> No
 
 def test_one_loss_in_flight_starts_no_engine_thread() -> None:
     watcher = _NoEngineThread()
-    model, trainer = fit_digits(PDASGDStrategy(max_in_flight=1), "sgd_momentum_nesterov_wd", steps=5, callbacks=[watcher])
+    strategy = PDASGDStrategy(max_in_flight=1)
+    model, trainer = fit_digits(strategy, "sgd_momentum_nesterov_wd", steps=5, callbacks=[watcher])
     assert trainer.global_step == 5
     assert watcher.alive == [0] * 5
 
@@ -75,3 +76,26 @@ def test_the_gate_runs_one_loss_in_flight_through_the_engine(monkeypatch: pytest
     fit_digits(strategy, "sgd_momentum_nesterov_wd", steps=5, callbacks=[watcher])
     assert min(watcher.alive) >= 1
     assert strategy.stats.total_updates > 0
+
+
+class _EngineOnTheStepPath(L.Callback):
+    """Records, after every batch, whether the engine's drain callback or backward routing is on Lightning's path."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, bool]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        callback = any(type(other).__name__ == "EngineDrain" for other in trainer.callbacks)
+        self.seen.append((callback, "backward" in vars(trainer.strategy.precision_plugin)))
+
+
+def test_the_exact_mode_puts_nothing_of_the_engine_on_lightnings_path() -> None:
+    """Every callback is called at every batch and the precision plugin's backward on every loss: the exact mode,
+    which never runs the engine, installs neither (the engine's modes do); both are gone after the fit."""
+    exact, engine = _EngineOnTheStepPath(), _EngineOnTheStepPath()
+    _, trainer = fit_digits(PDASGDStrategy(max_in_flight=1), "sgd_momentum_nesterov_wd", steps=5, callbacks=[exact])
+    fit_digits(PDASGDStrategy(), "sgd_momentum_nesterov_wd", steps=5, callbacks=[engine])
+    assert exact.seen == [(False, False)] * 5
+    assert engine.seen == [(True, True)] * 5
+    assert "backward" not in vars(trainer.strategy.precision_plugin)
+    assert not any(type(callback).__name__ == "EngineDrain" for callback in trainer.callbacks)

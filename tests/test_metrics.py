@@ -93,3 +93,33 @@ def test_short_runs_get_metrics_and_the_bar_stays_clean_by_default(tmp_path: Pat
 def test_bad_metrics_level_is_refused() -> None:
     with pytest.raises(ValueError, match="`metrics` must be one of"):
         PDASGDStrategy(metrics="verbose")
+
+
+class _LiveEngineMetrics(L.Callback):
+    """At each batch end: the ``pdasgd/*`` values Lightning re-reads (its live step values) and those it shows."""
+
+    def __init__(self) -> None:
+        self.live: list[tuple[int, bool]] = []
+        self.shown: list[bool] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        names = {metric.meta.name for _, metric in trainer._results.valid_items()}
+        self.live.append((trainer.global_step, any(name.startswith("pdasgd/") for name in names)))
+        self.shown.append("pdasgd/samples_per_sec" in trainer.callback_metrics)
+
+
+def test_lightning_rereads_the_engines_metrics_only_at_the_steps_that_log_them(tmp_path: Path) -> None:
+    """Lightning re-reads every value logged in an epoch at each later batch end, a cost per key and step: the
+    engine's values are retired after the step that logged them, and Lightning still shows the last ones."""
+    watch = _LiveEngineMetrics()
+    strategy = PDASGDStrategy(backward_threads=2)
+    trainer = L.Trainer(strategy=strategy, max_steps=23, log_every_n_steps=5,
+                        **trainer_kwargs(callbacks=[watch], logger=CSVLogger(tmp_path)))
+    trainer.fit(DigitsClassifier(), DigitsData(batch_size=32))
+    live_steps = [step for step, live in watch.live if live]
+    assert live_steps == [5, 10, 15, 20], watch.live  # global_step after the step that logged
+    assert watch.shown[4:] == [True] * (len(watch.shown) - 4) and not any(watch.shown[:4])
+    (metrics_file,) = tmp_path.rglob("metrics.csv")
+    with open(metrics_file) as handle:
+        logged = [int(row["step"]) for row in csv.DictReader(handle) if row.get("pdasgd/samples_per_sec")]
+    assert logged == [4, 9, 14, 19]

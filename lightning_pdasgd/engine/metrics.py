@@ -248,7 +248,7 @@ def window_metrics(session: FitSession) -> dict[str, float]:
     return metrics
 
 
-def log_window(session: FitSession, module: Any) -> None:
+def log_window(session: FitSession, module: Any) -> frozenset[str]:
     """Log a session's window of statistics when Lightning writes to its loggers, and on each epoch's last batch.
 
     ``self.log`` costs tens of microseconds per key, so it runs only when Lightning will write
@@ -258,9 +258,9 @@ def log_window(session: FitSession, module: Any) -> None:
     trainer = getattr(module, "_trainer", None)
     level = session.config.metrics
     if trainer is None or level == "off" or trainer.log_every_n_steps <= 0:
-        return
+        return frozenset()
     if (trainer.global_step + 1) % trainer.log_every_n_steps != 0 and not trainer.is_last_batch:
-        return
+        return frozenset()
     metrics = window_metrics(session)
     if level == "basic":  # plus the gradient norm when asked for by name (`log_grad_norm=True`)
         metrics = {key: value for key, value in metrics.items() if key in BASIC_METRICS or key == GRAD_NORM}
@@ -270,6 +270,7 @@ def log_window(session: FitSession, module: Any) -> None:
     module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=logger)
     if on_bar:
         module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
+    return frozenset(metrics) | frozenset(on_bar)
 
 
 def batch_size_of(args: tuple[Any, ...]) -> int:

@@ -137,6 +137,11 @@ class FitSession(GuardRecovery):
         return self._replicas is not None and self._replicas.asynchronous
 
     @property
+    def lightning_steps_only(self) -> bool:
+        """One device runs Lightning's own step for good: the strategy's hooks pass straight on to Lightning's."""
+        return self._threads.plain_steps_for_good and self._replicas is None
+
+    @property
     def has_pending_forward(self) -> bool:
         """A forward ran on a stash whose loss has not been handed to the engine yet."""
         return self._current is not None and not self._threads.plain_steps
@@ -261,6 +266,12 @@ class FitSession(GuardRecovery):
     def forward(self, run: Callable[[], Any], step_args: tuple[Any, ...]) -> Any:
         """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot; ``step_args``
         (the batch) gives the samples counted and, on CUDA, the tensors used on the batch's stream."""
+        if self.lightning_steps_only:  # nothing of the engine in flight, nothing to number: only the statistics
+            self._updater.reads.close()  # (after the guard's or the autotuner's switch from the engine)
+            started = perf_counter()
+            output = run()
+            self._stats.record_forward(perf_counter() - started, batch_size_of(step_args))
+            return output
         batch_size = batch_size_of(step_args)
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self._threads.plain_steps:

@@ -39,6 +39,11 @@ def engine_at_one_in_flight() -> bool:
     return os.environ.get(ENGINE_AT_ONE_IN_FLIGHT, "") not in ("", "0")
 
 
+def runs_lightnings_step(max_in_flight: int, autotune: bool) -> bool:
+    """One loss in flight without autotuning: Lightning's own synchronous step throughout (the exact mode)."""
+    return max_in_flight == 1 and not autotune and not engine_at_one_in_flight()
+
+
 @dataclass
 class ThreadCounts:
     """One configuration of the engine's threads."""
@@ -164,8 +169,7 @@ class EngineThreads:
         Lightning's own step, with every engine policy (non-finite, metrics, errors) -- then the configured counts
         (and the autotuner's trials).
         """
-        one_in_flight = not autotune and self.settings.max_in_flight == 1 and not engine_at_one_in_flight()
-        if synchronous or one_in_flight:
+        if synchronous or runs_lightnings_step(self.settings.max_in_flight, autotune):
             self.plain_steps = True
             self.settings.use_every_core(None)
             return True
@@ -182,6 +186,13 @@ class EngineThreads:
             candidates, steps_per_trial = plan
             self.tuner = ThreadAutotuner(candidates, steps_per_trial, max_staleness)
         return plan is not None or not autotune
+
+    @property
+    def plain_steps_for_good(self) -> bool:
+        """Lightning's own step, and nothing switches back to the engine (no autotuner trial, no warm-up): nothing
+        of the engine is in flight between steps."""
+        tuning = self.tuner is not None and not self.tuner.done
+        return self.plain_steps and not tuning and not self.warming_up
 
     def switch_to_plain_steps(self) -> None:
         """From the next step on, Lightning's own synchronous step (drained by the caller): the divergence guard

@@ -266,3 +266,16 @@ def callbacks_state(trainer: object) -> dict[str, Any]:
 def load_callbacks_state(trainer: object, states: dict[str, Any]) -> None:
     """Give every callback its state from ``callbacks_state`` of another replica's trainer."""
     _pytorch("trainer.call")._call_callbacks_load_state_dict(trainer, {"callbacks": states})
+
+
+def retire_step_metrics(trainer: object, names: frozenset[str]) -> None:
+    """Mark the ``on_step`` values logged under ``names`` as consumed (``_ResultMetric.has_reset``): Lightning
+    otherwise re-reads every value logged in the epoch at every later batch end (``_ResultCollection.metrics``), a
+    cost per key and step. The loggers, ``callback_metrics`` and the progress bar keep the last values; logging the
+    key again makes it live again (``update_metrics``)."""
+    results = getattr(trainer, "_results", None)
+    if results is None:
+        return
+    for metric in results.values():
+        if metric.meta.name in names and metric.meta.on_step and not metric.meta.on_epoch:
+            metric.has_reset = True
