@@ -73,8 +73,8 @@ def _rank(rank: int, port: int, out: str, dtype_name: str) -> None:
             _add(buckets[0], -2.0)  # phase 2: back to 1 + 2^-7
         exchange.consistent_point("fit_end", True, raise_if_failed)
         exchange.join(60)
-        torch.save({"first": after_first, "final": module.weight.detach().float().clone(), "errors": repr(errors)},
-                   Path(out) / f"rank{rank}.pt")
+        torch.save({"first": after_first, "final": module.weight.detach().float().clone(), "errors": repr(errors),
+                    "rounds": exchange.rounds}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -84,11 +84,12 @@ def test_low_precision_updates_are_not_lost_across_ranks(tmp_path: Path, dtype_n
     mp.start_processes(_rank, args=(_free_port(), str(tmp_path), dtype_name), nprocs=2, join=True,
                        start_method="spawn")
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
-    for result in results:
-        assert result["errors"] == "[]"
+    for rank, result in enumerate(results):
+        seen = f"rank {rank} of {results}"  # both ranks' values and exchange rounds, should this ever fail again
+        assert result["errors"] == "[]", seen
         # the replica holds the anchor rounded once: 3 + 2^-7 is not representable, 3 is the nearest value
-        assert torch.equal(result["first"], torch.full((8,), 3.0))
-        assert torch.equal(result["final"], torch.full((8,), 1.0 + _small(getattr(torch, dtype_name)))), result["final"]
+        assert torch.equal(result["first"], torch.full((8,), 3.0)), seen
+        assert torch.equal(result["final"], torch.full((8,), 1.0 + _small(getattr(torch, dtype_name)))), seen
     assert torch.equal(results[0]["final"], results[1]["final"])
 
 
