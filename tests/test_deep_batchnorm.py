@@ -20,6 +20,7 @@ from tests.models import DigitsData, DigitsResNet
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+@pytest.mark.usefixtures("users_exact_mode")  # default settings as users get them (the warm-up: Lightning's step)
 def test_resnet18_with_batchnorm_trains_at_plain_hyperparameters_with_default_settings() -> None:
     L.seed_everything(0)
     model = DigitsResNet()

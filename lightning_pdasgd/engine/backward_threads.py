@@ -24,6 +24,7 @@ from lightning_pdasgd.errors import EngineTimeoutError
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.05
+_WAKE = object()  # put on the queue by `stop`: a waiting thread sees the stop now, not a poll period later
 _MIN_JOIN_SECONDS = 60.0
 
 
@@ -107,6 +108,7 @@ class BackwardEngine:
     def stop(self, timeout: float | None = None) -> None:
         """Stop every thread: finish the backward each one runs now, drop what still waits in the queue."""
         self._stop.set()
+        self._wake_one()  # every autotuner switch stops the threads: 50 ms each when they had to time out
         # a thread cannot be interrupted inside a backward pass; give the one running now time to finish it
         deadline = monotonic() + (max(self.wait_timeout, _MIN_JOIN_SECONDS) if timeout is None else timeout)
         for thread in self._threads:
@@ -207,6 +209,13 @@ class BackwardEngine:
                 )
 
     # ----------------------------------------------------------------------------------------------- workers
+    def _wake_one(self) -> None:
+        """Wake a thread waiting for work so it sees the stop now; each woken thread wakes the next."""
+        try:
+            self._queue.put_nowait(_WAKE)  # type: ignore[arg-type]
+        except queue.Full:  # backward passes still queued: no thread waits long for one
+            pass
+
     def _worker(self) -> None:
         if self._thread_setup is not None:
             try:
@@ -218,6 +227,9 @@ class BackwardEngine:
             try:
                 work = self._queue.get(timeout=_POLL_SECONDS)
             except queue.Empty:
+                continue
+            if work is _WAKE:  # stopping: pass the wake on (more threads than queue places), then leave
+                self._wake_one()
                 continue
             try:
                 if not self._stop.is_set():

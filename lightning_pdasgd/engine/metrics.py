@@ -297,7 +297,7 @@ def _update_kind(updater: LayerwiseUpdater) -> str:
 def describe_session(session: FitSession, world_size: int) -> str:
     """One line with a fit session's engine configuration, logged at INFO when fit starts."""
     tuner, counts = session.threads.tuner, session.threads.settings
-    if session.threads.plain_steps:
+    if session.threads.plain_steps and not session.threads.warming_up:
         ranks = f" on each of {world_size} ranks, replicas exchanged in the background" if world_size > 1 else ""
         because = "max_in_flight=1" if session.synchronous_reason is None else "as warned"
         return f"PD-ASGD: Lightning's own synchronous step ({because}){ranks}; exact, no engine threads"
@@ -306,7 +306,8 @@ def describe_session(session: FitSession, world_size: int) -> str:
     if session.threads.warming_up:  # say what the run trains with after it
         backward_threads, max_in_flight = session.threads.after_warmup
         intra_op = counts.intra_op_threads_for(backward_threads, max_in_flight, None)
-        tuning += f"; one loss in flight for the first {session.threads.warmup_left} steps (synchronous warm-up)"
+        how = "Lightning's own step" if session.threads.plain_steps else "one loss in flight"
+        tuning += f"; {how} for the first {session.threads.warmup_left} steps (synchronous warm-up)"
     ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
     return (
         f"PD-ASGD: 1 forward : {backward_threads} backward threads{ranks},"
