@@ -277,5 +277,6 @@ def retire_step_metrics(trainer: object, names: frozenset[str]) -> None:
     if results is None:
         return
     for metric in results.values():
-        if metric.meta.name in names and metric.meta.on_step and not metric.meta.on_epoch:
+        meta = getattr(metric, "meta", None)  # (a `_ResultMetric`; anything else is left as it is)
+        if meta is not None and meta.name in names and meta.on_step and not meta.on_epoch:
             metric.has_reset = True
