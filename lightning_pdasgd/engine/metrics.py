@@ -241,8 +241,8 @@ def window_metrics(session: FitSession) -> dict[str, float]:
     )
     metrics[WALL_TIME] = perf_counter() - session.stats.started_at
     metrics[BACKWARD_THREADS] = 0.0 if threads.plain_steps else float(backward_threads)
-    if session.config.divergence_guard:
-        metrics[GUARD_TRIPS] = float(session.stats.guard_trips)
+    if session.config.divergence_guard and (session.config.in_flight > 1 or session.stats.guard_trips):
+        metrics[GUARD_TRIPS] = float(session.stats.guard_trips)  # (one loss in flight configured: no guard runs)
     if session.exchange is not None:
         metrics.update(session.exchange.metrics())
     return metrics
