@@ -64,9 +64,8 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         max_in_flight: most losses whose backward has not finished (default: ``backward_threads``); ``1``: exact.
         layerwise: update each bucket the moment its gradients are ready (PD-ASGD); ``False``: the D-ASGD
             ablation, one whole-model update at the end of each backward.
-        lazy_reads: read each bucket's weights when the forward reaches its module; ``False``: all at the start.
-        divergence_guard: on a loss blow-up restore the last good state and go on with less asynchrony, warning
-            once. ``False``: the raw behaviour.
+        lazy_reads: read each bucket's weights when the forward reaches its module (``False``: all at the start).
+        divergence_guard: on a loss blow-up restore the last good state, go on with less asynchrony, warn once.
         wait_timeout: seconds any engine wait (a slot, a drain, a consistent point, shutdown) may take; then an error.
         intra_op_threads: intra-op threads of each engine thread; ``None``: the core budget (``autotune.py``).
         log_grad_norm: also log ``pdasgd/grad_norm``, the mean L2 norm of each backward's gradient.
@@ -74,8 +73,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
             a round merges the ranks' updates by their ``"mean"`` (default, as DDP: keep its lr) or ``"sum"``.
         nonfinite: a NaN/Inf loss or gradient: ``"error"`` (stop, naming step, parameter and rank), ``"skip"``
             (drop that update, count it in ``pdasgd/skipped_updates``) or ``"off"``.
-        checkpoint_on_preemption: on SIGTERM or Ctrl-C, drain, reach a consistent point and save
-            ``hpc_ckpt_<n>.ckpt`` (``fit(ckpt_path="hpc")`` resumes from it).
+        checkpoint_on_preemption: on SIGTERM or Ctrl-C drain, save ``hpc_ckpt_<n>.ckpt``, ``fit(ckpt_path="hpc")``.
         autotune_steps, autotune_max_staleness: ``"auto"``: steps timed per candidate; its bound on mean staleness.
         bucket_numel: parameters updated together in one optimizer call: a module's always, and consecutive
             modules until a bucket holds this many elements (``0``: one bucket per module).
@@ -123,14 +121,9 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         timeout: Optional[timedelta] = default_pg_timeout,
     ) -> None:
         super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            background_group_timeout=timedelta(seconds=float(wait_timeout)),
+            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io, precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+            timeout=timeout, background_group_timeout=timedelta(seconds=float(wait_timeout)),
         )
         arguments = locals()  # the PD-ASGD settings among them, validated once (`config.py`)
         self._config = PDASGDConfig.from_arguments(**{name: arguments[name] for name in PDASGDConfig.ARGUMENTS})
@@ -265,8 +258,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         self._fit.loop_started = False
         self._fit.shutdown(raise_timeout=False)
         self._backward_route.remove()
-        module = self.lightning_module
-        if module is not None and module._trainer is not None:
+        if (module := self.lightning_module) is not None and module._trainer is not None:
             EngineDrain.detach(module._trainer)
         super().teardown()
 
@@ -293,6 +285,15 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         if session is None:
             return super().training_step(*args, **kwargs)
         module = self.lightning_module
+        if session.lightning_steps_only:  # one device, Lightning's own step for good: only the statistics around it
+            with EngineCall("a training step"):
+                self._step_metrics.before_step(module.trainer)
+                started = session.lightning_forward_starts()
+            output = super().training_step(*args, **kwargs)
+            with EngineCall("a training step"):
+                session.lightning_forward_ended(started, args)
+                self._step_metrics.after_step(session, module)
+            return output
         raised_by_step: list[BaseException] = []
 
         def run_step() -> STEP_OUTPUT:
@@ -304,8 +305,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
 
         with EngineCall("a training step", passed_through=raised_by_step):
             self._step_metrics.before_step(module.trainer)
-            if not session.lightning_steps_only:  # (one device's plain step reads the parameter set as it is)
-                self._fit.follow_parameter_changes(self)
+            self._fit.follow_parameter_changes(self)
             output = session.forward(run_step, args)
             self._step_metrics.after_step(session, module)
         return output

@@ -123,3 +123,35 @@ def test_lightning_rereads_the_engines_metrics_only_at_the_steps_that_log_them(t
     with open(metrics_file) as handle:
         logged = [int(row["step"]) for row in csv.DictReader(handle) if row.get("pdasgd/samples_per_sec")]
     assert logged == [4, 9, 14, 19]
+
+
+class _ShownAtLoggingSteps(L.Callback):
+    """The ``pdasgd/wall_time_s`` Lightning holds after each batch, by step."""
+
+    def __init__(self) -> None:
+        self.shown: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        value = trainer.callback_metrics.get("pdasgd/wall_time_s")
+        if value is not None:
+            self.shown[trainer.global_step - 1] = float(value)
+
+
+def test_every_logging_step_writes_its_own_window_in_every_epoch(tmp_path: Path) -> None:
+    """After the first log of a key in an epoch, its later values take Lightning's steady-state path: each logging
+    step must still reach the loggers and ``callback_metrics`` with that step's value, across epochs."""
+    watch = _ShownAtLoggingSteps()
+    trainer = L.Trainer(strategy=PDASGDStrategy(backward_threads=2), max_epochs=2, log_every_n_steps=4,
+                        **trainer_kwargs(callbacks=[watch], logger=CSVLogger(tmp_path)))
+    trainer.fit(DigitsClassifier(), DigitsData(batch_size=64))
+    (metrics_file,) = tmp_path.rglob("metrics.csv")
+    with open(metrics_file) as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("pdasgd/wall_time_s")]
+    logged = {int(row["step"]): float(row["pdasgd/wall_time_s"]) for row in rows}
+    steps = 2 * trainer.num_training_batches
+    assert sorted(logged) == [step for step in range(steps) if (step + 1) % 4 == 0]  # Lightning's cadence
+    times = [logged[step] for step in sorted(logged)]
+    assert all(later > earlier for earlier, later in zip(times, times[1:])), times  # each step its own window
+    assert all(abs(watch.shown[step] - logged[step]) < 1e-3 for step in logged), (watch.shown, logged)
+    last_batches = [trainer.num_training_batches - 1, steps - 1]  # each epoch's last batch logs too
+    assert all(watch.shown[step] > watch.shown[step - 1] for step in last_batches), watch.shown

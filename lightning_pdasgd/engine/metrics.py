@@ -248,29 +248,26 @@ def window_metrics(session: FitSession) -> dict[str, float]:
     return metrics
 
 
-def log_window(session: FitSession, module: Any) -> frozenset[str]:
-    """Log a session's window of statistics when Lightning writes to its loggers, and on each epoch's last batch.
+def window_due(session: FitSession, module: Any) -> tuple[dict[str, float], dict[str, float]] | None:
+    """A session's window of statistics when Lightning writes to its loggers, and on each epoch's last batch, as the
+    values for the loggers only and those shown on the progress bar too; ``None`` between.
 
-    ``self.log`` costs tens of microseconds per key, so it runs only when Lightning will write
+    ``self.log`` costs tens of microseconds per key, so the values are logged only when Lightning will write
     (``log_every_n_steps``) or an epoch ends (so short runs get metrics too), and ``metrics="basic"`` keeps to a
     handful of keys; the window covers every step since the previous write.
     """
     trainer = getattr(module, "_trainer", None)
     level = session.config.metrics
     if trainer is None or level == "off" or trainer.log_every_n_steps <= 0:
-        return frozenset()
+        return None
     if (trainer.global_step + 1) % trainer.log_every_n_steps != 0 and not trainer.is_last_batch:
-        return frozenset()
+        return None
     metrics = window_metrics(session)
     if level == "basic":  # plus the gradient norm when asked for by name (`log_grad_norm=True`)
         metrics = {key: value for key, value in metrics.items() if key in BASIC_METRICS or key == GRAD_NORM}
     shown = PROGRESS_BAR_METRICS if session.config.metrics_on_progress_bar else ()
     on_bar = {key: metrics.pop(key) for key in shown if key in metrics}
-    logger = bool(trainer.loggers)
-    module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=logger)
-    if on_bar:
-        module.log_dict(on_bar, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=True)
-    return frozenset(metrics) | frozenset(on_bar)
+    return metrics, on_bar
 
 
 def batch_size_of(args: tuple[Any, ...]) -> int:

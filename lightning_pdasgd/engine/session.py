@@ -55,16 +55,11 @@ class FitSession(GuardRecovery):
         clip_value: ``gradient_clip_val`` with the ``"value"`` algorithm, applied per parameter.
         clip_norm: ``gradient_clip_val`` with the ``"norm"`` algorithm, applied per backward (``layerwise_updates``).
         accumulate: the fit accumulates gradients (``accumulation.py``).
-        synchronous_reason: why this fit runs Lightning's own step whatever the settings (manual optimization, a
-            whole-model gradient hook); ``None``: the settings decide.
+        synchronous_reason: why this fit runs Lightning's own step whatever the settings (``None``: they decide).
     """
 
     def __init__(
-        self,
-        config: PDASGDConfig,
-        module: nn.Module,
-        optimizer: Optimizer,
-        device: torch.device,
+        self, config: PDASGDConfig, module: nn.Module, optimizer: Optimizer, device: torch.device,
         clip_value: float | None = None,
         clip_norm: float | None = None,
         accumulate: bool = False,
@@ -266,12 +261,6 @@ class FitSession(GuardRecovery):
     def forward(self, run: Callable[[], Any], step_args: tuple[Any, ...]) -> Any:
         """Run ``training_step`` (``run``) on a fresh stash of the weights, holding an in-flight slot; ``step_args``
         (the batch) gives the samples counted and, on CUDA, the tensors used on the batch's stream."""
-        if self.lightning_steps_only:  # nothing of the engine in flight, nothing to number: only the statistics
-            self._updater.reads.close()  # (after the guard's or the autotuner's switch from the engine)
-            started = perf_counter()
-            output = run()
-            self._stats.record_forward(perf_counter() - started, batch_size_of(step_args))
-            return output
         batch_size = batch_size_of(step_args)
         self.end_step()  # a previous forward whose step never came (e.g. SWA's BatchNorm epoch): free its slot
         if self._threads.plain_steps:
@@ -316,6 +305,14 @@ class FitSession(GuardRecovery):
             raise
         self._current = (stash, stream)
         return output
+
+    def lightning_forward_starts(self) -> float:
+        """``lightning_steps_only``: the user's step runs as in plain Lightning; only its statistics are taken."""
+        self._updater.reads.close()  # (after the guard's or the autotuner's switch from the engine)
+        return perf_counter()
+
+    def lightning_forward_ended(self, started: float, step_args: tuple[Any, ...]) -> None:
+        self._stats.record_forward(perf_counter() - started, batch_size_of(step_args))
 
     def _finish_plain_batch(self) -> None:
         """Lightning's own step: the last forward's step has run (called before the next forward and at drains)."""

@@ -280,3 +280,32 @@ def retire_step_metrics(trainer: object, names: frozenset[str]) -> None:
         meta = getattr(metric, "meta", None)  # (a `_ResultMetric`; anything else is left as it is)
         if meta is not None and meta.name in names and meta.on_step and not meta.on_epoch:
             metric.has_reset = True
+
+
+def update_logged_step_values(
+    module: Any, values: dict[str, float], prog_bar: bool, logger: bool
+) -> dict[str, float]:
+    """Give keys already logged in this hook with these settings (``on_step`` only) their new values, as
+    ``self.log`` does once a key exists, without its move of each value's metric to its device (``_ResultMetric.to``:
+    a walk over the metric's attributes, about 0.3 ms a key on a CPU). Returns what still needs ``self.log``: keys
+    not logged yet in this hook, the first log after a hook change (Lightning resets there), other settings."""
+    trainer = getattr(module, "_trainer", None)
+    results = getattr(trainer, "_results", None)
+    connector = getattr(trainer, "_logger_connector", None)
+    fx = getattr(module, "_current_fx_name", None)
+    if results is None or connector is None or fx is None or connector.should_reset_tensors(fx):
+        return values
+    dtype = _pytorch("trainer.connectors.logger_connector.result")._get_default_dtype()
+    rest: dict[str, float] = {}
+    for name, value in values.items():
+        metric = results.get(f"{fx}.{name}")
+        meta = getattr(metric, "meta", None)
+        settings = None if meta is None else (meta.on_step, meta.on_epoch, meta.prog_bar, meta.logger, meta.sync.should)
+        if settings != (True, False, prog_bar, logger, False) or not getattr(metric, "is_tensor", False):
+            rest[name] = value
+            continue
+        results.update_metrics(f"{fx}.{name}", torch.tensor(value, device=module.device, dtype=dtype), 1)
+    if len(rest) < len(values):
+        connector._current_fx = fx  # what `self.log` leaves behind
+    return rest
+
