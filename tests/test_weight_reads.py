@@ -342,3 +342,41 @@ def test_storage_given_to_a_parameter_from_outside_is_followed() -> None:
               **trainer_kwargs(max_epochs=2)).fit(engine, train_dataloaders=_batches())
     for (name, got), want in zip(engine.named_parameters(), plain.parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name} differs from plain Lightning")
+
+
+class _TiedPair(nn.Module):
+    """An encoder and a decoder sharing one weight (as language models tie embeddings), and an untrained buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(4, 4, bias=False)
+        self.decoder = nn.Linear(4, 4)
+        self.decoder.weight = self.encoder.weight
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x)) * self.scale
+
+
+def test_parameter_swap_puts_the_leaves_in_every_tied_place_and_follows_a_replaced_parameter() -> None:
+    model = _TiedPair()
+    leaves = {name: param.detach().clone().add_(1.0).requires_grad_() for name, param in model.named_parameters()}
+    assert sorted(leaves) == ["decoder.bias", "encoder.weight"]  # the tied weight once, under its first name
+    originals = dict(model.named_parameters())
+    x = torch.randn(3, 4)
+    with torch.no_grad(), _torch_internals.reparametrized(model, leaves):  # torch's own swap
+        expected = model(x)
+    swap = _torch_internals.ParameterSwap(model, leaves)
+    for _ in range(2):  # the places found on the first call are reused on the second
+        with swap.applied():
+            assert model.encoder.weight is leaves["encoder.weight"] is model.decoder.weight
+            assert model.decoder.bias is leaves["decoder.bias"]
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        assert dict(model.named_parameters()) == originals
+    replaced = model.decoder.bias = nn.Parameter(torch.zeros(4))  # under the swap's feet: it finds its places again
+    with swap.applied():
+        assert model.decoder.bias is leaves["decoder.bias"]
+        model(x).sum().backward()
+    assert model.decoder.bias is replaced
+    assert leaves["encoder.weight"].grad is not None and leaves["decoder.bias"].grad is not None

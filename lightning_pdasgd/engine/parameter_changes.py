@@ -37,6 +37,15 @@ class ParameterSetFingerprint:
                 path, _, leaf = name.rpartition(".")
                 owner = owners.setdefault(path, module.get_submodule(path))
                 self._placements.append((path, owner, leaf, param))
+        # every link from the module down to an owner, once: (path of the child, parent, child's name, child)
+        self._links: dict[str, tuple[nn.Module, str, nn.Module]] = {}
+        for path in owners:
+            parent, prefix = module, ""
+            for part in path.split(".") if path else ():
+                prefix = f"{prefix}.{part}" if prefix else part
+                child = parent.get_submodule(part)
+                self._links.setdefault(prefix, (parent, part, child))
+                parent = child
 
     def difference(self, optimizer: Optimizer) -> str | None:
         """``None`` when nothing the engine depends on changed, else what changed."""
@@ -50,12 +59,10 @@ class ParameterSetFingerprint:
         for param, trainable in zip(self._params, self._trainable):
             if param.requires_grad != trainable:
                 return "`requires_grad` of a parameter changed"
-        checked: dict[str, bool] = {}
+        for path, (parent, name, child) in self._links.items():
+            if parent._modules.get(name) is not child:
+                return f"module '{path}' was replaced"
         for path, owner, leaf, param in self._placements:
             if owner._parameters.get(leaf) is not param:
                 return f"parameter '{path + '.' if path else ''}{leaf}' was re-parametrized or replaced"
-            if path not in checked:
-                checked[path] = self._module.get_submodule(path) is owner
-            if not checked[path]:
-                return f"module '{path}' was replaced"
         return None

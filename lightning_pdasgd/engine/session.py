@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_pdasgd.engine import _torch_internals, cuda_streams
+from lightning_pdasgd.engine import cuda_streams
 from lightning_pdasgd.engine.backward_threads import BackwardWork
 from lightning_pdasgd.engine.bucket_optimizer import hyperparameter_snapshot
 from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
@@ -292,7 +292,7 @@ class FitSession(GuardRecovery):
             stashed = perf_counter()
             with (
                 cuda_streams.forward_on(stream, step_args),
-                _torch_internals.reparametrized(self._module, stash.tensors),
+                stash.buffers.swapped_into(self._module),
                 self._updater.reading(stash),
             ):
                 output = run()

@@ -18,6 +18,7 @@ costs re-pointing a few tensors, not a copy, new tensors or new hooks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional
@@ -25,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_pdasgd.engine import cuda_streams
+from lightning_pdasgd.engine import _torch_internals, cuda_streams
 from lightning_pdasgd.engine.accumulation import AccumulationWindow
 from lightning_pdasgd.engine.compensation import StalenessCompensation
 from lightning_pdasgd.engine.metrics import BackwardRecord
@@ -44,6 +45,13 @@ class StashBuffers:
     arrived: list[int] = field(default_factory=list)  # gradients accumulated so far, by bucket
     private: list[Optional[list[Tensor]]] = field(default_factory=list)  # predicted weights, by bucket (lazily)
     current: WeightStash | None = None
+    swap: Optional[_torch_internals.ParameterSwap] = None  # the leaves' places in the module (found once)
+
+    def swapped_into(self, module: torch.nn.Module) -> AbstractContextManager[None]:
+        """The forward runs inside: the module's parameters are these leaves (tied weights stay tied)."""
+        if self.swap is None:
+            self.swap = _torch_internals.ParameterSwap(module, self.tensors)
+        return self.swap.applied()
 
 
 @dataclass(eq=False)
