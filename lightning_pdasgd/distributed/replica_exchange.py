@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_pdasgd.distributed.exchange_buffers import apply_round, make_flat_groups
+from lightning_pdasgd.distributed.identical_state import make_state_identical
 from lightning_pdasgd.engine.metrics import EXCHANGE_CPU_FRACTION, EXCHANGE_MS, EXCHANGE_ROUNDS, REPLICA_DIVERGENCE
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
 from lightning_pdasgd.errors import ConsistentPointMismatchError, RankFailedError
@@ -330,44 +331,9 @@ class ReplicaExchange:
 
     def _make_identical(self) -> None:
         """Average float buffers and optimizer states so that every rank holds the same training state."""
-        for buffer in self._module.buffers():
-            if buffer.is_floating_point():
-                self._all_reduce(buffer.data, dist.ReduceOp.SUM)
-                buffer.data /= self._world_size
-            else:
-                self._all_reduce(buffer.data, dist.ReduceOp.MAX)
-        self._make_optimizer_states_identical()
-
-    def _make_optimizer_states_identical(self) -> None:
-        state = self._optimizer.state
-        layout = [sorted((key, _kind(value)) for key, value in state.get(param, {}).items()) for param in self._params]
-        layouts: list[Any] = [None] * self._world_size
-        dist.all_gather_object(layouts, layout, group=self._group)
-        if any(other != layout for other in layouts):
-            # some rank never updated some parameter: take rank 0's whole state
-            holder = [self._optimizer.state_dict() if self._rank == 0 else None]
-            dist.broadcast_object_list(holder, src=dist.get_global_rank(self._group, 0), group=self._group)
-            if self._rank != 0:
-                self._optimizer.load_state_dict(holder[0])
-            return
-        for param in self._params:
-            for key, value in sorted(state.get(param, {}).items()):
-                if not isinstance(value, Tensor):
-                    continue
-                if key == "step" or not value.is_floating_point():
-                    self._all_reduce(value, dist.ReduceOp.MAX)
-                else:
-                    self._all_reduce(value, dist.ReduceOp.SUM)
-                    value /= self._world_size
-
-    def _all_reduce(self, tensor: Tensor, op: Any) -> None:
-        """All-reduce in place, staging tensors that live off the group's device (e.g. Adam's CPU `step`)."""
-        if tensor.device == self._device:
-            dist.all_reduce(tensor, op=op, group=self._group)
-            return
-        staged = tensor.to(self._device)
-        dist.all_reduce(staged, op=op, group=self._group)
-        tensor.copy_(staged.to(tensor.device))
+        make_state_identical(
+            self._module, self._optimizer, self._params, self._rank, self._group, self._device, self._world_size
+        )
 
 
 def wait_on_exchange(
@@ -391,10 +357,3 @@ def wait_on_exchange(
         if monotonic() > deadline:
             raise TimeoutError(f"PD-ASGD: not done within `wait_timeout` ({timeout_s:.0f} s): {what}. {hint}")
     raise_if_failed()
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"tensor{tuple(value.shape)}{value.dtype}"
-    return type(value).__name__
-
