@@ -77,6 +77,7 @@ class WeightPrediction(StalenessCompensation):
     """
 
     name = "predict"
+    uses_read = False
 
     def __init__(
         self,
@@ -205,6 +206,7 @@ class MomentumCorrection(StalenessCompensation):
     """
 
     name = "momentum"
+    uses_read = False
 
     def __init__(self, staleness_decay: float = 0.9, strength: float = 1.0) -> None:
         super().__init__(staleness_decay)
@@ -232,6 +234,7 @@ class StalenessAwareLR(StalenessCompensation):
     """``lr / (1 + s)`` for an update of staleness ``s`` (Zhang et al. 2016); a tensor ``lr`` is left alone."""
 
     name = "lr"
+    uses_read = False
 
     def before_step(
         self,

@@ -80,6 +80,12 @@ class StalenessCompensation:
 
     uses_velocity = False  # whether the engine should pass ``observe_velocity`` the optimizer's last update
 
+    @property
+    def uses_read(self) -> bool:
+        """Whether ``before_step`` reads ``read`` (else the engine passes it empty: no list per update). Any
+        ``before_step`` but this class's does, unless its class says ``uses_read = False``."""
+        return type(self).before_step is not StalenessCompensation.before_step
+
     def observe_velocity(self, key: Key, velocity: Optional[Velocity]) -> None:
         """After each update of ``key`` (under its lock), where ``uses_velocity``: the optimizer's exact record of
         that update, ``(buffers, factor)`` (the parameters moved by ``factor * buffers``), or ``None`` where the

@@ -67,6 +67,7 @@ class LayerwiseUpdater:
         self.plain_step_held = False  # several devices: Lightning's own step holds every bucket
         self.compensation = compensation if compensation is not None else StalenessCompensation()
         self.buckets = make_buckets(module, optimizer, bucket_numel, detached, shared)
+        self._bucket_sizes = [len(bucket) for bucket in self.buckets]  # read by every gradient hook
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
         self._pool = StashPool(self.buckets, self._on_gradient if self.layerwise else None, self.compensation)
         self.reads = LazyReads(module, self.buckets, self._pool, lazy_reads)
@@ -134,7 +135,7 @@ class LayerwiseUpdater:
         """A leaf's gradient is ready; step its bucket once the bucket's last gradient is."""
         buffers.arrived[bucket_index] += 1
         stash = buffers.current
-        if stash is not None and buffers.arrived[bucket_index] == len(self.buckets[bucket_index]):
+        if stash is not None and buffers.arrived[bucket_index] == self._bucket_sizes[bucket_index]:
             self._timed(stash, self._bucket_gradients_ready, stash, bucket_index)
 
     def finish(self, stash: WeightStash) -> None:
@@ -242,8 +243,9 @@ class LayerwiseUpdater:
             return
         bucket = self.buckets[index]
         on_device = bucket.is_cuda
-        present = [grad for grad in grads if grad is not None]
-        if not on_device:
+        if on_device:
+            present = [grad for grad in grads if grad is not None]
+        else:
             present, squares, skipped = self.nonfinite.screen_on_host(
                 grads, bucket.names, stash.step, stash.rank, self.grad_norms
             )
@@ -257,7 +259,7 @@ class LayerwiseUpdater:
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
-        read = _weights_read(stash.buffers.leaves[index], bucket.params, grads)
+        read = _weights_read(stash.buffers.leaves[index], bucket.params, grads) if self.compensation.uses_read else ()
 
         def step(staleness: int, version: int, targets: list[Tensor]) -> None:
             used = present
