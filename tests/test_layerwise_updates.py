@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_pdasgd.engine import _torch_internals
 from lightning_pdasgd.engine.bucket_optimizer import hyperparameter_snapshot
+from lightning_pdasgd.engine.compensation import StalenessCompensation, resolve
 from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
 from lightning_pdasgd.engine.weight_stash import UNREAD, WeightStash
 
@@ -305,3 +306,33 @@ def test_nonfinite_error_raises_naming_the_parameter_and_applies_nothing_to_it()
     finally:
         updater.close()
     assert all(torch.equal(param.detach(), old) for param, old in zip(model[0].parameters(), first_layer))
+
+
+class _RecordsWhatWasRead(StalenessCompensation):
+    """A user's compensation that overrides ``before_step``: it must get the weights each update's forward read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[list[Tensor], list[Tensor]]] = []
+
+    def before_step(self, key: Any, params: Any, grads: Any, read: Any, staleness: int, version: int,
+                    hyperparameters: dict[str, Any]) -> None:
+        self.seen.append(([p.detach().clone() for p in params], [r.detach().clone() for r in read]))
+
+
+def test_a_compensation_that_reads_what_the_forward_read_gets_it_and_the_builtins_that_do_not_get_none() -> None:
+    recorder = _RecordsWhatWasRead()
+    assert recorder.uses_read and resolve("dc").uses_read
+    assert not any(resolve(name).uses_read for name in ("none", "predict", "momentum", "lr"))
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    updater = LayerwiseUpdater(model, optimizer, compensation=recorder)
+    try:
+        for batch in _batches(2):
+            _updater_step(updater, model, optimizer, batch)
+    finally:
+        updater.close()
+    assert len(recorder.seen) == 2 * len(updater.buckets)
+    for params, read in recorder.seen:  # one loss at a time: the live weights are what was read
+        assert len(read) == len(params) > 0
+        assert all(torch.equal(p, r) for p, r in zip(params, read))
