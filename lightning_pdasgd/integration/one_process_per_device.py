@@ -64,6 +64,7 @@ class OneProcessPerDevice(ParallelStrategy):
         self._background_group_timeout = background_group_timeout
         self._background_group: Any = None
         self._world_size_set: Optional[int] = None  # `strategy.world_size = n` (see `world_size`)
+        self._fit_root_device: Optional[torch.device] = None  # from `setup_environment` to `teardown`
 
     @property
     def background_group(self) -> Any:
@@ -73,6 +74,10 @@ class OneProcessPerDevice(ParallelStrategy):
     @property
     @override
     def root_device(self) -> torch.device:
+        """This process's device; read once per run (``local_rank`` reads the environment, and Lightning asks at
+        every batch)."""
+        if self._fit_root_device is not None:
+            return self._fit_root_device
         assert self.parallel_devices is not None
         return self.parallel_devices[self.local_rank]
 
@@ -131,6 +136,8 @@ class OneProcessPerDevice(ParallelStrategy):
         super().setup_environment()
         self.set_world_ranks()
         self._check_world_size_set()
+        self._fit_root_device = None
+        self._fit_root_device = self.root_device
         if self.process_count > 1:
             self._process_group_backend, self._background_group = _lightning_internals.init_process_groups(
                 self.cluster_environment,
@@ -170,9 +177,15 @@ class OneProcessPerDevice(ParallelStrategy):
         self.model.to(self.root_device)
 
     @override
+    @override
+    def teardown(self) -> None:
+        self._fit_root_device = None
+        super().teardown()
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_background_group"] = None  # a process group does not pickle; each process makes its own
+        state["_fit_root_device"] = None  # each process reads its own
         return state
 
 
