@@ -17,9 +17,11 @@ DEFAULT_BACKWARD_THREADS = 2
 DEFAULT_BUCKET_NUMEL = 1 << 16
 METRICS_LEVELS = ("off", "basic", "full")
 GRADIENT_HOOK_POLICIES = ("synchronous", "skip")
-# the first steps of a fit run one loss in flight: a fraction of the run, at most so many steps
-DEFAULT_SYNCHRONOUS_WARMUP = 0.1
+# the first steps of a fit run one loss in flight: a fraction of the run, at most so many steps; "auto" (the default):
+# at least the first fraction, and on to the second while the loss has not halved (``engine/warmup.py``)
+DEFAULT_SYNCHRONOUS_WARMUP = "auto"
 SYNCHRONOUS_WARMUP_MAX_STEPS = 500
+AUTO_WARMUP_FRACTIONS = (0.1, 1 / 3)
 
 
 def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
@@ -59,7 +61,7 @@ class PDASGDConfig:
     metrics_on_progress_bar: bool = False
     gradient_hooks: str = "synchronous"
     staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION
-    synchronous_warmup: Union[int, float] = DEFAULT_SYNCHRONOUS_WARMUP
+    synchronous_warmup: Union[int, float, str] = DEFAULT_SYNCHRONOUS_WARMUP
     fault_tolerant: bool = False
     lighthouse: str | None = None
     replica: int | None = None
@@ -133,10 +135,10 @@ class PDASGDConfig:
         resolve_compensation(self.staleness_compensation)  # a ValueError names the allowed values
         warmup = self.synchronous_warmup
         steps = isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0
-        if not steps and not (isinstance(warmup, float) and 0.0 <= warmup < 1.0):
+        if not steps and not (isinstance(warmup, float) and 0.0 <= warmup < 1.0) and warmup != "auto":
             raise ValueError(
-                f"PDASGDStrategy: `synchronous_warmup` must be a number of steps (an integer >= 0) or a fraction of"
-                f" the run in [0, 1), got {warmup!r}. Use 0 to train asynchronously from the first step."
+                f"PDASGDStrategy: `synchronous_warmup` must be 'auto', a number of steps (an integer >= 0) or a"
+                f" fraction of the run in [0, 1), got {warmup!r}. Use 0 to train asynchronously from the first step."
             )
         if self.metrics not in METRICS_LEVELS:
             raise ValueError(f"PDASGDStrategy: `metrics` must be one of {METRICS_LEVELS}, got {self.metrics!r}.")
@@ -156,16 +158,25 @@ class PDASGDConfig:
         if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
             raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
 
-    def warmup_steps(self, run_steps: float, done_steps: int, ranks: int = 1) -> int:
-        """How many of this rank's coming optimizer steps run one loss in flight: ``synchronous_warmup`` steps, or
-        that fraction of a run of ``run_steps`` (``inf``: unknown) at most ``SYNCHRONOUS_WARMUP_MAX_STEPS``, less
-        the ``done_steps`` a resumed fit has already trained. Steps count as ``global_step`` does, over all
-        ``ranks`` (each trains its share)."""
-        warmup = self.synchronous_warmup
-        if isinstance(warmup, float):
-            cap = SYNCHRONOUS_WARMUP_MAX_STEPS
-            warmup = cap if run_steps == float("inf") else min(cap, math.ceil(warmup * run_steps))
-        return math.ceil(max(0, int(warmup) - done_steps) / ranks)
+    def warmup_steps(self, run_steps: float, done_steps: int, ranks: int = 1) -> tuple[int, int]:
+        """How many of this rank's coming optimizer steps run one loss in flight, and how many more may while the
+        loss has not halved (``"auto"`` only, and only in a fit that starts from step 0: a resumed run's loss no
+        longer starts where the run did). A fraction is of a run of ``run_steps`` (``inf``: unknown) and at most
+        ``SYNCHRONOUS_WARMUP_MAX_STEPS``, less the ``done_steps`` a resumed fit has already trained. Steps count as
+        ``global_step`` does, over all ``ranks`` (each trains its share)."""
+
+        def steps_of(warmup: Union[int, float]) -> int:
+            if isinstance(warmup, float):
+                cap = SYNCHRONOUS_WARMUP_MAX_STEPS
+                return cap if run_steps == float("inf") else min(cap, math.ceil(warmup * run_steps))
+            return int(warmup)
+
+        if self.synchronous_warmup != "auto":
+            fixed, longest = steps_of(self.synchronous_warmup), 0
+        else:
+            fixed, longest = (steps_of(fraction) for fraction in AUTO_WARMUP_FRACTIONS)
+        extension = max(0, longest - fixed) if done_steps == 0 else 0
+        return math.ceil(max(0, fixed - done_steps) / ranks), math.ceil(extension / ranks)
 
     def ineffective_settings(self) -> list[str]:
         """Warnings for settings that would silently do nothing."""

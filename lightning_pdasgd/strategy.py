@@ -83,7 +83,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
             ``"synchronous"`` runs Lightning's own step for them; ``"skip"`` trains asynchronously without them.
         staleness_compensation: how updates correct for their staleness: ``"predict"`` (default),
             ``"predict+momentum"``, ``"momentum"``, ``"lr"``, ``"dc"``, ``"none"``, or a ``StalenessCompensation``.
-        synchronous_warmup: the first steps one loss in flight: a fraction of the run (at most 500 steps) or steps.
+        synchronous_warmup: the first steps one loss in flight: ``"auto"``, a fraction of the run (<= 500 steps), steps.
         fault_tolerant, lighthouse, replica, max_replicas, ft_timeout: see ``docs/fault-tolerance.md`` (torchft).
     """
 
@@ -109,7 +109,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         metrics_on_progress_bar: bool = False,
         gradient_hooks: Literal["synchronous", "skip"] = "synchronous",
         staleness_compensation: Union[str, StalenessCompensation] = DEFAULT_STALENESS_COMPENSATION,
-        synchronous_warmup: Union[int, float] = DEFAULT_SYNCHRONOUS_WARMUP,
+        synchronous_warmup: Union[int, float, Literal["auto"]] = DEFAULT_SYNCHRONOUS_WARMUP,
         fault_tolerant: bool = False, lighthouse: Optional[str] = None, replica: Optional[int] = None,
         max_replicas: int = 16, ft_timeout: float = 5.0,
         accelerator: Optional[Accelerator] = None,

@@ -13,9 +13,11 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
 
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.config import SYNCHRONOUS_WARMUP_MAX_STEPS, PDASGDConfig
+from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
 from tests.helpers import assert_same_training_state, engine_threads, fit_digits, trainer_kwargs
 from tests.models import DigitsClassifier, DigitsData
 
@@ -72,25 +74,72 @@ def test_a_fraction_warms_up_that_share_of_the_run() -> None:
 @pytest.mark.parametrize(
     ("warmup", "run_steps", "done", "ranks", "expected"),
     [
-        (0.1, 92, 0, 1, 10),  # a tenth of the run, rounded up
-        (0.1, 100_000, 0, 1, SYNCHRONOUS_WARMUP_MAX_STEPS),  # at most this many steps
-        (0.1, float("inf"), 0, 1, SYNCHRONOUS_WARMUP_MAX_STEPS),  # a run of unknown length
-        (0.1, 92, 4, 1, 6),  # a resumed fit has trained some already
-        (0.1, 92, 40, 1, 0),
-        (7, 92, 0, 1, 7),
-        (7, float("inf"), 3, 1, 4),
-        (0, 92, 0, 1, 0),
-        (0.0, 92, 0, 1, 0),
-        (0.1, 92, 0, 2, 5),  # steps count over ranks, as `global_step` does: each rank warms up its share
-        (0.1, 92, 4, 4, 2),
+        (0.1, 92, 0, 1, (10, 0)),  # a tenth of the run, rounded up
+        (0.1, 100_000, 0, 1, (SYNCHRONOUS_WARMUP_MAX_STEPS, 0)),  # at most this many steps
+        (0.1, float("inf"), 0, 1, (SYNCHRONOUS_WARMUP_MAX_STEPS, 0)),  # a run of unknown length
+        (0.1, 92, 4, 1, (6, 0)),  # a resumed fit has trained some already
+        (0.1, 92, 40, 1, (0, 0)),
+        (7, 92, 0, 1, (7, 0)),
+        (7, float("inf"), 3, 1, (4, 0)),
+        (0, 92, 0, 1, (0, 0)),
+        (0.0, 92, 0, 1, (0, 0)),
+        (0.1, 92, 0, 2, (5, 0)),  # steps count over ranks, as `global_step` does: each rank warms up its share
+        (0.1, 92, 4, 4, (2, 0)),
+        ("auto", 192, 0, 1, (20, 44)),  # a tenth, and up to a third while the loss has not halved
+        ("auto", 192, 0, 2, (10, 22)),
+        ("auto", 3_000, 0, 1, (300, 200)),
+        ("auto", 100_000, 0, 1, (SYNCHRONOUS_WARMUP_MAX_STEPS, 0)),  # both parts at most this many steps
+        ("auto", float("inf"), 0, 1, (SYNCHRONOUS_WARMUP_MAX_STEPS, 0)),
+        ("auto", 192, 4, 1, (16, 0)),  # a resumed run's loss no longer starts where the run did: no extension
     ],
 )
-def test_warmup_steps_from_the_setting(warmup: float, run_steps: float, done: int, ranks: int, expected: int) -> None:
+def test_warmup_steps_from_the_setting(
+    warmup: Any, run_steps: float, done: int, ranks: int, expected: tuple[int, int]
+) -> None:
     assert PDASGDConfig.from_arguments(synchronous_warmup=warmup).warmup_steps(run_steps, done, ranks) == expected
 
 
-def test_the_default_is_a_tenth_of_the_run() -> None:
-    assert PDASGDStrategy().config.synchronous_warmup == 0.1
+def test_the_default_warms_up_until_the_loss_has_halved() -> None:
+    assert PDASGDStrategy().config.synchronous_warmup == "auto"
+
+
+class _LossShapedBy(DigitsClassifier):
+    """A model that does not learn (lr 0) and returns ``shape(loss, step)``: the test decides when the loss has
+    fallen from where it began."""
+
+    def __init__(self, shape: Any) -> None:
+        super().__init__(optimizer=lambda params: torch.optim.SGD(params, lr=0.0, momentum=0.9))
+        self.shape = shape
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.shape(super().training_step(batch, batch_idx), self.trainer.global_step)
+
+
+def _auto_warmup_steps(shape: Any, steps: int = 100) -> int:
+    """How many steps of a ``synchronous_warmup="auto"`` fit ran one loss in flight (checked to be its first ones)."""
+    mode = _Mode()
+    L.seed_everything(0)
+    trainer = L.Trainer(strategy=PDASGDStrategy(), max_steps=steps, limit_val_batches=0,
+                        callbacks=[mode], **trainer_kwargs())
+    trainer.fit(_LossShapedBy(shape), DigitsData(batch_size=32))
+    synchronous = mode.in_flight.count(1)
+    assert mode.in_flight == [1] * synchronous + [2] * (steps - synchronous), mode.in_flight
+    return synchronous
+
+
+@pytest.mark.parametrize("engine_at_one", [True, False], ids=["engine-at-one-in-flight", "lightnings-own-step"])
+def test_auto_warms_up_past_a_tenth_while_the_loss_has_not_halved_and_ends_when_it_has(
+    engine_at_one: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 steps: a tenth is 10, a third 34. Both ways a warm-up step runs (several devices: the engine at one loss
+    in flight; one device: Lightning's own step) must see the losses."""
+    if not engine_at_one:
+        monkeypatch.delenv(ENGINE_AT_ONE_IN_FLIGHT, raising=False)
+    assert _auto_warmup_steps(lambda loss, step: loss) == 34, "a loss that never halves: up to a third of the run"
+    assert _auto_warmup_steps(lambda loss, step: loss * (1.0 if step < 5 else 0.05)) == 10, "halved in the tenth"
+    ended = _auto_warmup_steps(lambda loss, step: loss * (1.0 if step < 15 else 0.05))
+    assert 15 < ended < 34, f"past the tenth until the loss has halved, then the engine: {ended} steps"
+    assert _auto_warmup_steps(lambda loss, step: loss - 10.0) == 10, "a loss without a scale (<= 0): the tenth"
 
 
 @pytest.mark.parametrize("bad", [-1, 1.0, 1.5, -0.1, True, "10", None])

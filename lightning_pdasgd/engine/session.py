@@ -142,13 +142,13 @@ class FitSession(GuardRecovery):
         return self._current is not None and not self._threads.plain_steps
 
     # ------------------------------------------------------------------------------------------- lifecycle
-    def start_for(self, world_size: int, run_steps: float, warmup_steps: int = 0) -> str:
-        """Start the engine (autotuning when a thread count is "auto"; one loss in flight for the first
-        ``warmup_steps`` optimizer steps); returns the line to log at INFO."""
+    def start_for(self, world_size: int, run_steps: float, warmup: tuple[int, int] = (0, 0)) -> str:
+        """Start the engine (autotuning when a thread count is "auto"; one loss in flight for the ``warmup`` steps:
+        ``config.warmup_steps``); returns the line to log at INFO."""
         config = self._config
         short = not self._threads.start(
             config.autotune and self.synchronous_reason is None, config.autotune_steps, config.autotune_max_staleness,
-            world_size == 1, run_steps, synchronous=self.synchronous_reason is not None, warmup_steps=warmup_steps,
+            world_size == 1, run_steps, self.synchronous_reason is not None, *warmup,
         )
         return ("PD-ASGD: the run is too short for autotuning; keeping the configured thread counts.\n"
                 if short else "") + describe_session(self, world_size)
@@ -272,6 +272,7 @@ class FitSession(GuardRecovery):
             started = perf_counter()
             with self.plain_step():
                 output = run()
+            self._threads.observe_warmup_step(output)
             self._stats.record_forward(perf_counter() - started, batch_size)
             return output
         self._updater.reads.attach()  # after plain steps (an autotune trial) the pre-hooks come back
@@ -336,6 +337,7 @@ class FitSession(GuardRecovery):
         stash.step, stash.rank = step, rank
         self._step = step
         stash.hyperparameters = hyperparameter_snapshot(self._optimizer)
+        self._threads.observe_warmup_step(loss)
         if self._pending_trip is not None:  # several devices: tripped, waiting for the consistent point
             self.end_step()
             return

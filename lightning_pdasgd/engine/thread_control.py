@@ -26,6 +26,7 @@ from lightning_pdasgd.engine.autotune import (
     plan_trials,
 )
 from lightning_pdasgd.engine.backward_threads import BackwardEngine, BackwardWork
+from lightning_pdasgd.engine.warmup import LossSettling
 
 _SWITCH_INTERVAL_S = 0.001
 
@@ -157,17 +158,19 @@ class EngineThreads:
         self.plain_steps = False  # the autotuner chose (or is timing) the plain synchronous step
         self.warming_up = False  # the synchronous warm-up: one loss in flight, then the configured counts
         self.warmup_left = 0  # ... for this many more optimizer steps
+        self.settling: LossSettling | None = None  # ... then on while the loss has not halved (``"auto"``)
         self.after_warmup = (backward_threads, max_in_flight)  # the configured counts
 
     def start(self, autotune: bool, autotune_steps: int, max_staleness: float, allow_synchronous: bool,
-              run_steps: float, synchronous: bool = False, warmup_steps: int = 0) -> bool:
+              run_steps: float, synchronous: bool = False, warmup_steps: int = 0, warmup_extension: int = 0) -> bool:
         """Start the backward threads, and the autotuner when asked; ``False`` when the run is too short to tune.
 
         One loss in flight without autotuning runs Lightning's own synchronous step: the exact mode is exact and
         free by construction (``ENGINE_AT_ONE_IN_FLIGHT``). ``synchronous``: that step whatever the settings.
         ``warmup_steps``: the first optimizer steps one loss in flight -- on one device (``allow_synchronous``)
         Lightning's own step, with several the engine at one loss in flight (exact as well, and the exchange runs)
-        -- then the configured counts (and the autotuner's trials).
+        -- then the configured counts (and the autotuner's trials); up to ``warmup_extension`` more while the loss
+        has not halved (``warmup.py``).
         """
         if synchronous or runs_lightnings_step(self.settings.max_in_flight, autotune):
             self.plain_steps = True
@@ -180,6 +183,7 @@ class EngineThreads:
         self.settings.apply()
         if warmup_steps > 0:
             self.warming_up, self.warmup_left = True, warmup_steps
+            self.settling = LossSettling(warmup_extension) if warmup_extension > 0 else None
             self.reconfigure(1, 1)
             if allow_synchronous and not engine_at_one_in_flight():  # one device: Lightning's own step, exact and
                 self.plain_steps = True  # as fast as plain Lightning (through the engine: 0.54-0.66x on the MLPs)
@@ -202,7 +206,7 @@ class EngineThreads:
         after a blow-up at two losses in flight, on one device."""
         cuda_streams.join_update_stream(self._device)
         self.plain_steps = True
-        self.warming_up = False
+        self.warming_up, self.settling = False, None
         self.settings.counts = ThreadCounts(self.settings.backward_threads, 1, self.settings.saved_num_threads)
         self.settings.use_every_core(None)
         self.engine.stop()
@@ -216,7 +220,9 @@ class EngineThreads:
             if self.warmup_left > 0:
                 self.warmup_left -= 1
                 return None
-            self.warming_up = False
+            if self.settling is not None and self.settling.extend():
+                return None
+            self.warming_up, self.settling = False, None
             self.engine.drain()
             self.plain_steps = False  # (one device warmed up with Lightning's own step)
             self.reconfigure(*self.after_warmup)  # drained: no update is lost or reordered
@@ -232,6 +238,11 @@ class EngineThreads:
             self.engine.stop()
             self.settings.restore_switch_interval()
         return tuner.report()
+
+    def observe_warmup_step(self, output: Any) -> None:
+        """A warm-up step's ``training_step`` output: ``"auto"`` ends the warm-up once its loss has halved."""
+        if self.settling is not None:
+            self.settling.observe(output)
 
     def _apply(self, candidate: Candidate, configured_in_flight: int | None) -> None:
         """Switch thread counts between two steps: drained, so no update is lost or reordered."""

@@ -84,7 +84,7 @@ class FitSessions:
         self.session, self._stats = session, session.stats
         # (Lightning is setting up the training data when the fault-tolerant mode starts: its length is unknown yet)
         run_steps = float("inf") if training_data is not None else trainer.estimated_stepping_batches
-        warmup = self._config.warmup_steps(run_steps, trainer.global_step, strategy.process_count)
+        warmup = self._config.warmup_steps(run_steps, trainer.global_step, strategy.process_count)  # (fixed, extra)
         rank_zero_info(session.start_for(strategy.process_count, run_steps, warmup))
         if self.fault_tolerant is not None:
             if training_data is None:
