@@ -37,6 +37,31 @@ def test_tuner_prefers_the_fastest_within_the_staleness_bound() -> None:
     assert "chose 1:2" in tuner.report()
 
 
+@pytest.mark.parametrize("steps_per_trial", [2, 6])
+def test_a_trial_is_charged_the_backwards_still_in_flight_when_its_clock_stops(steps_per_trial: int) -> None:
+    """An asynchronous candidate's forwards return before their backwards finish: a clock stopped with backwards
+    still queued timed forwards only (with 2 steps per trial, the one timed step was a lone forward, and a short run
+    chose 1:2 at 2x its real speed). Here a 1:2 step's forward takes 3 ms and its backward 9 ms, left in flight
+    until a drain; plain Lightning's step takes 10 ms. The trials must see 12 ms against 10."""
+    now, backlog = [0.0], [0.0]
+
+    def drain() -> None:
+        now[0], backlog[0] = now[0] + backlog[0], 0.0
+
+    tuner = ThreadAutotuner([Candidate(0, None), Candidate(2, None)], steps_per_trial=steps_per_trial,
+                            clock=lambda: now[0], drain=drain)
+    current = tuner.before_step((0, 0))
+    while not tuner.done:
+        if current.synchronous:
+            now[0] += 0.010
+        else:
+            now[0], backlog[0] = now[0] + 0.003, backlog[0] + 0.009
+        current = tuner.before_step((0, 0)) or current
+    assert tuner.chosen == Candidate(0, None), tuner.report()
+    rates = {trial.candidate.backward_threads: trial.steps_per_second for trial in tuner.trials}
+    assert rates[0] == pytest.approx(100.0) and rates[2] == pytest.approx(1 / 0.012), tuner.report()
+
+
 def test_autotune_picks_a_valid_configuration_and_loses_no_update() -> None:
     """Switching configurations between steps drains first: the exact sum of all gradients still lands."""
     width, steps = 64, 150

@@ -123,6 +123,9 @@ class ThreadAutotuner:
     trials: list[Trial] = field(default_factory=list)
     chosen: Candidate | None = None
     clock: Callable[[], float] = time.perf_counter  # injected by tests: trials are timed with it
+    # waits for the backward passes in flight (the engine's ``drain``): a trial's clock starts and stops with none,
+    # so that it is charged exactly its own steps' backwards, not the previous candidate's nor left to the next one
+    drain: Callable[[], None] = lambda: None
     _staleness_mark: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
@@ -147,13 +150,15 @@ class ThreadAutotuner:
         if trial is not None:
             trial.completed += 1
             if trial.completed == 1:
-                trial.started_at = now
+                self.drain()
+                trial.started_at = self.clock()
                 self._staleness_mark = staleness_so_far
             if trial.completed < self.steps_per_trial and not self._clearly_slower(trial, now):
                 return None
             assert trial.started_at is not None
             trial.dropped = trial.completed < self.steps_per_trial
-            trial.seconds = now - trial.started_at
+            self.drain()  # (the caller drains at the switch anyway)
+            trial.seconds = self.clock() - trial.started_at
             trial.staleness = self._staleness_since(trial, staleness_so_far)
         if len(self.trials) < len(self.candidates):
             self.trials.append(Trial(self.candidates[len(self.trials)]))

@@ -191,7 +191,7 @@ class EngineThreads:
         self.engine.start()
         if plan is not None:
             candidates, steps_per_trial = plan
-            self.tuner = ThreadAutotuner(candidates, steps_per_trial, max_staleness)
+            self.tuner = ThreadAutotuner(candidates, steps_per_trial, max_staleness, drain=self.engine.drain)
         return plan is not None or not autotune
 
     @property

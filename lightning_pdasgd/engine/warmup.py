@@ -36,8 +36,9 @@ class LossSettling:
     """After the fixed part of the warm-up, says step by step whether to stay synchronous: while the loss's moving
     average is above ``SETTLED_SHARE`` of its first values, for at most ``extra_steps`` more steps.
 
-    A loss that was ever <= 0 (an objective without a scale) or a step without a loss ends the extension: there is
-    nothing to measure "halved" against.
+    A loss that was ever <= 0 (an objective without a scale), or an output without a scalar loss, ends the
+    extension: there is nothing to measure "halved" against. A step that returns ``None`` (Lightning skips its
+    update) is passed over.
     """
 
     def __init__(self, extra_steps: int) -> None:
@@ -49,6 +50,8 @@ class LossSettling:
 
     def observe(self, output: Any) -> None:
         """A warm-up step's ``training_step`` output (on CUDA its value is read a step or two later)."""
+        if output is None:
+            return
         loss = loss_of(output)
         if loss is None:
             self._measurable = False
