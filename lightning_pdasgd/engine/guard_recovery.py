@@ -63,7 +63,8 @@ class GuardRecovery:
 
     def watch_plain_loss(self, loss: Tensor, step: int) -> None:
         """A loss of Lightning's own step that the guard chose (one loss in flight): still watched, so that a
-        blow-up of plain updates too is said once (nothing is restored then)."""
+        blow-up of plain updates too is said once (nothing is restored then). The warm-up's loss watch sees it."""
+        self._threads.observe_warmup_loss(loss)
         if self._guard is not None and self._threads.plain_steps and self._threads.settings.max_in_flight == 1:
             trip = self._guard.observe(loss, None)
             if trip is not None:

@@ -272,7 +272,6 @@ class FitSession(GuardRecovery):
             started = perf_counter()
             with self.plain_step():
                 output = run()
-            self._threads.observe_warmup_step(output)
             self._stats.record_forward(perf_counter() - started, batch_size)
             return output
         self._updater.reads.attach()  # after plain steps (an autotune trial) the pre-hooks come back
@@ -337,7 +336,7 @@ class FitSession(GuardRecovery):
         stash.step, stash.rank = step, rank
         self._step = step
         stash.hyperparameters = hyperparameter_snapshot(self._optimizer)
-        self._threads.observe_warmup_step(loss)
+        self._threads.observe_warmup_loss(loss)
         if self._pending_trip is not None:  # several devices: tripped, waiting for the consistent point
             self.end_step()
             return

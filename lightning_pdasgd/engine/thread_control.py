@@ -239,10 +239,11 @@ class EngineThreads:
             self.settings.restore_switch_interval()
         return tuner.report()
 
-    def observe_warmup_step(self, output: Any) -> None:
-        """A warm-up step's ``training_step`` output: ``"auto"`` ends the warm-up once its loss has halved."""
+    def observe_warmup_loss(self, loss: torch.Tensor) -> None:
+        """A warm-up step's loss, as Lightning's closure passes it to the backward (handed off, or Lightning's own
+        step): ``"auto"`` ends the warm-up once it has halved."""
         if self.settling is not None:
-            self.settling.observe(output)
+            self.settling.observe(loss)
 
     def _apply(self, candidate: Candidate, configured_in_flight: int | None) -> None:
         """Switch thread counts between two steps: drained, so no update is lost or reordered."""

@@ -13,8 +13,7 @@ ends inside it or costs every run a long synchronous start.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Optional
 
 from torch import Tensor
 
@@ -25,20 +24,13 @@ FIRST_LOSSES = 5  # where the run started: the mean of this many first losses
 SMOOTHING_STEPS = 10  # the span of the loss's exponential moving average
 
 
-def loss_of(output: Any) -> Optional[Tensor]:
-    """The loss of a ``training_step`` output, as Lightning's automatic optimization reads it (``None``: none)."""
-    if isinstance(output, Mapping):
-        output = output.get("loss")
-    return output if isinstance(output, Tensor) and output.numel() == 1 else None
-
-
 class LossSettling:
     """After the fixed part of the warm-up, says step by step whether to stay synchronous: while the loss's moving
     average is above ``SETTLED_SHARE`` of its first values, for at most ``extra_steps`` more steps.
 
-    A loss that was ever <= 0 (an objective without a scale), or an output without a scalar loss, ends the
-    extension: there is nothing to measure "halved" against. A step that returns ``None`` (Lightning skips its
-    update) is passed over.
+    A loss that was ever <= 0 (an objective without a scale) ends the extension: there is nothing to measure
+    "halved" against. A step whose ``training_step`` returned ``None`` has no loss (Lightning skips its backward)
+    and is passed over.
     """
 
     def __init__(self, extra_steps: int) -> None:
@@ -48,14 +40,8 @@ class LossSettling:
         self._smoothed: Optional[float] = None
         self._measurable = True
 
-    def observe(self, output: Any) -> None:
-        """A warm-up step's ``training_step`` output (on CUDA its value is read a step or two later)."""
-        if output is None:
-            return
-        loss = loss_of(output)
-        if loss is None:
-            self._measurable = False
-            return
+    def observe(self, loss: Tensor) -> None:
+        """A warm-up step's loss (on CUDA its value is read a step or two later)."""
         for value in self._reader.push(loss):
             if not (value > 0 and math.isfinite(value)):
                 self._measurable = False
