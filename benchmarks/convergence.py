@@ -302,6 +302,23 @@ def _cells(grid: str) -> list[dict[str, Any]]:
     return cells
 
 
+def _selected(cells: list[dict[str, Any]], seeds: Optional[int], workloads: Optional[str]) -> list[dict[str, Any]]:
+    """``--workloads``: only those rows; ``--seeds N``: each row on seeds 0..N-1 (a noisy row measured on more
+    seeds than the grid's own, plain and PD-ASGD still paired)."""
+    if workloads:
+        names = set(workloads.split(","))
+        unknown = names - {cell["workload"] for cell in cells}
+        if unknown:
+            raise SystemExit(f"--workloads: no row of this grid trains {sorted(unknown)}")
+        cells = [cell for cell in cells if cell["workload"] in names]
+    if seeds is None:
+        return cells
+    rows: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        rows.setdefault(json.dumps({**cell, "seed": None}, sort_keys=True), cell)
+    return [{**cell, "seed": seed} for seed in range(seeds) for cell in rows.values()]
+
+
 def _multi_cells() -> list[dict[str, Any]]:
     """Two ranks: DDP and PD-ASGD x2 (default vs none) on the issue's model, 4 epochs."""
     cells = []
@@ -582,6 +599,8 @@ def main() -> None:
     parser.add_argument("--grid", default="quick",
                         choices=("quick", "full", "multi", "deep", "deep-guard", "paired", "guard", "warmup", "zoo"))
     parser.add_argument("--out", default="/tmp/conv")
+    parser.add_argument("--seeds", type=int, help="every row on seeds 0..N-1 instead of its own")
+    parser.add_argument("--workloads", help="only the rows of these workloads (comma-separated names)")
     parser.add_argument("--report", action="store_true",
                         help="only (re)write convergence.md/.png from OUT (with --grid: which grid OUT holds)")
     args = parser.parse_args()
@@ -607,6 +626,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     out.mkdir(parents=True, exist_ok=True)
     cells = _multi_cells() if args.grid == "multi" else _cells(args.grid)
+    cells = _selected(cells, args.seeds, args.workloads)
     run_grid(cells, out)
     rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
     command = " ".join(["python -m benchmarks.convergence", *sys.argv[1:]])
