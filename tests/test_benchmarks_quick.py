@@ -202,6 +202,20 @@ def test_paired_grid_pairs_every_pdasgd_cell_with_a_plain_one_on_the_same_seed()
     assert {"resnet18-digits", "vgg-bn-digits", "digits-cnn", "cnn32", "lstm-order"} <= {key[0] for key in plain}
 
 
+def test_seeds_and_workloads_select_rows_of_the_grid_and_keep_every_seed_paired() -> None:
+    from benchmarks.convergence import _cells, _selected
+
+    cells = _selected(_cells("paired"), 10, "digits-cnn,cnn32")
+    rows = {(c["workload"], c["kind"]) for c in cells}
+    assert rows == {(w, k) for w in ("digits-cnn", "cnn32") for k in ("plain", "pdasgd")}
+    for workload, kind in rows:
+        seeds = sorted(c["seed"] for c in cells if (c["workload"], c["kind"]) == (workload, kind))
+        assert seeds == list(range(10)), (workload, kind, seeds)
+    assert _selected(_cells("paired"), None, None) == _cells("paired")
+    with pytest.raises(SystemExit, match="resnet50"):
+        _selected(_cells("paired"), None, "cnn32,resnet50")
+
+
 def test_convergence_cell_trains_the_lstm_example_and_the_paired_report_lists_it(tmp_path: Path) -> None:
     """One epoch of the LSTM example, plain and PD-ASGD with a strategy setting passed through, into the paired
     report: the grid's own path for a module that brings its own optimizer and data."""
