@@ -304,10 +304,9 @@ def describe_session(session: FitSession, world_size: int) -> str:
         backward_threads, max_in_flight = session.threads.after_warmup
         intra_op = counts.intra_op_threads_for(backward_threads, max_in_flight, None)
         how = "Lightning's own step" if session.threads.plain_steps else "one loss in flight"
-        tuning += f"; {how} for the first {session.threads.warmup_left} steps (synchronous warm-up)"
         settling = session.threads.settling
-        if settling is not None:
-            tuning = tuning[:-1] + f", up to {settling.extra_left} more until the training loss has halved)"
+        extension = f", up to {settling.extra_left} more until the training loss has halved" if settling else ""
+        tuning += f"; {how} for the first {session.threads.warmup_left} steps (synchronous warm-up{extension})"
     ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
     return (
         f"PD-ASGD: 1 forward : {backward_threads} backward threads{ranks},"

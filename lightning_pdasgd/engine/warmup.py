@@ -1,5 +1,5 @@
 """How long ``synchronous_warmup="auto"`` lasts: a tenth of the run, then on while the training loss has not yet
-fallen from where the run started, up to a third of the run.
+fallen to half of where the run started, up to a third of the run.
 
 Why (``docs/convergence.md``): at a learning rate near plain Lightning's own edge of stability the loss of the first
 phase is chaotic. On the paired grid's cnn32 (lr 0.02, momentum 0.9) plain Lightning's loss jumps from 1.5 back to
