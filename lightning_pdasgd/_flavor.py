@@ -47,6 +47,7 @@ FLAVOURED = (
     "integration.collectives",
     "integration.engine_backward",
     "integration.engine_calls",
+    "integration.engine_hooks",
     "integration.fault_tolerant_fit",
     "integration.fit_sessions",
     "integration.one_process_per_device",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from time import perf_counter
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -26,7 +27,6 @@ from lightning_pdasgd.engine.metrics import EngineStats
 from lightning_pdasgd.engine.session import FitSession
 from lightning_pdasgd.engine.thread_control import runs_lightnings_step
 
-from .callbacks import EngineDrain
 from .integration import _lightning_internals, preemption, setup_checks  # relative: flavoured (_flavor.py)
 from .integration._lightning import (
     STEP_OUTPUT,
@@ -42,8 +42,8 @@ from .integration._lightning import (
     rank_zero_warn,
 )
 from .integration.collectives import AsyncAwareCollectives
-from .integration.engine_backward import EngineBackward
 from .integration.engine_calls import EngineCall
+from .integration.engine_hooks import EngineHooks
 from .integration.fault_tolerant_fit import FaultTolerantRanks
 from .integration.fit_sessions import FitSessions
 from .integration.one_process_per_device import OneProcessPerDevice
@@ -130,7 +130,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         self._fit = FitSessions(self._config)  # exists while fit trains; the strategy stays picklable
         self.autotune_report: Optional[str] = None
         self.in_optimizer_step = False  # a closure run inside `optimizer_step` closes its accumulation window
-        self._backward_route = EngineBackward(self)  # a step's loss to the engine or to Lightning's backward
+        self._hooks = EngineHooks(self)  # the engine's callback and backward routing on Lightning's path
         self._step_metrics = StepMetrics()  # the `pdasgd/*` metrics, retired once Lightning has taken them
         for warning in self._config.ineffective_settings():
             rank_zero_warn(warning)
@@ -214,8 +214,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
             setup_checks.check_fit_configuration(trainer, self.lightning_module, self.optimizers, self.process_count)
             self._fit.check_fault_tolerance(self)
             if not (self.process_count == 1 and runs_lightnings_step(self._config.in_flight, self._config.autotune)):
-                EngineDrain.attach(trainer)  # (the exact mode on one device: nothing of the engine's on the way)
-                self._backward_route.install()
+                self._hooks.install(trainer)  # (the exact mode on one device: nothing of the engine's on the way)
 
     @override
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -233,6 +232,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
     def on_train_end(self) -> None:
         with EngineCall("the end of training"):
             if self._session is not None:
+                self._step_metrics.flush(self._session)
                 self._session.finish_fit()
             self._fit.shutdown()
         super().on_train_end()
@@ -257,9 +257,8 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
     def teardown(self) -> None:
         self._fit.loop_started = False
         self._fit.shutdown(raise_timeout=False)
-        self._backward_route.remove()
-        if (module := self.lightning_module) is not None and module._trainer is not None:
-            EngineDrain.detach(module._trainer)
+        module = self.lightning_module
+        self._hooks.remove(module._trainer if module is not None else None)
         super().teardown()
 
     def drain(self) -> None:
@@ -276,24 +275,25 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        session = self._session
+        if session is not None and session is self._hooks.aside_for:  # one device, Lightning's own step for good
+            with EngineCall("a training step"):
+                started = perf_counter()
+            output = super().training_step(*args, **kwargs)
+            with EngineCall("a training step"):
+                self._step_metrics.lightning_step_ended(session, self.lightning_module, started, args)
+            return output
         if self._fit.needs_restart and self.process_count == 1:
-            # nothing was trainable at the start, or a run of the fit loop inside this one (`lr_find` from a
-            # callback) ended the session: a new one
+            # nothing was trainable at the start, or a fit loop inside this one (a callback's `lr_find`) ended it
             with EngineCall("the start of training"):
                 self._fit.start(self, at_first_step=True)
         session = self._session
         if session is None:
             return super().training_step(*args, **kwargs)
         module = self.lightning_module
-        if session.lightning_steps_only:  # one device, Lightning's own step for good: only the statistics around it
-            with EngineCall("a training step"):
-                self._step_metrics.before_step(module.trainer)
-                started = session.lightning_forward_starts()
-            output = super().training_step(*args, **kwargs)
-            with EngineCall("a training step"):
-                session.lightning_forward_ended(started, args)
-                self._step_metrics.after_step(session, module)
-            return output
+        self._hooks.follow(session, module.trainer)  # off for Lightning's own step for good, on for the engine
+        if session.lightning_steps_only:
+            return self.training_step(*args, **kwargs)  # (the first branch above from now on)
         raised_by_step: list[BaseException] = []
 
         def run_step() -> STEP_OUTPUT:

@@ -12,6 +12,8 @@ import lightning as L
 import pytest
 
 from lightning_pdasgd import PDASGDStrategy
+from lightning_pdasgd.engine import thread_control
+from lightning_pdasgd.engine.autotune import Candidate
 from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
 from tests.helpers import DIGITS_OPTIMIZERS, assert_same_training_state, engine_threads, fit_digits
 
@@ -99,3 +101,21 @@ def test_the_exact_mode_puts_nothing_of_the_engine_on_lightnings_path() -> None:
     assert engine.seen == [(True, True)] * 5
     assert "backward" not in vars(trainer.strategy.precision_plugin)
     assert not any(type(callback).__name__ == "EngineDrain" for callback in trainer.callbacks)
+
+
+def test_once_the_autotuner_settles_on_lightnings_step_the_engine_leaves_its_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``backward_threads="auto"`` that chooses the plain step (here the only candidate) trains on bit for bit as
+    plain Lightning, and from its choice on neither the drain callback nor the backward routing stays on Lightning's
+    path (each cost a few microseconds a step for nothing: no backward is ever in flight between steps again)."""
+    monkeypatch.setattr(thread_control, "default_candidates", lambda device, allow_synchronous: [Candidate(0, None)])
+    plain, plain_trainer = fit_digits("auto", "sgd_momentum_nesterov_wd")
+    seen = _EngineOnTheStepPath()
+    strategy = PDASGDStrategy(backward_threads="auto", autotune_steps=3, synchronous_warmup=0)
+    pdasgd, trainer = fit_digits(strategy, "sgd_momentum_nesterov_wd", callbacks=[seen])
+
+    assert strategy.autotune_report is not None and "chose plain synchronous step" in strategy.autotune_report
+    assert seen.seen[:3] == [(True, True)] * 3  # the trial: the engine could still take over
+    assert seen.seen[-30:] == [(False, False)] * 30
+    assert_same_training_state(plain, plain_trainer, pdasgd, trainer)

@@ -212,14 +212,18 @@ def test_a_loss_that_converged_towards_zero_does_not_trip_on_its_noise() -> None
 # ------------------------------------------------------------------------------------------- what users get
 # The suite runs one loss in flight through the engine (`conftest.py`); users get Lightning's own step there.
 class _EngineThreadsAfterTrip(L.Callback):
-    """Whether engine threads were alive after each batch that ended with the guard tripped."""
+    """After each batch that ended with the guard tripped: how many engine threads were alive, whether the engine's
+    drain callback was among the Trainer's callbacks, whether the precision plugin's backward was routed."""
 
     def __init__(self) -> None:
         self.alive_after_trip: list[int] = []
+        self.on_path_after_trip: list[tuple[bool, bool]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.strategy.stats.guard_trips:
             self.alive_after_trip.append(len(engine_threads()))
+            callback = any(type(other).__name__ == "EngineDrain" for other in trainer.callbacks)
+            self.on_path_after_trip.append((callback, "backward" in vars(trainer.strategy.precision_plugin)))
 
 
 @pytest.mark.usefixtures("users_exact_mode")
@@ -235,6 +239,9 @@ def test_after_a_blow_up_one_device_trains_on_with_lightnings_own_step() -> None
         trainer.fit(guarded, train_dataloaders=_loader())
     assert trainer.strategy.stats.guard_trips == 1
     assert watcher.alive_after_trip and set(watcher.alive_after_trip) == {0}
+    # from the step after the trip nothing is in flight between steps, so the drain callback is gone; the backward
+    # routing stays, for the guard watches the losses of Lightning's step (next test)
+    assert set(watcher.on_path_after_trip[1:]) == {(False, True)}
     assert guarded.losses[-1] <= plain.losses[-1] * 1.5 + 1e-3
 
 

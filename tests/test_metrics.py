@@ -155,3 +155,22 @@ def test_every_logging_step_writes_its_own_window_in_every_epoch(tmp_path: Path)
     assert all(abs(watch.shown[step] - logged[step]) < 1e-3 for step in logged), (watch.shown, logged)
     last_batches = [trainer.num_training_batches - 1, steps - 1]  # each epoch's last batch logs too
     assert all(watch.shown[step] > watch.shown[step - 1] for step in last_batches), watch.shown
+
+
+@pytest.mark.usefixtures("users_exact_mode")
+def test_lightnings_own_step_counts_every_step_and_sample_at_lightnings_logging_cadence(tmp_path: Path) -> None:
+    """The exact mode counts its steps in plain numbers and hands them over when Lightning writes: every step and
+    sample of the fit still lands in the statistics (each epoch ends on a smaller batch), and the loggers get a
+    window at Lightning's cadence."""
+    data = DigitsData(batch_size=64)
+    trainer = L.Trainer(strategy=PDASGDStrategy(max_in_flight=1), max_epochs=2, log_every_n_steps=4,
+                        **trainer_kwargs(logger=CSVLogger(tmp_path)))
+    trainer.fit(DigitsClassifier(), data)
+    stats = trainer.strategy.stats
+    assert len(data.train_set) % 64 != 0
+    assert stats.total_forwards == trainer.global_step == 2 * trainer.num_training_batches
+    assert stats.total_samples == 2 * len(data.train_set)
+    (metrics_file,) = tmp_path.rglob("metrics.csv")
+    with open(metrics_file) as handle:
+        logged = [int(row["step"]) for row in csv.DictReader(handle) if row.get("pdasgd/samples_per_sec")]
+    assert logged == [step for step in range(trainer.global_step) if (step + 1) % 4 == 0]

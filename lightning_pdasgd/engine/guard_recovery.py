@@ -47,9 +47,11 @@ class GuardRecovery:
     def _guard_at_consistent_point(self, met: bool, kind: str, stop: bool) -> None:
         """After the drain of a consistent point (``met``: every rank met there): keep the state as the good one, or
         with several devices recover everywhere if any rank tripped."""
-        if not met:
-            if self.exchange is None and self._guard is not None and self._guard.watch.healthy and not stop:
-                self._guard.keep(self._module, self._optimizer, self._step)
+        if not met:  # one device: a good state is worth keeping while the engine may still run
+            engine_may_run = not self._threads.plain_steps_for_good
+            guard_healthy = self._guard is not None and self._guard.watch.healthy
+            if self.exchange is None and guard_healthy and engine_may_run and not stop:
+                self._guard.keep(self._module, self._optimizer, self._step)  # type: ignore[union-attr]
             return
         if self._guard is None or stop or kind == "guard":
             return

@@ -163,6 +163,7 @@ class EngineStats:
         self.total_staleness_max = 0
         self.total_skipped = 0
         self.total_forwards = 0
+        self.total_samples = 0
         self.total_stash_seconds = 0.0  # the engine's own cost, for benchmarks' per-step overhead
         self.total_handoff_seconds = 0.0
         self.total_update_seconds = 0.0
@@ -201,13 +202,15 @@ class EngineStats:
             self.total_staleness_sum += record.staleness_sum
             self.total_staleness_max = max(self.total_staleness_max, record.staleness_max)
 
-    def record_forward(self, seconds: float, samples: int, stash_seconds: float = 0.0) -> None:
+    def record_forward(self, seconds: float, samples: int, stash_seconds: float = 0.0, forwards: int = 1) -> None:
+        """``forwards`` forwards together (Lightning's own step counts a window's steps at once: ``step_metrics``)."""
         with self._lock:
-            self._window.forwards += 1
+            self._window.forwards += forwards
             self._window.forward_seconds += seconds
             self._window.samples += samples
             self._window.stash_seconds += stash_seconds
-            self.total_forwards += 1
+            self.total_forwards += forwards
+            self.total_samples += samples
             self.total_stash_seconds += stash_seconds
 
     def record_handoff(self, seconds: float) -> None:
@@ -257,12 +260,10 @@ def window_due(session: FitSession, module: Any) -> tuple[dict[str, float], dict
     handful of keys; the window covers every step since the previous write.
     """
     trainer = getattr(module, "_trainer", None)
-    level = session.config.metrics
-    if trainer is None or level == "off" or trainer.log_every_n_steps <= 0:
-        return None
-    if (trainer.global_step + 1) % trainer.log_every_n_steps != 0 and not trainer.is_last_batch:
+    if trainer is None or session.config.metrics == "off" or not lightning_writes_now(trainer):
         return None
     metrics = window_metrics(session)
+    level = session.config.metrics
     if level == "basic":  # plus the gradient norm when asked for by name (`log_grad_norm=True`)
         metrics = {key: value for key, value in metrics.items() if key in BASIC_METRICS or key == GRAD_NORM}
     shown = PROGRESS_BAR_METRICS if session.config.metrics_on_progress_bar else ()
@@ -270,9 +271,17 @@ def window_due(session: FitSession, module: Any) -> tuple[dict[str, float], dict
     return metrics, on_bar
 
 
+def lightning_writes_now(trainer: Any) -> bool:
+    """Lightning writes to its loggers at the end of this step (``log_every_n_steps``), or an epoch ends."""
+    every = trainer.log_every_n_steps
+    return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.is_last_batch)
+
+
 def batch_size_of(args: tuple[Any, ...]) -> int:
     """The samples in a training step's batch (for samples/s): the first dimension of its first tensor, as
     Lightning's own ``extract_batch_size`` takes it; 0 when the batch holds no tensor."""
+    if args and type(args[0]) in (tuple, list) and args[0] and isinstance(args[0][0], Tensor):
+        return int(args[0][0].shape[0]) if args[0][0].ndim else 1  # (x, y): the common case, without the walk
     pending: list[Any] = [args[0]] if args else []
     while pending:
         item = pending.pop(0)

@@ -306,13 +306,15 @@ class FitSession(GuardRecovery):
         self._current = (stash, stream)
         return output
 
-    def lightning_forward_starts(self) -> float:
-        """``lightning_steps_only``: the user's step runs as in plain Lightning; only its statistics are taken."""
-        self._updater.reads.close()  # (after the guard's or the autotuner's switch from the engine)
-        return perf_counter()
+    def close_reads(self) -> None:
+        """``lightning_steps_only``: no pre-hook of the engine on the modules' call path (after the guard's or the
+        autotuner's switch from the engine)."""
+        self._updater.reads.close()
 
-    def lightning_forward_ended(self, started: float, step_args: tuple[Any, ...]) -> None:
-        self._stats.record_forward(perf_counter() - started, batch_size_of(step_args))
+    @property
+    def watches_lightning_losses(self) -> bool:
+        """The guard still watches the losses of Lightning's own step: it switched to it (``watch_plain_loss``)."""
+        return self._guard is not None and self._threads.settings.max_in_flight == 1
 
     def _finish_plain_batch(self) -> None:
         """Lightning's own step: the last forward's step has run (called before the next forward and at drains)."""
