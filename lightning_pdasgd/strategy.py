@@ -257,8 +257,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
     def teardown(self) -> None:
         self._fit.loop_started = False
         self._fit.shutdown(raise_timeout=False)
-        module = self.lightning_module
-        self._hooks.remove(module._trainer if module is not None else None)
+        self._hooks.remove(self.lightning_module)
         super().teardown()
 
     def drain(self) -> None:
@@ -276,24 +275,25 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         session = self._session
-        if session is not None and session is self._hooks.aside_for:  # one device, Lightning's own step for good
-            with EngineCall("a training step"):
-                started = perf_counter()
-            output = super().training_step(*args, **kwargs)
-            with EngineCall("a training step"):
-                self._step_metrics.lightning_step_ended(session, self.lightning_module, started, args)
-            return output
-        if self._fit.needs_restart and self.process_count == 1:
-            # nothing was trainable at the start, or a fit loop inside this one (a callback's `lr_find`) ended it
-            with EngineCall("the start of training"):
-                self._fit.start(self, at_first_step=True)
-        session = self._session
-        if session is None:
-            return super().training_step(*args, **kwargs)
+        if session is None or session is not self._hooks.aside_for:  # (else one device, Lightning's step for good)
+            if self._fit.needs_restart and self.process_count == 1:  # nothing was trainable at the start, or a
+                with EngineCall("the start of training"):  # fit loop inside this one (`lr_find`) ended it: a new one
+                    self._fit.start(self, at_first_step=True)
+            if (session := self._session) is None:
+                return super().training_step(*args, **kwargs)
+            self._hooks.follow(session, self.lightning_module.trainer)  # the engine's hooks on or off for this step
+            if not self._hooks.lightning_step_alone:
+                return self._engine_training_step(session, args, kwargs)
+        with EngineCall("a training step"):  # one device, Lightning's own step: only counted
+            started = perf_counter()
+        output = super().training_step(*args, **kwargs)
+        with EngineCall("a training step"):
+            self._step_metrics.lightning_step_ended(session, self.lightning_module, started, args)
+        return output
+
+    def _engine_training_step(self, session: FitSession, args: tuple[Any, ...], kwargs: dict[str, Any]) -> STEP_OUTPUT:
+        """``training_step`` on the engine's stash of the weights (or, on several devices, Lightning's own step)."""
         module = self.lightning_module
-        self._hooks.follow(session, module.trainer)  # off for Lightning's own step for good, on for the engine
-        if session.lightning_steps_only:
-            return self.training_step(*args, **kwargs)  # (the first branch above from now on)
         raised_by_step: list[BaseException] = []
 
         def run_step() -> STEP_OUTPUT:

@@ -128,6 +128,22 @@ def test_short_auto_run_keeps_trials_within_its_share() -> None:
     assert report is not None and len(report.splitlines()) - 1 == 7  # every candidate, 2 steps each: 14 <= 20
 
 
+@pytest.mark.parametrize(("slowdown", "dropped"), [(1 / 0.7, True), (1 / 0.9, False)])
+def test_only_a_candidate_well_below_the_best_rate_is_dropped(slowdown: float, dropped: bool) -> None:
+    """Below three quarters of the best finished trial's rate after two timed steps, a trial ends; a candidate near
+    the best (within measurement noise of it) runs all its steps."""
+    now = [0.0]
+    tuner = ThreadAutotuner([Candidate(1, None), Candidate(2, None)], steps_per_trial=6, clock=lambda: now[0])
+    seconds = {1: 0.01, 2: 0.01 * slowdown}
+    current, steps = tuner.before_step((0, 0)), {1: 0, 2: 0}
+    while not tuner.done:
+        steps[current.backward_threads] += 1
+        now[0] += seconds[current.backward_threads]
+        current = tuner.before_step((0, 0)) or current
+    assert steps[2] == (3 if dropped else 6)
+    assert tuner.trials[1].dropped is dropped and tuner.chosen == Candidate(1, None)
+
+
 def test_a_clearly_slower_candidate_is_dropped_early() -> None:
     now = [0.0]
     tuner = ThreadAutotuner([Candidate(1, None), Candidate(2, None)], steps_per_trial=10, clock=lambda: now[0])

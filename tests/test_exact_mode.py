@@ -96,26 +96,46 @@ def test_the_exact_mode_puts_nothing_of_the_engine_on_lightnings_path() -> None:
     which never runs the engine, installs neither (the engine's modes do); both are gone after the fit."""
     exact, engine = _EngineOnTheStepPath(), _EngineOnTheStepPath()
     _, trainer = fit_digits(PDASGDStrategy(max_in_flight=1), "sgd_momentum_nesterov_wd", steps=5, callbacks=[exact])
-    fit_digits(PDASGDStrategy(), "sgd_momentum_nesterov_wd", steps=5, callbacks=[engine])
+    fit_digits(PDASGDStrategy(synchronous_warmup=0), "sgd_momentum_nesterov_wd", steps=5, callbacks=[engine])
     assert exact.seen == [(False, False)] * 5
     assert engine.seen == [(True, True)] * 5
     assert "backward" not in vars(trainer.strategy.precision_plugin)
     assert not any(type(callback).__name__ == "EngineDrain" for callback in trainer.callbacks)
 
 
-def test_once_the_autotuner_settles_on_lightnings_step_the_engine_leaves_its_path(
+def test_a_warm_up_on_one_device_keeps_only_the_loss_watch_on_lightnings_path() -> None:
+    """The synchronous warm-up on one device is Lightning's own step: nothing is in flight between its steps, so the
+    drain callback comes in only with the engine's first step; the backward routing stays, for the warm-up and the
+    guard watch the losses."""
+    seen = _EngineOnTheStepPath()
+    fit_digits(PDASGDStrategy(synchronous_warmup=3), "sgd_momentum_nesterov_wd", steps=6, callbacks=[seen])
+    assert seen.seen == [(False, True)] * 3 + [(True, True)] * 3
+
+
+class _ForGood(L.Callback):
+    """Records, after every batch, whether the strategy treats its session as Lightning's own step for good."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        strategy = trainer.strategy
+        self.seen.append(strategy._session is not None and strategy._hooks.aside_for is strategy._session)
+
+
+def test_an_autotuner_that_settles_on_lightnings_step_trains_as_plain_lightning(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``backward_threads="auto"`` that chooses the plain step (here the only candidate) trains on bit for bit as
-    plain Lightning, and from its choice on neither the drain callback nor the backward routing stays on Lightning's
-    path (each cost a few microseconds a step for nothing: no backward is ever in flight between steps again)."""
+    """``backward_threads="auto"`` that chooses the plain step (here the only candidate) trains bit for bit as
+    plain Lightning with nothing of the engine on Lightning's path (no backward is ever in flight between steps),
+    and from its choice on, the strategy's ``training_step`` passes straight on to Lightning's."""
     monkeypatch.setattr(thread_control, "default_candidates", lambda device, allow_synchronous: [Candidate(0, None)])
     plain, plain_trainer = fit_digits("auto", "sgd_momentum_nesterov_wd")
-    seen = _EngineOnTheStepPath()
+    seen, for_good = _EngineOnTheStepPath(), _ForGood()
     strategy = PDASGDStrategy(backward_threads="auto", autotune_steps=3, synchronous_warmup=0)
-    pdasgd, trainer = fit_digits(strategy, "sgd_momentum_nesterov_wd", callbacks=[seen])
+    pdasgd, trainer = fit_digits(strategy, "sgd_momentum_nesterov_wd", callbacks=[seen, for_good])
 
     assert strategy.autotune_report is not None and "chose plain synchronous step" in strategy.autotune_report
-    assert seen.seen[:3] == [(True, True)] * 3  # the trial: the engine could still take over
-    assert seen.seen[-30:] == [(False, False)] * 30
+    assert seen.seen == [(False, False)] * 40
+    assert for_good.seen == [False] * 3 + [True] * 37  # the trial's steps, then the choice
     assert_same_training_state(plain, plain_trainer, pdasgd, trainer)

@@ -63,6 +63,13 @@ class GuardRecovery:
         elif not any_unhealthy:  # every rank keeps the same good state, or none does
             self._guard.keep(self._module, self._optimizer, self._step)
 
+    @property
+    def watches_lightning_losses(self) -> bool:
+        """The losses of Lightning's own step are watched (``watch_plain_loss``): by the warm-up, or by the guard
+        at one loss in flight (during the warm-up, and after its switch to Lightning's step)."""
+        guarded = self._guard is not None and self._threads.settings.max_in_flight == 1
+        return guarded or self._threads.settling is not None
+
     def watch_plain_loss(self, loss: Tensor, step: int) -> None:
         """A loss of Lightning's own step that the guard chose (one loss in flight): still watched, so that a
         blow-up of plain updates too is said once (nothing is restored then). The warm-up's loss watch sees it."""
@@ -71,7 +78,6 @@ class GuardRecovery:
             trip = self._guard.observe(loss, None)
             if trip is not None:
                 self._recover(trip, step)
-
 
     def _on_trip(self, trip: Trip, step: int) -> None:
         if self.exchange is not None:  # all ranks decide at the next consistent point; until then this rank

@@ -137,6 +137,11 @@ class FitSession(GuardRecovery):
         return self._threads.plain_steps_for_good and self._replicas is None
 
     @property
+    def lightning_step_alone(self) -> bool:
+        """One device runs Lightning's own step now (for good, or for a warm-up or an autotuner trial)."""
+        return self._threads.plain_steps and self._replicas is None
+
+    @property
     def has_pending_forward(self) -> bool:
         """A forward ran on a stash whose loss has not been handed to the engine yet."""
         return self._current is not None and not self._threads.plain_steps
@@ -305,16 +310,6 @@ class FitSession(GuardRecovery):
             raise
         self._current = (stash, stream)
         return output
-
-    def close_reads(self) -> None:
-        """``lightning_steps_only``: no pre-hook of the engine on the modules' call path (after the guard's or the
-        autotuner's switch from the engine)."""
-        self._updater.reads.close()
-
-    @property
-    def watches_lightning_losses(self) -> bool:
-        """The guard still watches the losses of Lightning's own step: it switched to it (``watch_plain_loss``)."""
-        return self._guard is not None and self._threads.settings.max_in_flight == 1
 
     def _finish_plain_batch(self) -> None:
         """Lightning's own step: the last forward's step has run (called before the next forward and at drains)."""

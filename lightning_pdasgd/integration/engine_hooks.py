@@ -27,38 +27,46 @@ class EngineHooks:
     def __init__(self, strategy: Any) -> None:
         self.backward_route = EngineBackward(strategy)  # a step's loss to the engine or to Lightning's backward
         self._wanted = False  # installed at setup: this fit may use the engine
-        self._aside_for: Optional[FitSession] = None  # the session the hooks were taken off for
+        self._callback_on = self._route_on = False
+        self.lightning_step_alone = False  # this step, one device runs Lightning's own step (``follow`` says)
+        self._aside_for: Optional[FitSession] = None  # the session that runs Lightning's own step for good
 
     @property
     def aside_for(self) -> Optional[FitSession]:
-        """The session that runs Lightning's own step for good, once the hooks have been taken off for it."""
+        """The session that runs Lightning's own step for good, once ``follow`` has seen it do so."""
         return self._aside_for
 
     def install(self, trainer: Any) -> None:
         """At setup, for a fit that may use the engine."""
         self._wanted = True
         self._aside_for = None
-        EngineDrain.attach(trainer)
-        self.backward_route.install()
+        self._switch(trainer, callback=True, route=True)
 
-    def remove(self, trainer: Optional[Any]) -> None:
-        """At teardown: the Trainer's callbacks and its precision plugin are the user's again."""
+    def remove(self, module: Optional[Any]) -> None:
+        """At teardown (of ``module``'s fit): the Trainer's callbacks and its precision plugin are the user's again."""
         self._wanted = False
         self._aside_for = None
-        self.backward_route.remove()
-        if trainer is not None:
-            EngineDrain.detach(trainer)
+        self.lightning_step_alone = False
+        self._switch(getattr(module, "_trainer", None), callback=False, route=False)
 
     def follow(self, session: FitSession, trainer: Any) -> None:
-        """Before each training step of one device: off once ``session`` runs Lightning's own step for good, back
-        on for a session that uses the engine. The routing stays while Lightning's losses are watched (the guard
-        says once when plain updates blow up too)."""
-        if session.lightning_steps_only:
-            if self._aside_for is not session:
+        """Before a training step: while one device runs Lightning's own step (a warm-up, the autotuner's plain
+        trial or choice, the guard's switch) nothing is in flight between steps, so the drain callback is off, and
+        the routing too unless the warm-up or the guard watches the losses; both are on for the engine's steps."""
+        alone = session.lightning_step_alone
+        self.lightning_step_alone = alone
+        if alone:
+            session.end_step()  # an engine forward whose step never came (SWA's BatchNorm epoch) frees its slot
+            session.updater.reads.close()  # (idempotent) no engine pre-hook on the modules' call path
+            if session.lightning_steps_only:
                 self._aside_for = session
-                session.close_reads()
-                EngineDrain.detach(trainer)
-                if not session.watches_lightning_losses:
-                    self.backward_route.remove()
-        elif self._aside_for is not None and self._wanted:
-            self.install(trainer)
+        if self._wanted:
+            self._switch(trainer, callback=not alone, route=not alone or session.watches_lightning_losses)
+
+    def _switch(self, trainer: Optional[Any], callback: bool, route: bool) -> None:
+        if callback != self._callback_on and trainer is not None:
+            (EngineDrain.attach if callback else EngineDrain.detach)(trainer)
+            self._callback_on = callback
+        if route != self._route_on:
+            self.backward_route.install() if route else self.backward_route.remove()
+            self._route_on = route

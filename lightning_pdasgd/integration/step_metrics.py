@@ -37,6 +37,8 @@ class StepMetrics:
 
     def after_step(self, session: FitSession, module: Any) -> None:
         """Log the window when Lightning writes (a fit that fell back to Lightning's step as warned logs none)."""
+        if self._steps:  # Lightning's own steps before these (a warm-up) belong to the window
+            self.flush(session)
         if logs_metrics(module.trainer) and session.synchronous_reason is None:
             due = window_due(session, module)
             if due is not None:
