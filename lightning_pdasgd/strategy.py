@@ -319,7 +319,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         **kwargs: Any,
     ) -> Any:
         session = self._session
-        if session is None or session.lightning_steps_only:  # nothing of the engine's runs inside the step
+        if session is None or session is self._hooks.aside_for:  # Lightning's step for good: nothing of the engine's
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         with EngineCall("an optimizer step"):
             report = session.before_step()  # before the closure: a step runs wholly in one configuration

@@ -70,3 +70,7 @@ class EngineHooks:
         if route != self._route_on:
             self.backward_route.install() if route else self.backward_route.remove()
             self._route_on = route
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy made while a fit runs (a pickled Trainer) holds no session: its threads and locks stay here."""
+        return {**self.__dict__, "_aside_for": None, "lightning_step_alone": False}
