@@ -128,6 +128,24 @@ def test_short_auto_run_keeps_trials_within_its_share() -> None:
     assert report is not None and len(report.splitlines()) - 1 == 7  # every candidate, 2 steps each: 14 <= 20
 
 
+@pytest.mark.parametrize(("two_threads_seconds", "three_timed"), [(0.012, False), (0.008, True)])
+def test_more_backward_threads_are_timed_only_while_they_pay(two_threads_seconds: float, three_timed: bool) -> None:
+    """The climb over backward thread counts ends at the first count no faster than the one below it (here 1:2
+    against 1:1): higher counts would only add contention, and their trials would cost the run for nothing."""
+    now = [0.0]
+    candidates = [Candidate(1, None), Candidate(2, None), Candidate(3, None)]
+    tuner = ThreadAutotuner(candidates, steps_per_trial=4, clock=lambda: now[0])
+    seconds = {1: 0.01, 2: two_threads_seconds, 3: 0.005}
+    current, steps = tuner.before_step((0, 0)), {1: 0, 2: 0, 3: 0}
+    while not tuner.done:
+        steps[current.backward_threads] += 1
+        now[0] += seconds[current.backward_threads]
+        current = tuner.before_step((0, 0)) or current
+    assert (steps[3] > 0) is three_timed
+    assert tuner.chosen == (Candidate(3, None) if three_timed else Candidate(1, None))
+    assert ("1:3" in tuner.report()) and ("not timed" in tuner.report()) is not three_timed
+
+
 @pytest.mark.parametrize(("slowdown", "dropped"), [(1 / 0.7, True), (1 / 0.9, False)])
 def test_only_a_candidate_well_below_the_best_rate_is_dropped(slowdown: float, dropped: bool) -> None:
     """Below three quarters of the best finished trial's rate after two timed steps, a trial ends; a candidate near

@@ -126,6 +126,7 @@ class ThreadAutotuner:
     steps_per_trial: int = 6
     max_staleness: float = 4.0
     trials: list[Trial] = field(default_factory=list)
+    skipped: list[Candidate] = field(default_factory=list)  # not timed: more threads than a count that did not pay
     chosen: Candidate | None = None
     clock: Callable[[], float] = time.perf_counter  # injected by tests: trials are timed with it
     # waits for the backward passes in flight (the engine's ``drain``): a trial's clock starts and stops with none,
@@ -165,11 +166,29 @@ class ThreadAutotuner:
             self.drain()  # (the caller drains at the switch anyway)
             trial.seconds = self.clock() - trial.started_at
             trial.staleness = self._staleness_since(trial, staleness_so_far)
-        if len(self.trials) < len(self.candidates):
-            self.trials.append(Trial(self.candidates[len(self.trials)]))
-            return self.trials[-1].candidate
+        while len(self.trials) + len(self.skipped) < len(self.candidates):
+            candidate = self.candidates[len(self.trials) + len(self.skipped)]
+            if self._past_the_peak(candidate):
+                self.skipped.append(candidate)
+                continue
+            self.trials.append(Trial(candidate))
+            return candidate
         self.chosen = self._choose()
         return self.chosen
+
+    def _past_the_peak(self, candidate: Candidate) -> bool:
+        """More backward threads pay while they add overlap and cost once they only add contention, so a count
+        whose best trial was no faster than the count below it ends the climb: higher counts are not timed."""
+        best: dict[int, float] = {}
+        for trial in self.trials:
+            if not trial.candidate.synchronous:
+                count = trial.candidate.backward_threads
+                best[count] = max(best.get(count, 0.0), trial.steps_per_second)
+        counts = sorted(best)
+        return any(
+            higher < candidate.backward_threads and best[higher] <= best[lower]
+            for lower, higher in zip(counts, counts[1:])
+        )
 
     def _clearly_slower(self, trial: Trial, now: float) -> bool:
         """After two timed steps, a candidate below ``DROP_BELOW`` of the best finished trial's rate is dropped."""
@@ -195,4 +214,6 @@ class ThreadAutotuner:
                 f" {mark} {str(trial.candidate):<32} {trial.steps_per_second:9.1f} steps/s"
                 f"   staleness {trial.staleness:.2f}" + ("   (dropped early: clearly slower)" if trial.dropped else "")
             )
+        for candidate in self.skipped:
+            lines.append(f"   {str(candidate):<32} not timed: fewer backward threads were as fast")
         return "\n".join(lines)
