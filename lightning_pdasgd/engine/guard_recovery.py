@@ -48,10 +48,9 @@ class GuardRecovery:
         """After the drain of a consistent point (``met``: every rank met there): keep the state as the good one, or
         with several devices recover everywhere if any rank tripped."""
         if not met:  # one device: a good state is worth keeping while the engine may still run
-            engine_may_run = not self._threads.plain_steps_for_good
-            guard_healthy = self._guard is not None and self._guard.watch.healthy
-            if self.exchange is None and guard_healthy and engine_may_run and not stop:
-                self._guard.keep(self._module, self._optimizer, self._step)  # type: ignore[union-attr]
+            guard, engine_may_run = self._guard, not self._threads.plain_steps_for_good
+            if self.exchange is None and guard is not None and guard.watch.healthy and engine_may_run and not stop:
+                guard.keep(self._module, self._optimizer, self._step)
             return
         if self._guard is None or stop or kind == "guard":
             return

@@ -1,14 +1,15 @@
-"""The engine's hooks on Lightning's path of a step: on while the engine may run, off while one device runs
-Lightning's own step for good.
+"""The engine's hooks on Lightning's path of a step: on for the engine's steps, off while one device runs Lightning's
+own step.
 
-Two hooks sit on every step of a fit that may use the engine: the ``EngineDrain`` callback (Lightning calls each
+Two hooks sit on the steps of a fit that may use the engine: the ``EngineDrain`` callback (Lightning calls each
 callback's batch hooks, so even its empty ones cost a dispatch) and the routing of the precision plugin's backward
-(``engine_backward.py``). A fit on one device that runs Lightning's own step for good -- the exact mode
-(``max_in_flight=1``), the autotuner's choice of the plain step, the divergence guard's switch to it -- needs
-neither: nothing is ever in flight between steps. What stays on such a step cost 30-40 us on the 0.8 ms steps of
-``benchmarks.engine_overhead``'s small MLP (interleaved runs, per-step medians), although each piece costs well under
-a microsecond when timed alone: between torch's kernels the Python runs on cold caches. So the strategy stands aside
-once, and takes back its hooks when a later session of the same fit (``lr_find`` from a callback) uses the engine.
+(``engine_backward.py``). A step that one device runs as Lightning's own -- the synchronous warm-up, the autotuner's
+plain trial and choice, the divergence guard's switch -- needs no callback, since nothing is in flight between such
+steps, and the routing only where the warm-up or the guard watches the losses. Timed inside the loop, a warm-up step
+carried about 90 us of the strategy on the 0.8 ms steps of ``benchmarks.engine_overhead``'s small MLP (about 35 us
+of it the callback), although each piece costs well under a microsecond when timed alone: between torch's kernels
+the Python runs on cold caches. ``follow`` switches the hooks before every step that is not yet known to be
+Lightning's own for good; the exact mode never installs them.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ class StepMetrics:
 
     def __init__(self) -> None:
         self._live: frozenset[str] = frozenset()  # logged at the previous step, still re-read by Lightning
-        # Lightning's own steps (one device, for good) not yet in the session's statistics: their count, seconds
-        # and the batch size of the first of them
+        # Lightning's own steps on one device not yet in the session's statistics: their count, seconds and the
+        # batch size of the first of them
         self._steps, self._seconds, self._first_batch = 0, 0.0, 0
 
     def before_step(self, trainer: Any) -> None:
@@ -45,7 +45,7 @@ class StepMetrics:
                 self._live = frozenset(_log(module, due[0], prog_bar=False)) | frozenset(_log(module, due[1], True))
 
     def lightning_step_ended(self, session: FitSession, module: Any, started: float, args: tuple[Any, ...]) -> None:
-        """One device, Lightning's own step for good (``lightning_steps_only``): the step after ``training_step``
+        """One device runs Lightning's own step (``lightning_step_alone``): the step after ``training_step``
         (``started`` with it; ``args``, its batch) is counted in plain numbers and handed to the session's statistics
         when Lightning writes. Between torch's kernels every line of Python here costs ten times what it costs timed
         alone (cold caches: 4 us for a walk of the batch, 4 us for the statistics' lock on the small MLP of
@@ -80,4 +80,3 @@ def _log(module: Any, values: dict[str, float], prog_bar: bool) -> dict[str, flo
     if first:
         module.log_dict(first, on_step=True, on_epoch=False, batch_size=1, logger=logger, prog_bar=prog_bar)
     return values
-
