@@ -268,9 +268,11 @@ def plain_accuracy() -> float:
 def test_lr_tuned_for_plain_lightning_learns_only_with_compensation(
     compensation: str, learns: bool, plain_accuracy: float
 ) -> None:
-    """Every update one step stale: with the default compensation the mean final accuracy stays within 3 points of
-    plain's (measured 1-2 below); uncompensated PD-ASGD ends 30-45 points below."""
+    """Every update one step stale: with the default compensation the mean final accuracy stays within 5 points of
+    plain's; uncompensated PD-ASGD ends 30-45 points below. The 8-seed mean itself moves with thread scheduling
+    (which buckets a forward reads before the previous backward's updates): 12 repeats gave 0.915-0.936 against
+    plain's 0.944 (seed 3 alone ends at 0.84-0.94), so a 3-point bound failed one CI run in several."""
     accuracy = sum(_accuracy(compensation, seed) for seed in STALE_LR_SEEDS) / len(STALE_LR_SEEDS)
-    assert (accuracy >= plain_accuracy - 0.03) == learns, (
+    assert (accuracy >= plain_accuracy - 0.05) == learns, (
         f"{compensation}: mean final accuracy {accuracy:.3f}, plain {plain_accuracy:.3f}"
     )
