@@ -23,6 +23,13 @@ def engine_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name.startswith("pdasgd-")]
 
 
+def engine_on_lightnings_path(trainer: Any) -> tuple[bool, bool]:
+    """Whether the engine's drain callback is among the Trainer's callbacks, and whether the precision plugin's
+    backward is routed to the engine."""
+    callback = any(type(other).__name__ == "EngineDrain" for other in trainer.callbacks)
+    return callback, "backward" in vars(trainer.strategy.precision_plugin)
+
+
 def assert_identical_replicas(first: dict[str, Any], second: dict[str, Any]) -> None:
     """Two ranks' results hold bitwise-identical module state (parameters and buffers) and optimizer state."""
     assert first["state"].keys() == second["state"].keys()

@@ -128,19 +128,27 @@ def test_short_auto_run_keeps_trials_within_its_share() -> None:
     assert report is not None and len(report.splitlines()) - 1 == 7  # every candidate, 2 steps each: 14 <= 20
 
 
-@pytest.mark.parametrize(("two_threads_seconds", "three_timed"), [(0.012, False), (0.008, True)])
-def test_more_backward_threads_are_timed_only_while_they_pay(two_threads_seconds: float, three_timed: bool) -> None:
-    """The climb over backward thread counts ends at the first count no faster than the one below it (here 1:2
-    against 1:1): higher counts would only add contention, and their trials would cost the run for nothing."""
+def _tune(
+    candidates: list[Candidate], seconds: dict[int, float], steps_per_trial: int
+) -> tuple[ThreadAutotuner, dict[int, int]]:
+    """Run a tuner to its choice on a clock that each step advances by its candidate's step time (by backward
+    threads); returns it and the steps each thread count trained."""
     now = [0.0]
-    candidates = [Candidate(1, None), Candidate(2, None), Candidate(3, None)]
-    tuner = ThreadAutotuner(candidates, steps_per_trial=4, clock=lambda: now[0])
-    seconds = {1: 0.01, 2: two_threads_seconds, 3: 0.005}
-    current, steps = tuner.before_step((0, 0)), {1: 0, 2: 0, 3: 0}
+    tuner = ThreadAutotuner(candidates, steps_per_trial=steps_per_trial, clock=lambda: now[0])
+    current, steps = tuner.before_step((0, 0)), {candidate.backward_threads: 0 for candidate in candidates}
     while not tuner.done:
         steps[current.backward_threads] += 1
         now[0] += seconds[current.backward_threads]
         current = tuner.before_step((0, 0)) or current
+    return tuner, steps
+
+
+@pytest.mark.parametrize(("two_threads_seconds", "three_timed"), [(0.012, False), (0.008, True)])
+def test_more_backward_threads_are_timed_only_while_they_pay(two_threads_seconds: float, three_timed: bool) -> None:
+    """The climb over backward thread counts ends at the first count no faster than the one below it (here 1:2
+    against 1:1): higher counts would only add contention, and their trials would cost the run for nothing."""
+    candidates = [Candidate(1, None), Candidate(2, None), Candidate(3, None)]
+    tuner, steps = _tune(candidates, {1: 0.01, 2: two_threads_seconds, 3: 0.005}, steps_per_trial=4)
     assert (steps[3] > 0) is three_timed
     assert tuner.chosen == (Candidate(3, None) if three_timed else Candidate(1, None))
     assert ("1:3" in tuner.report()) and ("not timed" in tuner.report()) is not three_timed
@@ -150,26 +158,13 @@ def test_more_backward_threads_are_timed_only_while_they_pay(two_threads_seconds
 def test_only_a_candidate_well_below_the_best_rate_is_dropped(slowdown: float, dropped: bool) -> None:
     """Below three quarters of the best finished trial's rate after two timed steps, a trial ends; a candidate near
     the best (within measurement noise of it) runs all its steps."""
-    now = [0.0]
-    tuner = ThreadAutotuner([Candidate(1, None), Candidate(2, None)], steps_per_trial=6, clock=lambda: now[0])
-    seconds = {1: 0.01, 2: 0.01 * slowdown}
-    current, steps = tuner.before_step((0, 0)), {1: 0, 2: 0}
-    while not tuner.done:
-        steps[current.backward_threads] += 1
-        now[0] += seconds[current.backward_threads]
-        current = tuner.before_step((0, 0)) or current
+    tuner, steps = _tune([Candidate(1, None), Candidate(2, None)], {1: 0.01, 2: 0.01 * slowdown}, steps_per_trial=6)
     assert steps[2] == (3 if dropped else 6)
     assert tuner.trials[1].dropped is dropped and tuner.chosen == Candidate(1, None)
 
 
 def test_a_clearly_slower_candidate_is_dropped_early() -> None:
-    now = [0.0]
-    tuner = ThreadAutotuner([Candidate(1, None), Candidate(2, None)], steps_per_trial=10, clock=lambda: now[0])
-    rates = {1: 0.001, 2: 0.01}  # the second candidate is 10x slower
-    current, steps = tuner.before_step((0, 0)), {1: 0, 2: 0}
-    while not tuner.done:
-        steps[current.backward_threads] += 1
-        now[0] += rates[current.backward_threads]
-        current = tuner.before_step((0, 0)) or current
+    # the second candidate is 10x slower
+    tuner, steps = _tune([Candidate(1, None), Candidate(2, None)], {1: 0.001, 2: 0.01}, steps_per_trial=10)
     assert steps[1] == 10 and steps[2] == 3  # one untimed and two timed steps were enough to drop it
     assert tuner.chosen == Candidate(1, None) and "dropped early" in tuner.report()

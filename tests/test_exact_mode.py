@@ -15,7 +15,13 @@ from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.engine import thread_control
 from lightning_pdasgd.engine.autotune import Candidate
 from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
-from tests.helpers import DIGITS_OPTIMIZERS, assert_same_training_state, engine_threads, fit_digits
+from tests.helpers import (
+    DIGITS_OPTIMIZERS,
+    assert_same_training_state,
+    engine_on_lightnings_path,
+    engine_threads,
+    fit_digits,
+)
 
 pytestmark = pytest.mark.usefixtures("users_exact_mode")  # what users get (`tests/conftest.py`)
 
@@ -87,8 +93,7 @@ class _EngineOnTheStepPath(L.Callback):
         self.seen: list[tuple[bool, bool]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        callback = any(type(other).__name__ == "EngineDrain" for other in trainer.callbacks)
-        self.seen.append((callback, "backward" in vars(trainer.strategy.precision_plugin)))
+        self.seen.append(engine_on_lightnings_path(trainer))
 
 
 def test_the_exact_mode_puts_nothing_of_the_engine_on_lightnings_path() -> None:

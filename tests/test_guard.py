@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.engine.divergence_guard import LossWatch
-from tests.helpers import engine_threads, trainer_kwargs
+from tests.helpers import engine_on_lightnings_path, engine_threads, trainer_kwargs
 
 FEATURES = 8
 STEPS = 240
@@ -222,8 +222,7 @@ class _EngineThreadsAfterTrip(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.strategy.stats.guard_trips:
             self.alive_after_trip.append(len(engine_threads()))
-            callback = any(type(other).__name__ == "EngineDrain" for other in trainer.callbacks)
-            self.on_path_after_trip.append((callback, "backward" in vars(trainer.strategy.precision_plugin)))
+            self.on_path_after_trip.append(engine_on_lightnings_path(trainer))
 
 
 @pytest.mark.usefixtures("users_exact_mode")
