@@ -55,6 +55,7 @@ class LayerwiseUpdater:
         shared: frozenset[int] = frozenset(),
         compensation: StalenessCompensation | None = None,
         lazy_reads: bool = True,
+        wait_timeout: float = 600.0,
     ) -> None:
         self.optimizer = optimizer
         self.layerwise = layerwise and clip_norm is None  # a norm needs the whole backward's gradients
@@ -70,7 +71,7 @@ class LayerwiseUpdater:
         self._bucket_sizes = [len(bucket) for bucket in self.buckets]  # read by every gradient hook
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
         self._pool = StashPool(self.buckets, self._on_gradient if self.layerwise else None, self.compensation)
-        self.reads = LazyReads(module, self.buckets, self._pool, lazy_reads)
+        self.reads = LazyReads(module, self.buckets, self._pool, lazy_reads, wait_timeout)
         self.nonfinite = NonFinitePolicy(nonfinite, self.buckets[0].device)
 
     @property

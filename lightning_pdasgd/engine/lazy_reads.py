@@ -13,10 +13,14 @@ first forward after the engine is built reads every bucket at its start and watc
 of every later forward. An undetected early use (a code path the first step did not take) meets an empty
 placeholder and fails (in the forward, or in the backward when the gradient meets it) with a note naming
 ``lazy_reads=False``.
+
+The same pre-hooks serve a module that a backward thread calls again (activation checkpointing,
+``recomputation.py``), with ``lazy=False`` too.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
+from lightning_pdasgd.engine.recomputation import Recomputation
 from lightning_pdasgd.engine.weight_stash import UNREAD, StashPool, WeightStash
 
 
@@ -38,18 +43,23 @@ class LazyReads:
         buckets: the engine's buckets (index = position).
         pool: the stash pool that points a bucket's leaves at what it reads.
         lazy: read when reached (the default) or at the start of the forward.
+        wait_timeout: the longest wait for the modules' parameter places (``recomputation.py``).
     """
 
-    def __init__(self, module: nn.Module, buckets: list[ParameterBucket], pool: StashPool, lazy: bool) -> None:
+    def __init__(
+        self, module: nn.Module, buckets: list[ParameterBucket], pool: StashPool, lazy: bool, wait_timeout: float
+    ) -> None:
         self._pool = pool
         self._count = len(buckets)
         self._lazy = lazy
         self._early: list[int] = list(range(self._count))  # read at the forward's start (all until detection ran)
         self._stash: WeightStash | None = None
+        self._forward_thread: int | None = None
         self._detector: _EarlyUseDetector | None = None
         self._detect = lazy
         self.forward_order: list[int] = list(reversed(range(self._count)))  # buckets as the forward reaches them
-        self._owners = _owner_modules(module, buckets) if lazy else {}
+        self._owners = _owner_modules(module, buckets)
+        self.recomputation = Recomputation(list(self._owners), buckets, wait_timeout)
         self._handles: list[RemovableHandle] = []
         self.attach()
 
@@ -59,7 +69,8 @@ class LazyReads:
         return list(self._early)
 
     def attach(self) -> None:
-        """Put the pre-hooks on the user's modules (engine steps; none with ``lazy=False``). Idempotent."""
+        """Put the pre-hooks on the user's modules (engine steps). Idempotent."""
+        self.recomputation.attach()
         if self._handles:
             return
         for owner, indices in self._owners.items():
@@ -72,13 +83,20 @@ class LazyReads:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.recomputation.close()
 
     @contextmanager
     def forward(self, stash: WeightStash) -> Iterator[None]:
-        """Run one forward of ``stash``: early buckets now, the rest as their modules start."""
+        """Run one forward of ``stash``: early buckets now, the rest as their modules start. The modules' parameter
+        places are this forward's until it ends: point them at its leaves inside."""
+        with self.recomputation.held_for_forward():
+            yield from self._forward(stash)
+
+    def _forward(self, stash: WeightStash) -> Iterator[None]:
         for index in self._early:
             self._pool.read(stash, index)
         self._stash = stash
+        self._forward_thread = threading.get_ident()
         detector = _EarlyUseDetector(stash.leaf_buckets()) if self._detect else None
         self._detector = detector
         try:
@@ -101,8 +119,11 @@ class LazyReads:
 
     def _reached(self, indices: tuple[int, ...], module: nn.Module, args: Any) -> None:
         stash = self._stash
-        if stash is None:  # validation, a plain step, or a forward outside training
-            return
+        if stash is None or threading.get_ident() != self._forward_thread:  # not this forward's call
+            recomputed = self.recomputation.backward_stash()
+            if recomputed is not None:  # a backward thread runs the module again (activation checkpointing)
+                self.recomputation.enter(module, recomputed)
+            return  # else validation, a plain step, or another thread
         if self._detector is not None:
             self._detector.reach(indices)
         for index in indices:

@@ -84,6 +84,7 @@ class FitSession(GuardRecovery):
             bucket_numel=config.bucket_numel,
             compensation=self._compensation,
             lazy_reads=config.lazy_reads,
+            wait_timeout=config.wait_timeout,
         )
         self._updater = self._build_updater(optimizer)
         self._threads = EngineThreads(
@@ -297,8 +298,8 @@ class FitSession(GuardRecovery):
             stashed = perf_counter()
             with (
                 cuda_streams.forward_on(stream, step_args),
+                self._updater.reading(stash),  # holds the modules' parameter places: swap inside
                 stash.buffers.swapped_into(self._module),
-                self._updater.reading(stash),
             ):
                 output = run()
             self._stats.record_forward(perf_counter() - stashed, batch_size, stashed - started)
@@ -380,9 +381,9 @@ class FitSession(GuardRecovery):
         stash, stream = work.context
         updater = self._updater
         started = perf_counter()
-        with cuda_streams.backward_on(stream):
+        with cuda_streams.backward_on(stream), updater.reads.recomputation.backward_of(stash):
             try:
-                work.loss.backward(inputs=stash.leaves)  # `Tensor.backward`, as Lightning calls it (and tools count)
+                work.loss.backward()  # as Lightning calls it: a checkpointed segment (no leaf of ours) runs too
             except RuntimeError as error:
                 add_unread_note(error, stash)
                 raise
