@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lightning_pdasgd import PDASGDStrategy, Straggler  # noqa: E402
 from tests.helpers import LEARN_EPOCHS, trainer_kwargs  # noqa: E402
-from tests.models import LR, DigitsClassifier, DigitsData, LinearLoss, integer_batches  # noqa: E402
+from tests.models import LR, CheckpointedDigits, DigitsClassifier, DigitsData, LinearLoss, integer_batches  # noqa: E402
 
 
 class BatchLog(Callback):
@@ -446,6 +446,18 @@ def nodes(out: Path, log: BatchLog, devices: str, num_nodes: str) -> CaseResult:
                          main_port=environment.main_port, world_size=trainer.world_size,
                          node_rank=trainer.node_rank, local_rank=trainer.local_rank, num_nodes=trainer.num_nodes,
                          pid=os.getpid())
+
+
+@case("checkpointed")
+def checkpointed(out: Path, log: BatchLog) -> CaseResult:
+    """The digits MLP with its first block under ``torch.utils.checkpoint`` (non-reentrant), default settings, two
+    ranks. Checks that a recomputation on a backward thread is never taken for a changed parameter set (a rebuild on
+    one rank only met the other's validation point) and that the replicas learn and end identical."""
+    L.seed_everything(0)
+    model = CheckpointedDigits(False, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    trainer = _trainer(max_epochs=3, callbacks=[log])
+    trainer.fit(model, DigitsData(batch_size=32))
+    return trainer, dict(accuracy=_accuracy(model), state=_state(model), optimizer=trainer.optimizers[0].state_dict())
 
 
 @case("synchronous")

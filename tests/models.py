@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -157,3 +159,31 @@ class DigitsResNet(DigitsClassifier):
         super().__init__(optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True,
                                                                    weight_decay=1e-3))
         self.net = digits_resnet18()
+
+
+class RecordingLinear(nn.Linear):
+    """Records every call: on the main thread or not, the input's storage, and the weight it read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[bool, int, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        on_main = threading.current_thread() is threading.main_thread()
+        self.calls.append((on_main, x.data_ptr(), self.weight.detach().clone()))
+        return super().forward(x)
+
+
+class CheckpointedDigits(DigitsClassifier):
+    """The digits MLP (BatchNorm included) with its first block checkpointed."""
+
+    def __init__(self, reentrant: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.reentrant = reentrant
+        self.net[0] = RecordingLinear(64, self.net[0].out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reentrant:
+            x = x.requires_grad_()  # the reentrant form needs an input that requires grad
+        hidden = checkpoint(self.net[:3], x, use_reentrant=self.reentrant)
+        return self.net[3:](hidden)

@@ -8,46 +8,16 @@ that moment, mostly the next forward's weights.
 
 from __future__ import annotations
 
-import threading
+import logging
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lightning_pdasgd import PDASGDStrategy
 from tests.helpers import DIGITS_OPTIMIZERS, assert_same_training_state, step_scheduler, trainer_kwargs
-from tests.models import DigitsClassifier, DigitsData
-
-
-class _RecordingLinear(nn.Linear):
-    """Records every call: on the main thread or not, the input's storage, and the weight it read."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.calls: list[tuple[bool, int, torch.Tensor]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        on_main = threading.current_thread() is threading.main_thread()
-        self.calls.append((on_main, x.data_ptr(), self.weight.detach().clone()))
-        return super().forward(x)
-
-
-class CheckpointedDigits(DigitsClassifier):
-    """The digits MLP (BatchNorm included) with its first block checkpointed."""
-
-    def __init__(self, reentrant: bool, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.reentrant = reentrant
-        self.net[0] = _RecordingLinear(64, self.net[0].out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.reentrant:
-            x = x.requires_grad_()  # the reentrant form needs an input that requires grad
-        hidden = checkpoint(self.net[:3], x, use_reentrant=self.reentrant)
-        return self.net[3:](hidden)
+from tests.models import CheckpointedDigits, DigitsData, RecordingLinear
 
 
 def _fit(strategy: Any, reentrant: bool, steps: int) -> tuple[CheckpointedDigits, L.Trainer]:
@@ -72,12 +42,18 @@ def test_checkpointed_segments_train_bitwise_as_plain_lightning(reentrant: bool)
 
 @pytest.mark.parametrize("lazy_reads", [True, False], ids=["lazy", "at-start"])
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_every_recomputation_reads_the_weights_its_forward_read(reentrant: bool, lazy_reads: bool) -> None:
+def test_every_recomputation_reads_the_weights_its_forward_read(
+    reentrant: bool, lazy_reads: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """Three losses in flight on two backward threads, a bucket per parameter: each recomputation, on a backward
-    thread, sees the very weights of its own forward (paired by the batch's storage), and every parameter trains."""
+    thread, sees the very weights of its own forward (paired by the batch's storage), and every parameter trains.
+    The engine's check of the parameter set never mistakes a recomputation's leaves for a changed parameter (on
+    several devices that rebuild met the other ranks' validation: ``ConsistentPointMismatchError``)."""
     strategy = PDASGDStrategy(max_in_flight=3, bucket_numel=0, synchronous_warmup=0, lazy_reads=lazy_reads)
-    model, trainer = _fit(strategy, reentrant, steps=40)
-    layer: _RecordingLinear = model.net[0]
+    with caplog.at_level(logging.DEBUG, logger="lightning_pdasgd.engine.session"):
+        model, trainer = _fit(strategy, reentrant, steps=40)
+    assert not [record.message for record in caplog.records if "rebuilding" in record.message]
+    layer: RecordingLinear = model.net[0]
 
     forward_weights: dict[int, torch.Tensor] = {}
     recomputations = 0
@@ -91,3 +67,14 @@ def test_every_recomputation_reads_the_weights_its_forward_read(reentrant: bool,
     assert strategy.stats.total_updates == 40 * len(list(model.parameters()))
     assert all(param.grad is None for param in model.parameters()), "no gradient reached the live parameters"
     assert strategy.stats.total_staleness_max > 0, "the forwards overlapped the backwards"
+
+
+def test_the_drain_before_validation_recomputes_in_training_mode() -> None:
+    """Lightning puts the model in eval mode before the validation's drain runs the last backwards: their
+    recomputations still run BatchNorm in training mode (else torch's check of the recomputed tensors fails), and
+    the validation itself runs in eval mode."""
+    L.seed_everything(0)
+    model = CheckpointedDigits(False, optimizer=DIGITS_OPTIMIZERS["sgd_momentum_nesterov_wd"])
+    trainer = L.Trainer(strategy=PDASGDStrategy(synchronous_warmup=0), max_epochs=2, **trainer_kwargs())
+    trainer.fit(model, DigitsData(batch_size=32))
+    assert len(model.val_accuracy) == 2 and model.val_accuracy[-1] >= 0.8, model.val_accuracy

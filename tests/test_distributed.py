@@ -86,6 +86,16 @@ def test_replicas_are_bitwise_identical_after_fit(learned: Path) -> None:
     assert_identical_replicas(*_results(learned, "learn"))
 
 
+def test_two_ranks_train_a_checkpointed_model(tmp_path: Path) -> None:
+    """``torch.utils.checkpoint`` on two ranks (``tests/test_activation_checkpointing.py`` on one): no rank mistakes a
+    recomputation for a changed parameter set, so both meet at the same points, learn, and end identical."""
+    out = tmp_path / "checkpointed"
+    _ok(_launch("checkpointed", out))
+    first, second = _results(out, "checkpointed")
+    assert first["accuracy"] >= 0.8, first["accuracy"]
+    assert_identical_replicas(first, second)
+
+
 @pytest.mark.parametrize("merge", ["mean", "sum"])
 def test_no_update_lost_across_ranks(tmp_path: Path, merge: str) -> None:
     """loss linear in the weights + SGD: the final weights are the start minus lr times *all* ranks' gradients

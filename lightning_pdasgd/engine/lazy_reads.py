@@ -58,6 +58,7 @@ class LazyReads:
         self._detector: _EarlyUseDetector | None = None
         self._detect = lazy
         self.forward_order: list[int] = list(reversed(range(self._count)))  # buckets as the forward reaches them
+        self._module = module
         self._owners = _owner_modules(module, buckets)
         self.recomputation = Recomputation(list(self._owners), buckets, wait_timeout)
         self._handles: list[RemovableHandle] = []
@@ -89,10 +90,11 @@ class LazyReads:
     def forward(self, stash: WeightStash) -> Iterator[None]:
         """Run one forward of ``stash``: early buckets now, the rest as their modules start. The modules' parameter
         places are this forward's until it ends: point them at its leaves inside."""
-        with self.recomputation.held_for_forward():
+        with self.recomputation.places_held():
             yield from self._forward(stash)
 
     def _forward(self, stash: WeightStash) -> Iterator[None]:
+        self.recomputation.forward_started(self._module)
         for index in self._early:
             self._pool.read(stash, index)
         self._stash = stash

@@ -9,9 +9,15 @@ tensors came from other weights than the gradient's.
 
 So a backward thread that calls one of the user's modules points that module's own parameters at its stash's
 leaves for the call (a pre-hook and an always-called post-hook) and gives them back after. The modules' parameter
-places hold one set of leaves at a time: the loop thread holds them for its whole forward, a backward thread for
-one module call, in turn (an ``RLock``, for nested modules). The post-hooks are installed at the first
-recomputation only, so a model without checkpointing pays nothing for them.
+places hold one set of leaves at a time: the loop thread holds them for its whole forward and for the engine's
+check of the parameter set, a backward thread for one module call, in turn (an ``RLock``, for nested modules).
+The post-hooks are installed at the first recomputation only, so a model without checkpointing pays nothing for
+them. A recomputation also runs each module in the mode its forward saw: Lightning puts the model in eval mode for
+validation before the engine's drain runs the last backwards, so the drain restores the training flags of the last
+forward around it (remembered at each forward once a recomputation was seen, and at the first).
+
+Between steps, user code that walks a recomputed module's parameters from the loop thread (a callback) may meet,
+for the length of one module call, the weights of the forward being recomputed instead of the live ones.
 """
 
 from __future__ import annotations
@@ -55,11 +61,32 @@ class Recomputation:
         self._places_lock = threading.RLock()
         self._local = threading.local()  # .stash: the backward this thread runs; .calls: its modules' saved places
         self._exit_handles: list[RemovableHandle] = []
+        self._modes: list[tuple[nn.Module, bool]] | None = None  # every module's training flag at the last forward
         self.seen = False  # a backward called a module (checkpointing): the post-hooks stay for the fit
 
+    def forward_started(self, module: nn.Module) -> None:
+        """The loop thread starts a forward: remember the modules' training flags (where recomputation needs them)."""
+        if self.seen or self._modes is None:
+            self._modes = [(submodule, submodule.training) for submodule in module.modules()]
+
     @contextmanager
-    def held_for_forward(self) -> Iterator[None]:
-        """The loop thread's forward, around pointing every module at its leaves."""
+    def modes_of_the_last_forward(self) -> Iterator[None]:
+        """Around a drain: the backwards it waits for recompute in the modes their forwards ran in, not in the eval
+        mode Lightning set for the validation that the drain comes before."""
+        modes = self._modes if self.seen else None
+        now = [(submodule, submodule.training) for submodule, _ in modes] if modes else []
+        for submodule, training in modes or ():
+            submodule.training = training
+        try:
+            yield
+        finally:
+            for submodule, training in now:
+                submodule.training = training
+
+    @contextmanager
+    def places_held(self) -> Iterator[None]:
+        """The loop thread, while its forward points every module at its leaves, or while the engine reads which
+        parameters the modules hold (a module recomputed meanwhile would show a backward's leaves)."""
         self._acquire("the modules' parameters, held by a backward recomputing a checkpointed segment")
         try:
             yield

@@ -171,7 +171,8 @@ class FitSession(GuardRecovery):
         after ``recheck`` (the setup checks) on the optimizer. One device's plain step reads the set as it is."""
         if self._threads.plain_steps and self._replicas is None:
             return
-        change = self._fingerprint.difference(optimizers[0]) if len(optimizers) == 1 else "the optimizers changed"
+        with self._updater.reads.recomputation.places_held():  # no module recomputed by a backward meanwhile
+            change = self._fingerprint.difference(optimizers[0]) if len(optimizers) == 1 else "the optimizers changed"
         if change is None:
             return
         recheck()
@@ -239,7 +240,8 @@ class FitSession(GuardRecovery):
     # ------------------------------------------------------------------------------------------- consistent points
     def drain(self) -> None:
         """Wait until every in-flight backward has finished and applied its updates (a local consistent point)."""
-        self._engine.drain()
+        with self._updater.reads.recomputation.modes_of_the_last_forward():
+            self._engine.drain()
         self._finish_plain_batch()
         # ---- CUDA only (issue #13): the loop's stream sees the queued updates; non-finite values read exactly
         cuda_streams.join_update_stream(self._device)
