@@ -1,5 +1,5 @@
-"""Fits that need Lightning's own synchronous step get exactly it: manual optimization, and hooks that read or change
-the whole model's gradient (``gradient_hooks="synchronous"``, the default). ``gradient_hooks="skip"`` keeps the
+"""Fits that need Lightning's own synchronous step get exactly it: manual optimization, TorchScript modules, and hooks
+that read or change the whole model's gradient (``gradient_hooks="synchronous"``, the default). ``gradient_hooks="skip"`` keeps the
 engine and says which overrides go uncalled."""
 
 from __future__ import annotations
@@ -203,3 +203,30 @@ def test_automatic_optimization_without_optimizer_is_lightnings_step() -> None:
         trainer.fit(model, DigitsData(batch_size=32))
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3
     assert all(torch.equal(before[key], value) for key, value in model.named_parameters())
+
+
+class ScriptedFirstLayer(DigitsClassifier):
+    """The digits classifier whose first layer is a TorchScript module (scripted or traced)."""
+
+    def __init__(self, trace: bool = False) -> None:
+        super().__init__(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+        first = torch.nn.Linear(64, 64)
+        first = torch.jit.trace(first, torch.zeros(2, 64)) if trace else torch.jit.script(first)
+        self.net = torch.nn.Sequential(first, torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+
+@pytest.mark.parametrize("trace", [False, True], ids=["script", "trace"])
+def test_a_torchscript_module_trains_in_lightnings_own_step(trace: bool) -> None:
+    """TorchScript reads its parameters where the engine cannot point them at a forward's weights (the engine's
+    hooks and parameter checks used to crash on it): the fit runs Lightning's own step, says why, and trains bit for
+    bit as plain Lightning."""
+    L.seed_everything(0)
+    plain = ScriptedFirstLayer(trace)
+    plain_trainer = _fit(plain, "auto")
+    L.seed_everything(0)
+    pdasgd, threads = ScriptedFirstLayer(trace), EngineThreadsDuringFit()
+    with pytest.warns(UserWarning, match=r"synchronous step: TorchScript modules \(net\.0\)"):
+        trainer = _fit(pdasgd, "pdasgd", callbacks=[threads])
+    assert trainer.global_step == plain_trainer.global_step == 12
+    assert threads.seen == set(), threads.seen
+    _assert_same_weights(plain, pdasgd)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
+from torch.jit import ScriptModule
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
@@ -188,10 +189,13 @@ class _EarlyUseDetector(TorchFunctionMode):
 
 
 def _owner_modules(module: nn.Module, buckets: list[ParameterBucket]) -> dict[nn.Module, list[int]]:
-    """Every module that holds a bucket's parameter directly (a tied weight has several owners)."""
+    """Every module that holds a bucket's parameter directly (a tied weight has several owners). TorchScript modules
+    take no hooks (and a fit with one runs Lightning's own step: ``setup_checks.synchronous_reason``)."""
     bucket_of = {id(param): bucket.index for bucket in buckets for param in bucket.params}
     owners: dict[nn.Module, list[int]] = {}
     for submodule in module.modules():
+        if isinstance(submodule, ScriptModule):
+            continue
         for param in submodule._parameters.values():
             index = bucket_of.get(id(param)) if param is not None else None
             if index is not None and index not in owners.setdefault(submodule, []):

@@ -12,6 +12,7 @@ there now, and the session rebuilds (after a drain, keeping every optimizer stat
 from __future__ import annotations
 
 from torch import nn
+from torch.jit import ScriptModule
 from torch.optim import Optimizer
 
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
@@ -35,6 +36,8 @@ class ParameterSetFingerprint:
         for bucket in buckets:
             for name, param in zip(bucket.names, bucket.params):
                 path, _, leaf = name.rpartition(".")
+                if _inside_torchscript(module, path):
+                    continue  # TorchScript holds it (the fit runs Lightning's own step): nobody re-parametrizes it
                 owner = owners.setdefault(path, module.get_submodule(path))
                 self._placements.append((path, owner, leaf, param))
         # every link from the module down to an owner, once: (path of the child, parent, child's name, child)
@@ -66,3 +69,12 @@ class ParameterSetFingerprint:
             if owner._parameters.get(leaf) is not param:
                 return f"parameter '{path + '.' if path else ''}{leaf}' was re-parametrized or replaced"
         return None
+
+
+def _inside_torchscript(module: nn.Module, path: str) -> bool:
+    """Whether the submodule at ``path`` is, or sits inside, a TorchScript module."""
+    parts = path.split(".") if path else []
+    for depth in range(len(parts) + 1):
+        if isinstance(module.get_submodule(".".join(parts[:depth])), ScriptModule):
+            return True
+    return False

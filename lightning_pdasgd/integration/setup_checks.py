@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import Tensor
+from torch.jit import ScriptModule
 from torch.optim import LBFGS, Optimizer
 
 from lightning_pdasgd import _flavor
@@ -150,7 +151,8 @@ def synchronous_reason(
 ) -> str | None:
     """Why this fit must run Lightning's own synchronous step instead of the engine (``None``: it need not).
 
-    Manual optimization steps the optimizers itself, without an optimizer nothing is updated, and a hook that
+    Manual optimization steps the optimizers itself, without an optimizer nothing is updated, TorchScript holds its
+    modules' parameters out of the engine's reach, and a hook that
     reads or changes the whole model's gradient needs the moment a synchronous step has and PD-ASGD does not: all
     get exactly Lightning's step rather than user code silently not run. ``gradient_hooks="skip"`` keeps the
     engine and leaves the hooks uncalled.
@@ -159,6 +161,13 @@ def synchronous_reason(
         return "this LightningModule uses manual optimization (`self.automatic_optimization = False`)"
     if no_optimizer(optimizers):
         return "`configure_optimizers` returned no optimizer, so there is nothing to update"
+    scripted = [name or type(module).__name__ for name, sub in module.named_modules() if isinstance(sub, ScriptModule)]
+    if scripted:
+        return (
+            f"TorchScript modules ({', '.join(scripted[:3])}) read their parameters inside TorchScript, where PD-ASGD"
+            " cannot give each forward the weights it read. To train asynchronously, keep those modules as Python"
+            " modules (`torch.compile` works)"
+        )
     overridden = gradient_hook_overrides(module, callbacks)
     if not overridden:
         return None
