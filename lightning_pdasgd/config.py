@@ -14,7 +14,8 @@ from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
 ThreadCount = Union[int, Literal["auto"]]
 
 DEFAULT_BACKWARD_THREADS = 2
-DEFAULT_BUCKET_NUMEL = 1 << 16
+BucketSize = Union[int, Literal["auto"]]
+DEFAULT_BUCKET_NUMEL: BucketSize = "auto"  # 65,536 elements; a bucket per module for a smaller model
 METRICS_LEVELS = ("off", "basic", "full")
 GRADIENT_HOOK_POLICIES = ("synchronous", "skip")
 # the first steps of a fit run one loss in flight: a fraction of the run, at most so many steps; "auto" (the default):
@@ -56,7 +57,7 @@ class PDASGDConfig:
     checkpoint_on_preemption: bool = True
     autotune_steps: int = 6
     autotune_max_staleness: float = 4.0
-    bucket_numel: int = DEFAULT_BUCKET_NUMEL
+    bucket_numel: BucketSize = DEFAULT_BUCKET_NUMEL
     metrics: str = "basic"
     metrics_on_progress_bar: bool = False
     gradient_hooks: str = "synchronous"
@@ -155,8 +156,9 @@ class PDASGDConfig:
             )
         if not self.ft_timeout > 0:
             raise ValueError(f"PDASGDStrategy: `ft_timeout` must be > 0 seconds, got {self.ft_timeout!r}.")
-        if isinstance(self.bucket_numel, bool) or not isinstance(self.bucket_numel, int) or self.bucket_numel < 0:
-            raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0, got {self.bucket_numel!r}.")
+        numel = self.bucket_numel
+        if numel != "auto" and (isinstance(numel, bool) or not isinstance(numel, int) or numel < 0):
+            raise ValueError(f"PDASGDStrategy: `bucket_numel` must be an integer >= 0 or 'auto', got {numel!r}.")
 
     def warmup_steps(self, run_steps: float, done_steps: int, ranks: int = 1) -> tuple[int, int]:
         """How many of this rank's coming optimizer steps run one loss in flight, and how many more may while the

@@ -17,7 +17,7 @@ import torch
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, DEFAULT_SYNCHRONOUS_WARMUP, PDASGDConfig
+from lightning_pdasgd.config import DEFAULT_BUCKET_NUMEL, DEFAULT_SYNCHRONOUS_WARMUP, BucketSize, PDASGDConfig
 from lightning_pdasgd.distributed.claiming import claim_batches
 from lightning_pdasgd.engine import _torch_internals
 from lightning_pdasgd.engine.backward_threads import BackwardEngine
@@ -75,8 +75,8 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
             (drop that update, count it in ``pdasgd/skipped_updates``) or ``"off"``.
         checkpoint_on_preemption: on SIGTERM or Ctrl-C drain, save ``hpc_ckpt_<n>.ckpt``, ``fit(ckpt_path="hpc")``.
         autotune_steps, autotune_max_staleness: ``"auto"``: steps timed per candidate; its bound on mean staleness.
-        bucket_numel: parameters updated together in one optimizer call: a module's always, and consecutive
-            modules until a bucket holds this many elements (``0``: one bucket per module).
+        bucket_numel: parameters updated together in one optimizer call: a module's always, and consecutive modules
+            until a bucket holds this many elements (``0``: a bucket per module; ``"auto"``: 65,536, or 0 below that).
         metrics: ``pdasgd/*`` metrics logged: ``"basic"`` (throughput, staleness, queue, time), ``"full"``, ``"off"``.
         metrics_on_progress_bar: also show ``pdasgd/samples_per_sec`` and ``pdasgd/staleness_mean``.
         gradient_hooks: overrides that need the whole model's gradient (``on_after_backward``, ...):
@@ -104,7 +104,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         nonfinite: str = "error",
         checkpoint_on_preemption: bool = True,
         autotune_steps: int = 6, autotune_max_staleness: float = 4.0,
-        bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        bucket_numel: BucketSize = DEFAULT_BUCKET_NUMEL,
         metrics: str = "basic",
         metrics_on_progress_bar: bool = False,
         gradient_hooks: Literal["synchronous", "skip"] = "synchronous",

@@ -44,6 +44,19 @@ def test_one_bucket_per_module_in_backward_order_with_bucket_numel_zero() -> Non
     assert all(bucket.version == 0 for bucket in buckets)
 
 
+def test_auto_is_65536_elements_and_a_bucket_per_module_below_that() -> None:
+    """``bucket_numel="auto"`` (the default): a model under 65,536 trained elements gets a bucket per module (in one
+    bucket every layer would read a full update stale); a larger one joins modules up to 65,536 elements."""
+    small = _net()
+    assert _names(make_buckets(small, torch.optim.SGD(small.parameters(), lr=0.1), "auto")) == _names(
+        make_buckets(small, torch.optim.SGD(small.parameters(), lr=0.1), 0)
+    )
+    large = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 8), nn.Linear(8, 8))  # 65,792 + 2,056 + 72 elements
+    buckets = make_buckets(large, torch.optim.SGD(large.parameters(), lr=0.1), "auto")
+    assert _names(buckets) == [["2.bias", "2.weight", "1.bias", "1.weight", "0.bias", "0.weight"]]
+    assert len(make_buckets(large, torch.optim.SGD(large.parameters(), lr=0.1), 0)) == 3
+
+
 def test_modules_join_a_bucket_until_it_holds_bucket_numel_elements() -> None:
     """Consecutive modules join the current bucket while it holds fewer than ``bucket_numel`` elements; a large
     ``bucket_numel`` puts everything into one bucket."""

@@ -50,7 +50,7 @@ class LayerwiseUpdater:
         log_grad_norm: bool = False,
         nonfinite: str = "error",
         grad_norms: bool = False,
-        bucket_numel: int = 0,
+        bucket_numel: int | str = 0,
         detached: frozenset[int] = frozenset(),
         shared: frozenset[int] = frozenset(),
         compensation: StalenessCompensation | None = None,

@@ -267,7 +267,7 @@ class ParameterBucket:
 def make_buckets(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    bucket_numel: int,
+    bucket_numel: int | str,
     detached: frozenset[int] = frozenset(),
     shared: frozenset[int] = frozenset(),
 ) -> list[ParameterBucket]:
@@ -275,7 +275,8 @@ def make_buckets(
 
     Backward produces gradients roughly in reverse registration order, so parameters are walked from the last
     one. A module's parameters (a layer's weight and bias) always share a bucket; consecutive modules join it
-    until it holds at least ``bucket_numel`` elements (``0``: one bucket per module). A bucket never spans two
+    until it holds at least ``bucket_numel`` elements (``0``: one bucket per module; ``"auto"``: see
+    ``auto_bucket_numel``). A bucket never spans two
     param groups, dtypes or devices. Frozen parameters get none: the forward reads them live and nothing updates
     them. ``detached``: ids of parameters that left the module during fit (a replaced layer whose old parameters
     are still in the optimizer); like a plain step, which never sees a gradient for them, they are left alone.
@@ -301,6 +302,9 @@ def make_buckets(
             "PD-ASGD: the optimizer from `configure_optimizers` holds no parameter that requires grad,"
             " so there is nothing to train."
         )
+    if bucket_numel == "auto":
+        bucket_numel = auto_bucket_numel(sum(param.numel() for _, _, param in ordered))
+    assert isinstance(bucket_numel, int)
     registration = {name: position for position, (name, _) in enumerate(module.named_parameters())}
     ordered.sort(key=lambda item: -registration[item[1]])
     buckets: list[ParameterBucket] = []
@@ -312,6 +316,18 @@ def make_buckets(
         members.append(item)
     buckets.append(_bucket(len(buckets), members, shared))
     return buckets
+
+
+AUTO_BUCKET_NUMEL = 1 << 16
+
+
+def auto_bucket_numel(trained_elements: int) -> int:
+    """``bucket_numel="auto"``: 65,536 elements, few buckets and little Python per step; but a model smaller than
+    that would be one bucket, which every forward reads a full update stale (lazy reads can refresh only what the
+    previous backward has already updated), so it gets a bucket per module. Measured on a 64-64-64-64-10 MLP without
+    normalization (13,130 parameters, SGD momentum 0.9): 0.757 in one bucket, 0.879 in a bucket per module, plain
+    Lightning 0.886 (docs/convergence.md)."""
+    return AUTO_BUCKET_NUMEL if trained_elements >= AUTO_BUCKET_NUMEL else 0
 
 
 def _owner(name: str) -> str:
