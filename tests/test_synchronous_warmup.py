@@ -49,7 +49,8 @@ def test_the_warmup_steps_are_plain_lightnings_updates_bitwise() -> None:
 
 def test_the_engine_takes_over_after_the_warmup_and_trains_asynchronously() -> None:
     mode = _Mode()
-    strategy = PDASGDStrategy(synchronous_warmup=5)
+    # one bucket: then any overlap makes an update stale (with a bucket per module, lazy reads may read each one fresh)
+    strategy = PDASGDStrategy(synchronous_warmup=5, bucket_numel=10**9)
     model, trainer = fit_digits(strategy, "sgd_momentum_nesterov_wd", steps=30, callbacks=[mode])
 
     assert trainer.global_step == 30
@@ -184,7 +185,7 @@ def test_one_device_warms_up_with_lightnings_own_step_then_the_engine_takes_over
     assert_same_training_state(plain, plain_trainer, warmed, trainer)
 
     watch = _PlainOrEngine()
-    strategy = PDASGDStrategy(synchronous_warmup=5)
+    strategy = PDASGDStrategy(synchronous_warmup=5, bucket_numel=10**9)  # one bucket: any overlap is staleness
     fit_digits(strategy, "sgd_momentum_nesterov_wd", steps=12, callbacks=[watch])
     assert watch.steps[:5] == [(True, 0)] * 5, watch.steps
     assert not any(plain for plain, _ in watch.steps[5:]) and watch.steps[-1][1] > 0, watch.steps
