@@ -273,13 +273,13 @@ def make_buckets(
 ) -> list[ParameterBucket]:
     """Group the optimizer's trainable parameters into buckets, in the order their gradients usually arrive.
 
-    Backward produces gradients roughly in reverse registration order, so parameters are walked from the last
-    one. A module's parameters (a layer's weight and bias) always share a bucket; consecutive modules join it
-    until it holds at least ``bucket_numel`` elements (``0``: one bucket per module; ``"auto"``: see
-    ``auto_bucket_numel``). A bucket never spans two
-    param groups, dtypes or devices. Frozen parameters get none: the forward reads them live and nothing updates
-    them. ``detached``: ids of parameters that left the module during fit (a replaced layer whose old parameters
-    are still in the optimizer); like a plain step, which never sees a gradient for them, they are left alone.
+    Backward produces gradients roughly in reverse registration order, so parameters are walked from the last one. A
+    module's parameters (a layer's weight and bias) always share a bucket; consecutive modules join it until it
+    holds at least ``bucket_numel`` elements (``0``: one bucket per module; ``"auto"``: see ``auto_bucket_numel``).
+    A bucket never spans two param groups, dtypes or devices. Frozen parameters get none: the forward reads them
+    live and nothing updates them. ``detached``: ids of parameters that left the module during fit (a replaced layer
+    whose old parameters are still in the optimizer); like a plain step, which never sees a gradient for them, they
+    are left alone.
     ``shared``: ids of parameters whose storage was given from outside the engine (their bucket writes in place).
     """
     names = {id(param): name for name, param in module.named_parameters()}

@@ -152,16 +152,18 @@ def synchronous_reason(
     """Why this fit must run Lightning's own synchronous step instead of the engine (``None``: it need not).
 
     Manual optimization steps the optimizers itself, without an optimizer nothing is updated, TorchScript holds its
-    modules' parameters out of the engine's reach, and a hook that
-    reads or changes the whole model's gradient needs the moment a synchronous step has and PD-ASGD does not: all
-    get exactly Lightning's step rather than user code silently not run. ``gradient_hooks="skip"`` keeps the
-    engine and leaves the hooks uncalled.
+    modules' parameters out of the engine's reach, and a hook that reads or changes the whole model's gradient needs
+    the moment a synchronous step has and PD-ASGD does not: all get exactly Lightning's step rather than user code
+    silently not run. ``gradient_hooks="skip"`` keeps the engine and leaves the hooks uncalled.
     """
     if not module.automatic_optimization:
         return "this LightningModule uses manual optimization (`self.automatic_optimization = False`)"
     if no_optimizer(optimizers):
         return "`configure_optimizers` returned no optimizer, so there is nothing to update"
-    scripted = [name or type(module).__name__ for name, sub in module.named_modules() if isinstance(sub, ScriptModule)]
+    scripted: list[str] = []  # the outermost TorchScript modules (their submodules are TorchScript too)
+    for name, submodule in module.named_modules():
+        if isinstance(submodule, ScriptModule) and not any(name.startswith(f"{outer}.") for outer in scripted):
+            scripted.append(name or type(module).__name__)
     if scripted:
         return (
             f"TorchScript modules ({', '.join(scripted[:3])}) read their parameters inside TorchScript, where PD-ASGD"
