@@ -185,6 +185,27 @@ def test_multi_device_refuses_per_rank_mid_epoch_points(overrides: dict[str, Any
         check_multi_device_settings(trainer)
 
 
+def test_several_devices_refuse_synchronized_batchnorm_by_name_with_the_fix() -> None:
+    """Lightning hands ``sync_batchnorm=True`` to the strategy to apply; ignoring it would silently train something
+    else, and SyncBatchNorm's per-layer collectives cannot run on ranks at their own pace."""
+    from lightning_pdasgd.integration.setup_checks import check_fit_configuration
+
+    model = DigitsClassifier()
+    optimizers = [model.configure_optimizers()]
+    flagged = L.Trainer(strategy=PDASGDStrategy(), sync_batchnorm=True, **trainer_kwargs(devices=2))
+    with pytest.raises(MisconfigurationException, match=r"sync_batchnorm=True.*2 devices.*leave `sync_batchnorm` off"):
+        check_fit_configuration(flagged, model, optimizers, world_size=2)
+
+    plain_flags = L.Trainer(strategy=PDASGDStrategy(), **trainer_kwargs(devices=2))
+    check_fit_configuration(plain_flags, model, optimizers, world_size=2)
+    model.net = torch.nn.Sequential(torch.nn.SyncBatchNorm(64), model.net)  # converted by the user
+    with pytest.raises(MisconfigurationException, match=r"SyncBatchNorm` layers \(net.0\).*revert"):
+        check_fit_configuration(plain_flags, model, optimizers, world_size=2)
+    # one device: a single replica's statistics are the synchronized ones, so the flag changes nothing
+    check_fit_configuration(L.Trainer(strategy=PDASGDStrategy(), sync_batchnorm=True, **trainer_kwargs()), model,
+                            optimizers, world_size=1)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [dict(max_epochs=3, limit_train_batches=10), dict(max_steps=100), dict(limit_train_batches=0.5),

@@ -222,6 +222,12 @@ def wrap_loop_methods(
     return undo
 
 
+def syncs_batchnorm(strategy: object) -> bool:
+    """``Trainer(sync_batchnorm=True)``: the accelerator connector hands the strategy a ``LayerSync`` plugin as
+    ``_layer_sync``, for the strategy to apply to the model at setup (``DDPStrategy.setup``)."""
+    return getattr(strategy, "_layer_sync", None) is not None
+
+
 def saves_mid_epoch(checkpoint_callback: object) -> bool:
     """Whether a ``ModelCheckpoint`` saves every N training steps or every time interval (its private triggers)."""
     every_n_train_steps = getattr(checkpoint_callback, "_every_n_train_steps", 0)

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from torch import Tensor
 from torch.jit import ScriptModule
+from torch.nn import SyncBatchNorm
 from torch.optim import LBFGS, Optimizer
 
 from lightning_pdasgd import _flavor
@@ -55,6 +56,7 @@ def check_fit_configuration(
     """Every setup-time check of a fit, before any thread starts."""
     if world_size > 1:
         check_multi_device_settings(trainer)
+        check_no_batchnorm_sync(trainer, module)
     check_trainer_settings(trainer, module, optimizers)
 
 
@@ -219,6 +221,36 @@ def check_multi_device_settings(trainer: pl.Trainer) -> None:
                 " replicas under different names. Save at epoch ends or after validation (`every_n_epochs`, the"
                 " default), where every rank agrees on the step, the weights and the file name."
             )
+
+
+def check_no_batchnorm_sync(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    """Refuse synchronized BatchNorm on several devices rather than ignore it.
+
+    SyncBatchNorm all-reduces every BatchNorm layer's batch statistics in each forward and each backward, so every rank
+    must be at the same layer of the same step. PD-ASGD's ranks run at their own pace, and on each rank several
+    backward passes run at once, so they never meet there (and ``sync_batchnorm=True`` silently doing nothing would
+    train something other than what was asked).
+    """
+    synced = [name for name, submodule in module.named_modules() if isinstance(submodule, SyncBatchNorm)]
+    if not synced and not _lightning_internals.syncs_batchnorm(trainer.strategy):
+        return
+    what = (
+        f"`torch.nn.SyncBatchNorm` layers ({', '.join(synced[:3])}{', ...' if len(synced) > 3 else ''})"
+        if synced
+        else "`Trainer(sync_batchnorm=True)`"
+    )
+    undo = (
+        "convert them back with `lightning.pytorch.plugins.TorchSyncBatchNorm().revert(model)`"
+        if synced
+        else "leave `sync_batchnorm` off"
+    )
+    raise MisconfigurationException(
+        f"{what} with {trainer.world_size} devices: synchronized BatchNorm all-reduces each layer's batch statistics"
+        " in every forward and backward, so all ranks must be at the same layer of the same step, which PD-ASGD's"
+        " ranks (each at its own pace, with backward passes running concurrently) never are. To train with"
+        f" PD-ASGD, {undo}: each rank then normalizes over its own batch, as DDP does by default. To keep"
+        " synchronized statistics, use `strategy='ddp'`."
+    )
 
 
 def check_loss(loss: Tensor) -> None:
