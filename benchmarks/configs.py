@@ -21,7 +21,7 @@ class Config:
     group: str  # which question the row answers: baseline, ratio, ablation, overhead, threads, multi, straggler
     description: str
     devices: int = 1
-    backward_threads: int | str = 2  # "auto": the strategy's thread-ratio autotuner
+    backward_threads: int | str | None = 2  # "auto": the strategy's thread-ratio autotuner; None: its default
     max_in_flight: Optional[int] = None
     layerwise: bool = True
     intra_op_threads: Optional[int] = None  # None: torch's default (DDP: Lightning's cores // devices)
@@ -60,6 +60,12 @@ def build_configs(devices: int) -> dict[str, Config]:
         Config("plain-t1", "auto", "threads", "plain Lightning with torch.set_num_threads(1)", intra_op_threads=1),
         Config(f"ddp-x{n}", "ddp", "baseline", f"Lightning DDP on {n} devices (gloo on CPU)", devices=n,
                straggler_factor=0.0),
+    ]
+    rows += [
+        Config("pdasgd-default", "pdasgd", "ratio", "PD-ASGD's default threads: 1:2, or 1:1 with two losses in"
+               " flight on a CPU with under 3 cores", backward_threads=None),
+        Config(f"pdasgd-default-x{n}", "pdasgd", "multi", f"PD-ASGD's default threads on {n} devices",
+               backward_threads=None, devices=n),
     ]
     for k in (1, 2, 3):
         rows.append(Config(f"pdasgd-{_ratio(k)}", "pdasgd", "ratio", f"PD-ASGD, 1 forward : {k} backward threads",
@@ -143,10 +149,11 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
         return Suite("smoke", "every code path once (1 repeat, 2 short epochs): the default test suite's check",
                      (plan,), repeats=1, straggler_workload="digits-mlp", peak_repeats=2, run_timeout_s=180.0)
     if name == "speed":  # issue #10's goals: >= 5 ms workloads and the digits ones, medians of 3, interleaved
-        rows = ("plain", "pdasgd-1:2", "pdasgd-mif1", "pdasgd-auto", f"ddp-x{n}", f"pdasgd-1:2-x{n}")
+        rows = ("plain", "pdasgd-default", "pdasgd-1:2", "pdasgd-mif1", "pdasgd-auto", f"ddp-x{n}",
+                f"pdasgd-default-x{n}", f"pdasgd-1:2-x{n}")
         plans = tuple(WorkloadPlan(w, 3, rows) for w in ("wide-mlp", "cnn32", "digits-mlp", "digits-cnn"))
-        return Suite("speed", "samples/s of plain, PD-ASGD 1:2, max_in_flight=1 and auto, DDP and PD-ASGD on 2"
-                     " devices, on two >= 5 ms workloads and the digits ones", plans, repeats=3,
+        return Suite("speed", "samples/s of plain, PD-ASGD's default threads and 1:2, max_in_flight=1 and auto, DDP"
+                     " and PD-ASGD on 2 devices, on two >= 5 ms workloads and the digits ones", plans, repeats=3,
                      straggler_workload=None, peak_repeats=3, run_timeout_s=300.0)
     if name == "compensation":  # issue #20: the default's compensation and guard against neither, on speed's workloads
         rows = ("plain", "pdasgd-1:2", "pdasgd-1:2-raw")
@@ -155,7 +162,8 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
                      " staleness_compensation='none' with the guard off, on the speed suite's workloads", plans,
                      repeats=3, straggler_workload=None, peak_repeats=3, run_timeout_s=300.0)
     if name == "replicas":  # issue #21: two ranks against DDP, and how the exchange merges the replicas' updates
-        rows = (f"ddp-x{n}", f"pdasgd-1:2-x{n}", f"pdasgd-mif1-x{n}", f"pdasgd-1:2-x{n}-sum", f"pdasgd-mif1-x{n}-sum")
+        rows = (f"ddp-x{n}", f"pdasgd-default-x{n}", f"pdasgd-1:2-x{n}", f"pdasgd-mif1-x{n}", f"pdasgd-1:2-x{n}-sum",
+                f"pdasgd-mif1-x{n}-sum")
         plans = (WorkloadPlan("digits-mlp", 5, rows), WorkloadPlan("digits-cnn", 4, rows))
         return Suite("replicas", f"DDP and PD-ASGD on {n} devices (1:2 and max_in_flight=1), with replica_merge 'mean'"
                      " (the default) and 'sum', on the digits MLP and CNN", plans, repeats=3,

@@ -6,8 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Union
 
+import torch
+
 from lightning_pdasgd.distributed.replica_exchange import REPLICA_MERGES
 from lightning_pdasgd.engine import nonfinite
+from lightning_pdasgd.engine.autotune import backward_threads_within_cores
 from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION, StalenessCompensation
 from lightning_pdasgd.engine.compensation import resolve as resolve_compensation
 
@@ -44,6 +47,7 @@ class PDASGDConfig:
     forward_threads: int = 1
     backward_threads: int = DEFAULT_BACKWARD_THREADS
     max_in_flight: int | None = None  # None: as many as backward threads
+    backward_threads_within_cores: bool = False  # the default count: fewer backward threads on a CPU with few cores
     autotune: bool = False  # a thread count was "auto"
     layerwise: bool = True
     lazy_reads: bool = True
@@ -84,11 +88,12 @@ class PDASGDConfig:
     def from_arguments(
         cls,
         forward_threads: ThreadCount = 1,
-        backward_threads: ThreadCount = DEFAULT_BACKWARD_THREADS,
+        backward_threads: ThreadCount | None = None,
         max_in_flight: int | None = None,
         **settings: object,
     ) -> PDASGDConfig:
-        """Validate the constructor's arguments; ``"auto"`` thread counts start from the defaults."""
+        """Validate the constructor's arguments; ``"auto"`` thread counts start from the defaults, and ``None``
+        backward threads is the default count (``DEFAULT_BACKWARD_THREADS``, fewer on a CPU with few cores)."""
         for name in cls._BOOLEANS:
             if name in settings:
                 settings[name] = bool(settings[name])
@@ -96,6 +101,9 @@ class PDASGDConfig:
             if name in settings:
                 settings[name] = float(settings[name])  # type: ignore[arg-type]
         _check_thread_count("forward_threads", forward_threads)
+        autotune = "auto" in (forward_threads, backward_threads)
+        within_cores = backward_threads is None
+        backward_threads = DEFAULT_BACKWARD_THREADS if within_cores or backward_threads == "auto" else backward_threads
         _check_thread_count("backward_threads", backward_threads)
         check_positive_int("max_in_flight", max_in_flight, allow_none=True)
         if forward_threads not in (1, "auto"):
@@ -105,9 +113,10 @@ class PDASGDConfig:
             )
         config = cls(
             forward_threads=1,
-            backward_threads=DEFAULT_BACKWARD_THREADS if backward_threads == "auto" else int(backward_threads),
+            backward_threads=int(backward_threads),  # type: ignore[arg-type]
             max_in_flight=max_in_flight,
-            autotune="auto" in (forward_threads, backward_threads),
+            backward_threads_within_cores=within_cores,
+            autotune=autotune,
             **settings,  # type: ignore[arg-type]
         )
         config._validate()
@@ -193,6 +202,13 @@ class PDASGDConfig:
                 f" `max_in_flight` to at least {self.backward_threads} (or leave it unset) to use them."
             )
         return warnings
+
+    def backward_threads_on(self, device: torch.device | None) -> int:
+        """The backward threads a fit on ``device`` runs with: the configured count, or the default one fitted to the
+        cores (``autotune.backward_threads_within_cores``); ``None``: the device is not known yet."""
+        if device is None or not self.backward_threads_within_cores or self.autotune:
+            return self.backward_threads
+        return backward_threads_within_cores(self.backward_threads, device, torch.get_num_threads())
 
     @property
     def in_flight(self) -> int:

@@ -54,16 +54,14 @@ from .integration.step_metrics import StepMetrics
 
 class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPerDevice):
     """Partial Decoupled Asynchronous SGD (arXiv 2410.05985) for any LightningModule with automatic optimization.
-
     Every argument is described, with examples, in ``docs/configuration.md``.
 
     Args:
         forward_threads: threads that run ``training_step``: Lightning's loop thread, so ``1`` (or ``"auto"``).
-        backward_threads: threads that run backward passes and apply the updates; ``"auto"`` times candidates
-            (1-3 threads, intra-op settings, the plain step) on the first steps and keeps the fastest.
-        max_in_flight: most losses whose backward has not finished (default: ``backward_threads``); ``1``: exact.
-        layerwise: update each bucket the moment its gradients are ready (PD-ASGD); ``False``: the D-ASGD
-            ablation, one whole-model update at the end of each backward.
+        backward_threads: threads that run backward passes and apply the updates; default 2 (1 on a CPU with under 3
+            cores); ``"auto"`` times 1-3 threads, intra-op settings and the plain step, and keeps the fastest.
+        max_in_flight: most losses whose backward has not finished (default: 2, or ``backward_threads``); ``1``: exact.
+        layerwise: update each bucket when its gradients are ready; ``False``: one update per backward (D-ASGD).
         lazy_reads: read each bucket's weights when the forward reaches its module (``False``: all at the start).
         divergence_guard: on a loss blow-up restore the last good state, go on with less asynchrony, warn once.
         wait_timeout: seconds any engine wait (a slot, a drain, a consistent point, shutdown) may take; then an error.
@@ -92,7 +90,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
     def __init__(
         self,
         forward_threads: Union[int, Literal["auto"]] = 1,
-        backward_threads: Union[int, Literal["auto"]] = 2,
+        backward_threads: Union[int, Literal["auto"], None] = None,
         max_in_flight: Optional[int] = None,
         layerwise: bool = True,
         lazy_reads: bool = True,
@@ -141,7 +139,9 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
 
     @property
     def backward_threads(self) -> int:
-        return self._session.threads.settings.backward_threads if self._session else self._config.backward_threads
+        if self._session:
+            return self._session.threads.settings.backward_threads
+        return self._config.backward_threads_on(self.root_device if self.parallel_devices else None)
 
     @property
     def forward_threads(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -12,9 +13,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from lightning_pdasgd import PDASGDStrategy
-from tests.helpers import trainer_kwargs
+from tests.helpers import engine_threads, trainer_kwargs
 from tests.models import DigitsClassifier, DigitsData
 
 
@@ -22,7 +24,9 @@ def test_registered_under_its_name() -> None:
     assert "pdasgd" in StrategyRegistry
     trainer = L.Trainer(strategy="pdasgd", **trainer_kwargs())
     assert isinstance(trainer.strategy, PDASGDStrategy)
-    assert trainer.strategy.backward_threads == 2 and trainer.strategy.max_in_flight == 2
+    # the default threads: 1:2, fitted to the cores on a CPU with under 3 (two losses in flight either way)
+    assert trainer.strategy.backward_threads == min(2, max(1, torch.get_num_threads() - 1))
+    assert trainer.strategy.max_in_flight == 2
 
 
 @pytest.mark.parametrize(
@@ -162,6 +166,75 @@ def test_intra_op_threads_apply_during_fit_only() -> None:
     trainer.fit(DigitsClassifier(), DigitsData())
     assert set(seen) == {1}
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(("cores", "device", "expected"),
+                         [(1, "cpu", 1), (2, "cpu", 1), (3, "cpu", 2), (16, "cpu", 2), (1, "cuda", 2), (2, "cuda", 2)])
+def test_default_backward_threads_never_outnumber_a_cpus_cores(cores: int, device: str, expected: int) -> None:
+    from lightning_pdasgd.engine.autotune import backward_threads_within_cores
+
+    assert backward_threads_within_cores(2, torch.device(device), cores) == expected
+
+
+class _BackwardWaitsForTheNextForward(torch.autograd.Function):
+    """Identity whose backward waits until the next forward has started (an event, not a sleep) and records whether
+    it did: two losses in flight let that forward start while this backward runs."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, next_forward: threading.Event, overlapped: list[bool]) -> torch.Tensor:
+        ctx.next_forward, ctx.overlapped = next_forward, overlapped
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        ctx.overlapped.append(ctx.next_forward.wait(timeout=30.0))
+        return grad, None, None
+
+
+class _OverlapProbe(DigitsClassifier):
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps, self.calls = steps, 0
+        self.previous: threading.Event | None = None
+        self.overlapped: list[bool] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.calls += 1
+        if self.previous is not None:
+            self.previous.set()  # this forward started: the previous backward may go on
+        self.previous = threading.Event()
+        if self.calls == self.steps:
+            self.previous.set()  # no forward follows the last one
+        x, y = batch
+        logits = _BackwardWaitsForTheNextForward.apply(self(x), self.previous, self.overlapped)
+        return nn.functional.cross_entropy(logits, y)
+
+
+@pytest.mark.parametrize(("backward_threads", "expected_threads"), [(None, 1), (2, 2)])
+def test_two_cores_run_the_default_as_one_backward_thread_with_two_losses_in_flight(
+    backward_threads: int | None, expected_threads: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On 2 cores the default's forward and backward keep a core each, and still overlap (two losses in flight); an
+    explicit count is kept."""
+    torch.set_num_threads(2)  # the autouse fixture gives the count back
+    seen: list[tuple[int, int]] = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            seen.append((len([t for t in engine_threads() if "backward" in t.name]), trainer.strategy.max_in_flight))
+
+    steps = 20
+    model = _OverlapProbe(steps)
+    strategy = PDASGDStrategy(backward_threads=backward_threads, synchronous_warmup=0)
+    trainer = L.Trainer(strategy=strategy, max_steps=steps, callbacks=[Probe()], **trainer_kwargs())
+    with caplog.at_level("INFO"):
+        trainer.fit(model, DigitsData())
+    start = [record.getMessage() for record in caplog.records if "PD-ASGD: 1 forward" in record.getMessage()]
+    assert start and f"1 forward : {expected_threads} backward threads" in start[0]
+    assert ("fitted to 2 CPU core(s)" in start[0]) == (backward_threads is None), start
+    assert set(seen) == {(expected_threads, 2)}
+    assert model.overlapped == [True] * steps  # every backward but the last ran while the next forward did
+    assert strategy.backward_threads == expected_threads
 
 
 @pytest.mark.parametrize(

@@ -317,6 +317,8 @@ def describe_session(session: FitSession, world_size: int) -> str:
         extension = f", up to {settling.extra_left} more until the training loss has halved" if settling else ""
         tuning += f"; {how} for the first {session.threads.warmup_left} steps (synchronous warm-up{extension})"
     ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+    if backward_threads < session.config.backward_threads and session.config.backward_threads_within_cores:
+        ranks += f" (the default 1:{session.config.backward_threads}, fitted to {counts.saved_num_threads} CPU core(s))"
     return (
         f"PD-ASGD: 1 forward : {backward_threads} backward threads{ranks},"
         f" max_in_flight={max_in_flight}, {intra_op} intra-op thread(s) per engine thread,"

@@ -89,7 +89,7 @@ class FitSession(GuardRecovery):
         self._updater = self._build_updater(optimizer)
         self._threads = EngineThreads(
             self._run_backward,
-            config.backward_threads,
+            config.backward_threads_on(device),
             config.in_flight,
             config.intra_op_threads,
             config.wait_timeout,
