@@ -119,7 +119,7 @@ BAD_VALUES = {  # id: (yaml edit or None, extra arguments, what the message must
         ["`trainer.strategy.init_args.backward_threads` = 0", "must be an integer >= 1"],
     ),
     "backward_threads 0 (yaml)": (
-        ("backward_threads: 2", "backward_threads: 0"), [],
+        ("backward_threads: null", "backward_threads: 0"), [],
         ["`trainer.strategy.init_args.backward_threads` = 0", "must be an integer >= 1"],
     ),
     "nonfinite skipp (yaml)": (
