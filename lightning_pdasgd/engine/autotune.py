@@ -48,7 +48,7 @@ def backward_threads_within_cores(backward_threads: int, device: torch.device, c
     computes, and the forward thread is the pipeline's critical path (it also runs Lightning's loop, the data and the
     reads). On 2 cores a forward and two backward threads took turns on the cores: the backward threads waited for
     work 60% of the time while the forward shared its core. One backward thread with the same two losses in flight
-    keeps a core each (``benchmarks/engine_overhead.py``: 784-1024-1024-10 MLP 0.94x plain against 0.74x).
+    keeps a core each (``benchmarks/engine_overhead.py``: 784-1024-1024-10 MLP 0.88x plain against 0.67x).
     """
     if device.type != "cpu":
         return backward_threads
