@@ -83,6 +83,10 @@ def build_configs(devices: int) -> dict[str, Config]:
         Config("pdasgd-mif1", "pdasgd", "overhead",
                "PD-ASGD engine with max_in_flight=1 (sequential; engine overhead vs plain)",
                backward_threads=1, max_in_flight=1),
+        Config("pdasgd-default-raw", "pdasgd", "compensation",
+               "PD-ASGD's default threads with staleness_compensation='none' and divergence_guard=False (what the"
+               " default's compensation and guard cost)", backward_threads=None, staleness_compensation="none",
+               divergence_guard=False),
         Config("pdasgd-1:2-raw", "pdasgd", "compensation",
                "PD-ASGD 1:2 with staleness_compensation='none' and divergence_guard=False (what the default's"
                " compensation and guard cost)", staleness_compensation="none", divergence_guard=False),
@@ -156,10 +160,11 @@ def build_suite(name: str, devices: int, accelerator: str = "cpu") -> Suite:
                      " and PD-ASGD on 2 devices, on two >= 5 ms workloads and the digits ones", plans, repeats=3,
                      straggler_workload=None, peak_repeats=3, run_timeout_s=300.0)
     if name == "compensation":  # issue #20: the default's compensation and guard against neither, on speed's workloads
-        rows = ("plain", "pdasgd-1:2", "pdasgd-1:2-raw")
+        rows = ("plain", "pdasgd-default", "pdasgd-default-raw", "pdasgd-1:2", "pdasgd-1:2-raw")
         plans = tuple(WorkloadPlan(w, 3, rows) for w in ("wide-mlp", "cnn32", "digits-mlp", "digits-cnn"))
-        return Suite("compensation", "samples/s of PD-ASGD 1:2 with the default compensation and guard against"
-                     " staleness_compensation='none' with the guard off, on the speed suite's workloads", plans,
+        return Suite("compensation", "samples/s of PD-ASGD (default threads and 1:2) with the default compensation"
+                     " and guard against staleness_compensation='none' with the guard off, on the speed suite's"
+                     " workloads", plans,
                      repeats=3, straggler_workload=None, peak_repeats=3, run_timeout_s=300.0)
     if name == "replicas":  # issue #21: two ranks against DDP, and how the exchange merges the replicas' updates
         rows = (f"ddp-x{n}", f"pdasgd-default-x{n}", f"pdasgd-1:2-x{n}", f"pdasgd-mif1-x{n}", f"pdasgd-1:2-x{n}-sum",

@@ -155,7 +155,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_one(config: str, batch_size: int, warmup: int, steps: int, device: torch.device, precision: str) -> dict[str, Any]:
+def run_one(
+    config: str, batch_size: int, warmup: int, steps: int, device: torch.device, precision: str
+) -> dict[str, Any]:
     """One fit; samples/s over the last ``steps`` steps (the engine drained and the GPU synchronised at the end)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback

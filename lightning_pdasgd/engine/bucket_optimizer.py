@@ -95,6 +95,7 @@ class BucketOptimizer:
         self._optimizer = optimizer_for(user_optimizer, group, bucket.aliases)
         self._implementation = multi_tensor_flags(self._optimizer, group)
         self._unhooked_step = _torch_internals.unhooked_step(type(self._optimizer))  # SGD, Adam, AdamW
+        self._stepped_states: list[dict[str, Any]] = []  # the state of each parameter at the last step
 
     @property
     def supports_found_inf(self) -> bool:
@@ -116,10 +117,11 @@ class BucketOptimizer:
         lr, momentum = hyperparameters.get("lr"), hyperparameters.get("momentum")
         if not isinstance(lr, (int, float)) or not isinstance(momentum, (int, float)) or momentum <= 0:
             return None
-        user_state = self._user.state
+        if len(self._stepped_states) != len(self._bucket.params):  # no step yet
+            return None
         buffers = []
-        for param in self._bucket.params:
-            buffer = user_state[param].get("momentum_buffer") if param in user_state else None
+        for state in self._stepped_states:  # the last step's, in the bucket's order (no tensor hashed again)
+            buffer = state.get("momentum_buffer")
             if buffer is None:
                 return None
             buffers.append(buffer)
@@ -142,13 +144,16 @@ class BucketOptimizer:
         own_state = optimizer.state
         own_state.clear()
         linked = []
+        stepped_states = []
         for param, target, grad in zip(self._bucket.params, targets, grads):
             state = user_state.get(param)
             if state is None:
                 state = {}
                 linked.append((param, state))
             own_state[target] = state
+            stepped_states.append(state)
             target.grad = grad
+        self._stepped_states = stepped_states
         try:
             if self._unhooked_step is not None and not group.get("differentiable"):
                 if torch.is_grad_enabled():  # in the gradient hook autograd has turned it off already
