@@ -54,6 +54,7 @@ from .integration.step_metrics import StepMetrics
 
 class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareCollectives, OneProcessPerDevice):
     """Partial Decoupled Asynchronous SGD (arXiv 2410.05985) for any LightningModule with automatic optimization.
+
     Every argument is described, with examples, in ``docs/configuration.md``.
 
     Args:
@@ -121,8 +122,7 @@ class PDASGDStrategy(FaultTolerantRanks, DrainBeforeStateAccess, AsyncAwareColle
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io, precision_plugin=precision_plugin, process_group_backend=process_group_backend,
-            timeout=timeout, background_group_timeout=timedelta(seconds=float(wait_timeout)),
-        )
+            timeout=timeout, background_group_timeout=timedelta(seconds=float(wait_timeout)))
         arguments = locals()  # the PD-ASGD settings among them, validated once (`config.py`)
         self._config = PDASGDConfig.from_arguments(**{name: arguments[name] for name in PDASGDConfig.ARGUMENTS})
         self._fit = FitSessions(self._config)  # exists while fit trains; the strategy stays picklable
