@@ -78,7 +78,7 @@ def update_stream(device: torch.device) -> Any:
     return _UPDATE_STREAMS.get(device) if device.type == "cuda" else None
 
 
-_NO_STREAM = nullcontext()  # reusable: what a CPU bucket's reads and updates enter (no generator per call)
+NO_STREAM = nullcontext()  # reusable: what a CPU bucket's reads and updates enter (no generator per call)
 
 
 def on_update_stream(device: torch.device, wait: bool = True, join: bool = False) -> AbstractContextManager[Any]:
@@ -86,7 +86,7 @@ def on_update_stream(device: torch.device, wait: bool = True, join: bool = False
     ``join``: the current stream then waits for the body (it reads the result or frees what the body read).
     Off CUDA, nothing (entered on every update: no per-call context-manager object)."""
     if device.type != "cuda":
-        return _NO_STREAM
+        return NO_STREAM
     return _on_cuda_update_stream(device, wait, join)
 
 

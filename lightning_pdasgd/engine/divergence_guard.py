@@ -186,9 +186,12 @@ class LossReader:
     def __init__(self) -> None:
         self._pending: list[tuple[Any, Tensor]] = []
 
-    def push(self, loss: Tensor) -> list[float]:
-        """Queue this step's loss; returns the values that are ready, oldest first."""
-        if not loss.is_cuda:  # one call into torch: each one gives the GIL up, and takes it back from busy threads
+    def push(self, loss: Tensor, host_value: Optional[float] = None) -> list[float]:
+        """Queue this step's loss; returns the values that are ready, oldest first. ``host_value``: a CPU loss's
+        value, already read by the caller (each read gives the GIL up and takes it back from busy threads)."""
+        if not loss.is_cuda:
+            if host_value is not None:
+                return [host_value]
             return [loss.item() if loss.dim() == 0 else float(loss.detach().float().sum())]
         value = loss.detach()
         host = torch.empty((), dtype=torch.float32, pin_memory=True)
@@ -232,9 +235,12 @@ class DivergenceGuard:
         self._gradient_norm = None
         self._since_snapshot = 0
 
-    def observe(self, loss: Tensor, gradient_totals: Optional[tuple[float, int]]) -> Optional[Trip]:
+    def observe(
+        self, loss: Tensor, gradient_totals: Optional[tuple[float, int]], host_value: Optional[float] = None
+    ) -> Optional[Trip]:
         """This step's loss (values on CUDA arrive a step or two late) and the gradient totals so far
         (``EngineStats.gradient_totals``; ``None`` where they are not measured, CUDA); a ``Trip`` on a blow-up.
+        ``host_value``: a CPU loss's value where the caller has read it already.
 
         A rise from the run's best needs the gradient norm up too where it is measured: a real blow-up grows the
         gradients with the loss, while a loss that merely wanders upwards (an unbounded or shifting objective) does
@@ -249,7 +255,7 @@ class DivergenceGuard:
                 self._gradient_totals = gradient_totals
             if self._gradient_norm is not None:  # one observation per step, like the loss's
                 self.gradients.observe(self._gradient_norm)
-        for value in self.reader.push(loss):
+        for value in self.reader.push(loss, host_value):
             trip = self.watch.observe(value)
             if trip is not None and (not trip.needs_gradients or gradient_totals is None or self.gradients.rising):
                 return trip

@@ -58,6 +58,12 @@ def error(what: str) -> NonFiniteError:
     return NonFiniteError(f"PD-ASGD: {what} {SKIP_ADVICE}")
 
 
+def host_loss_value(loss: Tensor) -> float | None:
+    """A one-element CPU loss's value, read once per step for the non-finite check and the divergence guard (each
+    read gives the GIL up and takes it back from busy threads); ``None`` on CUDA or for a loss of several elements."""
+    return loss.item() if not loss.is_cuda and loss.numel() == 1 else None
+
+
 class NonFinitePolicy:
     """The policy of one fit on one device: checks losses and gradients, raises or says what to skip.
 
@@ -73,8 +79,9 @@ class NonFinitePolicy:
         self.device = DeviceNonFinite(device) if device.type == "cuda" and self.checks else None
 
     # ------------------------------------------------------------------------------------------- the loss
-    def loss_usable(self, loss: Tensor, step: int, rank: int) -> bool:
+    def loss_usable(self, loss: Tensor, step: int, rank: int, host_value: float | None = None) -> bool:
         """Whether a loss may be handed to a backward: raises under ``"error"``; ``False`` means skip it.
+        ``host_value``: a one-element CPU loss's value, where the caller has read it already.
 
         On CUDA the loss is counted on the device (its non-finite gradients are masked later) and always usable.
         """
@@ -84,7 +91,11 @@ class NonFinitePolicy:
         if not self.checks:
             return True
         value = loss.detach()
-        if math.isfinite(value.item()) if value.numel() == 1 else bool(torch.isfinite(value).all()):
+        if host_value is not None and value.numel() == 1:
+            finite = math.isfinite(host_value)
+        else:
+            finite = math.isfinite(value.item()) if value.numel() == 1 else bool(torch.isfinite(value).all())
+        if finite:
             return True  # (one read of a scalar loss: a few kernels less than `isfinite(...).all()` per step)
         if self.policy == "error":
             raise error(

@@ -75,6 +75,7 @@ class ParameterBucket:
         self.group_index = group_index
         self.numel = sum(param.numel() for param in self.params)
         self.is_cuda = self.params[0].is_cuda
+        self._device = self.params[0].device  # read on every access: one `torch.device` object, not one per call
         self._lock = threading.Lock()
         # the live storage: aliases of the parameters (their `.grad` is ours, never the user's `param.grad`)
         self._live = WeightVersion([param.detach() for param in self.params], shared=shared)
@@ -105,7 +106,7 @@ class ParameterBucket:
 
     @property
     def device(self) -> torch.device:
-        return self.params[0].device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,7 +210,7 @@ class ParameterBucket:
         instead of copying the bucket. On CUDA the read stays until the backward ends (the caller releases it).
         """
         # CUDA: after the gradients (ready on the stream autograd made current in the hook), on the update stream
-        with self._lock, cuda_streams.on_update_stream(self.device):
+        with self._lock, cuda_streams.on_update_stream(self._device) if self.is_cuda else cuda_streams.NO_STREAM:
             if finished_read is not None:
                 self._release(finished_read, reusable=True)
             staleness = self._version - read_version

@@ -29,6 +29,7 @@ from lightning_pdasgd.engine.guard_recovery import GuardRecovery
 from lightning_pdasgd.engine.layerwise_updates import LayerwiseUpdater
 from lightning_pdasgd.engine.lazy_reads import add_unread_note
 from lightning_pdasgd.engine.metrics import EngineStats, batch_size_of, describe_session
+from lightning_pdasgd.engine.nonfinite import host_loss_value
 from lightning_pdasgd.engine.parameter_changes import ParameterSetFingerprint
 from lightning_pdasgd.engine.peers import Exchange, PeerLink, Replicas
 from lightning_pdasgd.engine.thread_control import EngineThreads
@@ -340,13 +341,14 @@ class FitSession(GuardRecovery):
         if self._pending_trip is not None:  # several devices: tripped, waiting for the consistent point
             self.end_step()
             return
+        value = host_loss_value(loss) if self._guard is not None or self._updater.nonfinite.checks else None
         if self._guard is not None:
-            trip = self._guard.observe(loss, None if loss.is_cuda else self._stats.gradient_totals())
+            trip = self._guard.observe(loss, None if loss.is_cuda else self._stats.gradient_totals(), value)
             if trip is not None:
                 self.end_step()  # this loss is not applied; its slot is free before the engine is reconfigured
                 self._on_trip(trip, step)
                 return
-        if not self._updater.nonfinite.loss_usable(loss, step, rank):  # "skip" (raises under "error")
+        if not self._updater.nonfinite.loss_usable(loss, step, rank, value):  # "skip" (raises under "error")
             self._stats.record_skipped_loss(self._updater.num_parameters)
             if closes_window:
                 self._updater.close_window_without(stash)
