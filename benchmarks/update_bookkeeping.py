@@ -10,10 +10,12 @@ under ``py-spy`` (all threads, raw stacks), and splits the samples taken inside 
   statistics), with the non-finite check (``engine/nonfinite.py``) reported on its own, since it is a full pass
   over the gradients rather than per-call overhead.
 
-Prints the counts and the ratio ``bookkeeping / optimizer`` (issue #21's goal: at most 0.2)::
+Prints the counts and the ratio ``bookkeeping / optimizer`` (issue #21's goal: at most 0.2), pooled over
+``--repeats`` runs::
 
     pip install py-spy
     python -m benchmarks.update_bookkeeping --steps 400 --mlp mlp-medium
+    python -m benchmarks.update_bookkeeping --steps 4000 --mlp mlp-small --repeats 5
 """
 
 from __future__ import annotations
@@ -75,9 +77,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=12, help="bookkeeping frames listed")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="profiled runs whose samples are pooled (one run's ratio varies by +-0.05 on 2 cores)")
     args = parser.parse_args()
     where: collections.Counter[str] = collections.Counter()
-    counts = classify(profile(args.mlp, args.steps, args.rate), where)
+    counts: collections.Counter[str] = collections.Counter()
+    for repeat in range(args.repeats):
+        run = classify(profile(args.mlp, args.steps, args.rate), where)
+        counts.update(run)
+        if args.repeats > 1 and run.get("optimizer"):
+            print(f"run {repeat + 1}: bookkeeping / optimizer = {run.get('bookkeeping', 0) / run['optimizer']:.3f}")
     optimizer = counts.get("optimizer", 0)
     for kind in ("optimizer", "bookkeeping", "nonfinite check"):
         print(f"{kind:16s} {counts.get(kind, 0):6d} samples")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.sgd import sgd as functional_sgd  # public: what `SGD.step` calls
 
 from lightning_pdasgd.engine import _torch_internals
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
@@ -95,6 +96,7 @@ class BucketOptimizer:
         self._optimizer = optimizer_for(user_optimizer, group, bucket.aliases)
         self._implementation = multi_tensor_flags(self._optimizer, group)
         self._unhooked_step = _torch_internals.unhooked_step(type(self._optimizer))  # SGD, Adam, AdamW
+        self._is_sgd = type(self._optimizer) is torch.optim.SGD  # torch's own, not a subclass
         self._stepped_states: list[dict[str, Any]] = []  # the state of each parameter at the last step
 
     @property
@@ -112,7 +114,7 @@ class BucketOptimizer:
         by exactly ``-lr * momentum_buffer`` (weight decay, dampening and ``maximize`` are inside the buffer), so
         the buffers and ``-lr`` describe the update without a copy of the weights. ``None`` for any other
         optimizer, Nesterov momentum (its update also holds the gradient) or a tensor ``lr``."""
-        if type(self._optimizer) is not torch.optim.SGD or hyperparameters.get("nesterov"):
+        if not self._is_sgd or hyperparameters.get("nesterov"):
             return None
         lr, momentum = hyperparameters.get("lr"), hyperparameters.get("momentum")
         if not isinstance(lr, (int, float)) or not isinstance(momentum, (int, float)) or momentum <= 0:
@@ -135,6 +137,9 @@ class BucketOptimizer:
         The state is re-linked on every step because ``Optimizer.load_state_dict`` replaces the user's state
         objects; an optimizer that keeps no state leaves no entry, as its whole-model step would.
         """
+        if self._is_sgd and not hyperparameters.get("fused") and not hyperparameters.get("differentiable"):
+            self._sgd_step(grads, hyperparameters, targets)
+            return
         optimizer = self._optimizer
         group = optimizer.param_groups[0]
         group.update(hyperparameters)
@@ -170,3 +175,37 @@ class BucketOptimizer:
         for param, state in linked:
             if state:
                 user_state[param] = state
+
+    def _sgd_step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any], targets: list[Tensor]) -> None:
+        """torch's SGD through its functional form, ``torch.optim.sgd.sgd``: the call ``SGD.step`` makes, with the
+        same arguments (so bit for bit the same), without the param group, ``.grad`` and state plumbing around it."""
+        momentum = hyperparameters["momentum"]
+        user_state = self._user.state
+        params, used, buffers, states, stepped_states = [], [], [], [], []
+        for param, target, grad in zip(self._bucket.params, targets, grads):
+            state = user_state.get(param)
+            if state is None:
+                state = {}
+                if momentum != 0 and grad is not None:  # as `SGD.step`: momentum keeps a state per parameter
+                    user_state[param] = state
+            stepped_states.append(state)
+            if grad is None:
+                continue
+            params.append(target)
+            used.append(grad)
+            if momentum != 0:
+                states.append(state)
+                buffers.append(state.get("momentum_buffer"))
+        self._stepped_states = stepped_states
+        foreach = self._implementation.get("foreach", hyperparameters.get("foreach"))
+        optimizer = self._optimizer
+        with torch.no_grad():
+            functional_sgd(
+                params, used, buffers, weight_decay=hyperparameters["weight_decay"], momentum=momentum,
+                lr=hyperparameters["lr"], dampening=hyperparameters["dampening"],
+                nesterov=hyperparameters["nesterov"], maximize=hyperparameters["maximize"],
+                has_sparse_grad=any(grad.is_sparse for grad in used), foreach=foreach, fused=False,
+                grad_scale=getattr(optimizer, "grad_scale", None), found_inf=getattr(optimizer, "found_inf", None),
+            )
+        for state, buffer in zip(states, buffers):
+            state["momentum_buffer"] = buffer
