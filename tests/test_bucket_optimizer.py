@@ -1,7 +1,8 @@
 """A bucket's step is the user's optimizer's own step, bit for bit, for every implementation the user can choose.
 
-SGD, Adam and AdamW are stepped through the body of torch's ``step`` without ``Optimizer``'s per-call wrappers
-(``_torch_internals.unhooked_step``); every other optimizer through ``optimizer.step()``. Either way the parameters
+torch's SGD is stepped through its functional form (``torch.optim.sgd.sgd``, fused SGD excepted), Adam and AdamW
+through the body of torch's ``step`` without ``Optimizer``'s per-call wrappers (``_torch_internals.unhooked_step``);
+every other optimizer through ``optimizer.step()``. Either way the parameters
 and the optimizer state must equal a plain ``optimizer.step()`` on the same gradients exactly.
 """
 

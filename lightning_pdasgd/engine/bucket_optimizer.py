@@ -135,7 +135,8 @@ class BucketOptimizer:
         or, copy-on-write, a buffer that becomes live).
 
         The state is re-linked on every step because ``Optimizer.load_state_dict`` replaces the user's state
-        objects; an optimizer that keeps no state leaves no entry, as its whole-model step would.
+        objects; an optimizer that keeps no state leaves no entry, as its whole-model step would. torch's SGD goes
+        through its functional form (``_sgd_step``); fused SGD, Adam and AdamW through the body of their ``step``.
         """
         if self._is_sgd and not hyperparameters.get("fused") and not hyperparameters.get("differentiable"):
             self._sgd_step(grads, hyperparameters, targets)
@@ -197,15 +198,18 @@ class BucketOptimizer:
                 states.append(state)
                 buffers.append(state.get("momentum_buffer"))
         self._stepped_states = stepped_states
-        foreach = self._implementation.get("foreach", hyperparameters.get("foreach"))
         optimizer = self._optimizer
-        with torch.no_grad():
-            functional_sgd(
-                params, used, buffers, weight_decay=hyperparameters["weight_decay"], momentum=momentum,
-                lr=hyperparameters["lr"], dampening=hyperparameters["dampening"],
-                nesterov=hyperparameters["nesterov"], maximize=hyperparameters["maximize"],
-                has_sparse_grad=any(grad.is_sparse for grad in used), foreach=foreach, fused=False,
-                grad_scale=getattr(optimizer, "grad_scale", None), found_inf=getattr(optimizer, "found_inf", None),
-            )
+        step = functools.partial(
+            functional_sgd, params, used, buffers, weight_decay=hyperparameters["weight_decay"], momentum=momentum,
+            lr=hyperparameters["lr"], dampening=hyperparameters["dampening"], nesterov=hyperparameters["nesterov"],
+            maximize=hyperparameters["maximize"], has_sparse_grad=any(grad.is_sparse for grad in used),
+            foreach=self._implementation.get("foreach", hyperparameters.get("foreach")), fused=False,
+            grad_scale=getattr(optimizer, "grad_scale", None), found_inf=getattr(optimizer, "found_inf", None),
+        )
+        if torch.is_grad_enabled():  # in the gradient hook autograd has turned it off already (no context per call)
+            with torch.no_grad():
+                step()
+        else:
+            step()
         for state, buffer in zip(states, buffers):
             state["momentum_buffer"] = buffer
