@@ -141,6 +141,11 @@ class BucketOptimizer:
         if self._is_sgd and not hyperparameters.get("fused") and not hyperparameters.get("differentiable"):
             self._sgd_step(grads, hyperparameters, targets)
             return
+        parts = self._fused_sgd_parts(grads, hyperparameters)
+        if parts is not None:
+            for part in parts:
+                self.step(part, hyperparameters, targets)
+            return
         optimizer = self._optimizer
         group = optimizer.param_groups[0]
         group.update(hyperparameters)
@@ -176,6 +181,27 @@ class BucketOptimizer:
         for param, state in linked:
             if state:
                 user_state[param] = state
+
+    def _fused_sgd_parts(
+        self, grads: list[Tensor | None], hyperparameters: dict[str, Any]
+    ) -> tuple[list[Tensor | None], list[Tensor | None]] | None:
+        """Fused SGD with momentum, where some stepped parameters have a momentum buffer and others none yet (a
+        parameter that got no gradient before): torch's fused step tells its first step from the first parameter's
+        buffer alone, and fails on such a mix (or, where the first has none, starts every buffer afresh). Stepped
+        in two parts, those without a buffer and those with one, each parameter moves as it would alone; ``None``
+        where no split is needed."""
+        if not (self._is_sgd and hyperparameters.get("fused") and hyperparameters.get("momentum")):
+            return None
+        user_state = self._user.state
+        fresh = [
+            grad is not None and (user_state.get(param) or {}).get("momentum_buffer") is None
+            for param, grad in zip(self._bucket.params, grads)
+        ]
+        with_buffer = [grad is not None and not first for grad, first in zip(grads, fresh)]
+        if not any(fresh) or not any(with_buffer):
+            return None
+        return ([grad if first else None for grad, first in zip(grads, fresh)],
+                [grad if has else None for grad, has in zip(grads, with_buffer)])
 
     def _sgd_step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any], targets: list[Tensor]) -> None:
         """torch's SGD through its functional form, ``torch.optim.sgd.sgd``: the call ``SGD.step`` makes, with the
