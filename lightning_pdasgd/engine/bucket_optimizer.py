@@ -86,6 +86,9 @@ def multi_tensor_flags(optimizer: Optimizer, group: dict[str, Any]) -> dict[str,
     return {"foreach": True}
 
 
+_SGD_ARGUMENTS = frozenset(("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"))
+
+
 class BucketOptimizer:
     """Steps one bucket with the user's optimizer class, reading and writing the user's optimizer state."""
 
@@ -206,6 +209,8 @@ class BucketOptimizer:
     def _sgd_step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any], targets: list[Tensor]) -> None:
         """torch's SGD through its functional form, ``torch.optim.sgd.sgd``: the call ``SGD.step`` makes, with the
         same arguments (so bit for bit the same), without the param group, ``.grad`` and state plumbing around it."""
+        if not _SGD_ARGUMENTS <= hyperparameters.keys():  # a param group edited by hand: the constructor's defaults
+            hyperparameters = {**self._optimizer.defaults, **hyperparameters}
         momentum = hyperparameters["momentum"]
         user_state = self._user.state
         params, used, buffers, states, stepped_states = [], [], [], [], []
