@@ -74,7 +74,7 @@ class GuardRecovery:
         blow-up of plain updates too is said once (nothing is restored then). The warm-up's loss watch sees it."""
         self._threads.observe_warmup_loss(loss)
         if self._guard is not None and self._threads.plain_steps and self._threads.settings.max_in_flight == 1:
-            trip = self._guard.observe(loss, None)
+            trip = self._guard.observe(loss, None, step=step)
             if trip is not None:
                 self._recover(trip, step)
 

@@ -206,6 +206,8 @@ class FitSession(GuardRecovery):
         """Several devices: make the replicas identical, then exchange updates in the background; ``on_consistent``
         runs after every consistent point the ranks met at, with its kind (the step count over ranks settles)."""
         self._replicas = Replicas(link, on_consistent, self._config.wait_timeout)
+        if self._guard is not None:
+            self._guard.exchanging_replicas()
         self._connect_exchange()
 
     def _connect_exchange(self) -> None:
@@ -244,9 +246,8 @@ class FitSession(GuardRecovery):
         with self._updater.reads.recomputation.modes_of_the_last_forward():
             self._engine.drain()
         self._finish_plain_batch()
-        # ---- CUDA only (issue #13): the loop's stream sees the queued updates; non-finite values read exactly
-        cuda_streams.join_update_stream(self._device)
-        self._check_device_nonfinite(wait=True)
+        cuda_streams.join_update_stream(self._device)  # CUDA (issue #13): the loop's stream sees the queued updates
+        self._check_device_nonfinite(wait=True)  # ... and non-finite values are read exactly
 
     def reach_consistent_point(self, kind: str, stop: bool = False) -> None:
         """Drain, and with several devices make every replica identical (all ranks meet here; ``Replicas.meet``
@@ -257,8 +258,7 @@ class FitSession(GuardRecovery):
 
     # ------------------------------------------------------------------------------------------- the step
     def before_step(self) -> str | None:
-        """Before a training step's closure: the synchronous warm-up may end and the autotuner may switch
-        configuration; the autotuner's report when it chooses."""
+        """Before a step's closure: the warm-up may end, the autotuner may switch (its report when it chooses)."""
         was_plain = self._threads.plain_steps
         report = self._threads.before_step(
             (self._stats.total_staleness_sum, self._stats.total_updates), self._config.max_in_flight
@@ -343,7 +343,7 @@ class FitSession(GuardRecovery):
             return
         value = host_loss_value(loss) if self._guard is not None or self._updater.nonfinite.checks else None
         if self._guard is not None:
-            trip = self._guard.observe(loss, None if loss.is_cuda else self._stats.gradient_totals(), value)
+            trip = self._guard.observe(loss, None if loss.is_cuda else self._stats.gradient_totals(), value, step)
             if trip is not None:
                 self.end_step()  # this loss is not applied; its slot is free before the engine is reconfigured
                 self._on_trip(trip, step)
