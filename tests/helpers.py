@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from tests.models import DigitsClassifier, DigitsData
 
+GATE_WAIT_S = 60.0
+
 # The two-rank ``learn`` workload (tests/distributed_worker.py): epochs of 45 batches, all ranks together. Its
 # validation accuracy climbs past 0.95 anywhere from the 5th to the 8th epoch with thread timing; 12 epochs put
 # the tests' bar (0.95 at some epoch) well inside the run instead of at its last epoch.
@@ -78,12 +80,17 @@ def step_scheduler(optimizer: torch.optim.Optimizer) -> Any:
 
 
 def fit_digits(
-    strategy: Any, optimizer: str, steps: int = 40, tmp_path: Any = None, callbacks: list[Any] | None = None
+    strategy: Any,
+    optimizer: str,
+    steps: int = 40,
+    tmp_path: Any = None,
+    callbacks: list[Any] | None = None,
+    model_class: Callable[..., DigitsClassifier] = DigitsClassifier,
 ) -> tuple[DigitsClassifier, L.Trainer]:
-    """Seeded DigitsClassifier fit for ``steps`` steps (DIGITS_OPTIMIZERS[optimizer], StepLR, no validation);
-    with ``tmp_path``, every step's metrics and lr are logged to a CSVLogger there."""
+    """Seeded DigitsClassifier (or ``model_class``) fit for ``steps`` steps (DIGITS_OPTIMIZERS[optimizer], StepLR,
+    no validation); with ``tmp_path``, every step's metrics and lr are logged to a CSVLogger there."""
     L.seed_everything(1234)
-    model = DigitsClassifier(optimizer=DIGITS_OPTIMIZERS[optimizer], scheduler=step_scheduler)
+    model = model_class(optimizer=DIGITS_OPTIMIZERS[optimizer], scheduler=step_scheduler)
     extra: dict[str, Any] = {"callbacks": list(callbacks or [])}
     if tmp_path is not None:
         extra = dict(logger=CSVLogger(tmp_path), callbacks=[LearningRateMonitor("step"), *extra["callbacks"]],
@@ -91,3 +98,37 @@ def fit_digits(
     trainer = L.Trainer(strategy=strategy, max_steps=steps, limit_val_batches=0, **trainer_kwargs(**extra))
     trainer.fit(model, DigitsData(batch_size=32))
     return model, trainer
+
+
+class OneStaleGate(torch.autograd.Function):
+    """Identity whose backward waits until the next forward ran (while the gate is ``active()``): each update it
+    gates is applied after the next forward read the weights, so it is exactly one update stale on any machine."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gate: "StaleGate", step: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.gate, ctx.step = gate, step
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
+        ctx.gate.wait_for_forward(ctx.step + 1)
+        return grad, None, None
+
+
+class StaleGate:
+    """The forwards' progress, which ``OneStaleGate``'s backwards wait on (an event, with a timeout)."""
+
+    def __init__(self, active: Callable[[], bool] = lambda: True) -> None:
+        self.active = active
+        self.forwards = -1
+        self.changed = threading.Condition()
+
+    def forward_ran(self, step: int) -> None:
+        with self.changed:
+            self.forwards = step
+            self.changed.notify_all()
+
+    def wait_for_forward(self, step: int) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.forwards >= step or not self.active(), timeout=GATE_WAIT_S):
+                raise TimeoutError(f"forward {step} never ran")

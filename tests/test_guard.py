@@ -8,8 +8,7 @@ the guard has not tripped (from step ``STALE_FROM`` on), so the blow-up is the a
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import pytest
@@ -19,12 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.engine.divergence_guard import DivergenceGuard, LossWatch
-from tests.helpers import engine_on_lightnings_path, engine_threads, trainer_kwargs
+from tests.helpers import OneStaleGate, StaleGate, engine_on_lightnings_path, engine_threads, trainer_kwargs
 
 FEATURES = 8
 STEPS = 240
 STALE_FROM = 40  # the gate starts here: a healthy start (and a good state kept), then the blow-up
-WAIT_S = 60.0
 
 
 def _data() -> TensorDataset:
@@ -41,37 +39,6 @@ def _loader() -> DataLoader:
     return DataLoader(TensorDataset(*(t.repeat(STEPS, 1) for t in data.tensors)), batch_size=256)
 
 
-class _OneStaleGate(torch.autograd.Function):
-    """Identity whose backward waits until the next forward ran (while ``active()``): every update one stale."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, gate: "_Gate", step: int) -> torch.Tensor:  # type: ignore[override]
-        ctx.gate, ctx.step = gate, step
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # type: ignore[override]
-        ctx.gate.wait_for_forward(ctx.step + 1)
-        return grad, None, None
-
-
-class _Gate:
-    def __init__(self, active: Callable[[], bool]) -> None:
-        self.active = active
-        self.forwards = -1
-        self.changed = threading.Condition()
-
-    def forward_ran(self, step: int) -> None:
-        with self.changed:
-            self.forwards = step
-            self.changed.notify_all()
-
-    def wait_for_forward(self, step: int) -> None:
-        with self.changed:
-            if not self.changed.wait_for(lambda: self.forwards >= step or not self.active(), timeout=WAIT_S):
-                raise TimeoutError(f"forward {step} never ran")
-
-
 class LeastSquares(L.LightningModule):
     def __init__(self, lr: float, stale: bool) -> None:
         super().__init__()
@@ -79,7 +46,7 @@ class LeastSquares(L.LightningModule):
         self.linear = nn.Linear(FEATURES, 1)
         self.lr = lr
         self.stale = stale
-        self.gate = _Gate(active=lambda: self.trainer.strategy.stats.guard_trips == 0)
+        self.gate = StaleGate(active=lambda: self.trainer.strategy.stats.guard_trips == 0)
         self.losses: list[float] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -87,7 +54,7 @@ class LeastSquares(L.LightningModule):
         loss = nn.functional.mse_loss(self.linear(x), y)
         self.losses.append(float(loss.detach()))
         if self.stale and STALE_FROM <= batch_idx < STEPS - 1:
-            loss = _OneStaleGate.apply(loss, self.gate, batch_idx)
+            loss = OneStaleGate.apply(loss, self.gate, batch_idx)
         self.gate.forward_ran(batch_idx)
         return loss
 

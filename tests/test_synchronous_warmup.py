@@ -18,7 +18,14 @@ import torch
 from lightning_pdasgd import PDASGDStrategy
 from lightning_pdasgd.config import SYNCHRONOUS_WARMUP_MAX_STEPS, PDASGDConfig
 from lightning_pdasgd.engine.thread_control import ENGINE_AT_ONE_IN_FLIGHT
-from tests.helpers import assert_same_training_state, engine_threads, fit_digits, trainer_kwargs
+from tests.helpers import (
+    OneStaleGate,
+    StaleGate,
+    assert_same_training_state,
+    engine_threads,
+    fit_digits,
+    trainer_kwargs,
+)
 from tests.models import DigitsClassifier, DigitsData
 
 
@@ -165,6 +172,24 @@ def test_a_resumed_fit_warms_up_only_the_steps_it_has_not_trained(tmp_path: Path
     assert mode.in_flight == [1] * 2 + [2] * 4
 
 
+class _GatedDigits(DigitsClassifier):
+    """Each backward of steps ``GATED`` waits until the next forward ran: two losses in flight there, on any machine
+    (without the gate, a fast backward could apply each update before the next forward read the weights)."""
+
+    GATED = range(5, 11)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = StaleGate()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx in self.GATED:
+            loss = OneStaleGate.apply(loss, self.gate, batch_idx)
+        self.gate.forward_ran(batch_idx)
+        return loss
+
+
 class _PlainOrEngine(L.Callback):
     """Records, at every batch end, whether the step was Lightning's own and how many updates the engine made."""
 
@@ -186,7 +211,7 @@ def test_one_device_warms_up_with_lightnings_own_step_then_the_engine_takes_over
 
     watch = _PlainOrEngine()
     strategy = PDASGDStrategy(synchronous_warmup=5, bucket_numel=10**9)  # one bucket: any overlap is staleness
-    fit_digits(strategy, "sgd_momentum_nesterov_wd", steps=12, callbacks=[watch])
+    fit_digits(strategy, "sgd_momentum_nesterov_wd", steps=12, callbacks=[watch], model_class=_GatedDigits)
     assert watch.steps[:5] == [(True, 0)] * 5, watch.steps
     assert not any(plain for plain, _ in watch.steps[5:]) and watch.steps[-1][1] > 0, watch.steps
     assert strategy.stats.total_staleness_sum > 0, "two losses in flight after the warm-up"

@@ -6,8 +6,9 @@ edge. Compensation keeps most runs inside; where it cannot, a run must not end a
 
 The guard watches the training loss against its own recent history: a smoothed loss that climbs to ``factor``
 times the best smoothed loss of the run, or to ``factor`` times the run's first losses (from the first steps on, when
-there is no best yet), is a blow-up (a NaN/Inf loss or gradient is the ``nonfinite`` policy's:
-an error naming the step by default). The session then restores the last
+there is no best yet), is a blow-up, and so is a loss whose recent median undid half the run's progress and stays
+there (``LossWatch._relapsed``; in a fit that starts at step 0, on one device). A NaN/Inf loss or gradient is the
+``nonfinite`` policy's: an error naming the step by default. The session then restores the last
 good weights, buffers and optimizer state (kept at consistent points and, on one device, every ``snapshot_every``
 steps while the loss is healthy), halves ``max_in_flight`` (down to one loss in flight: exactly plain Lightning's
 updates) and warns once with the numbers. A blow-up with one loss in flight is the learning rate's, not the
@@ -137,12 +138,12 @@ class LossWatch:
         climbed ``RELAPSE_UNDONE`` of the way from the lowest such median back to where the run started (the
         highest in the first warm-up), after the run had halved its loss. A blow-up the smoothed value misses as
         ``factor`` times its best, since it lags a fast fall: a module applied three times per forward (SGD lr
-        0.05, momentum 0.9, which plain Lightning trains with) went from 0.8 to 1.6-3.5 within a few steps of
-        asynchrony and stayed there, while its moving average reached 1.2-2.1x its best; it ended at 0.74-0.90
-        accuracy against plain's 0.92-0.95. Healthy training does not undo half its progress (one batch may; the
-        median of five on four steps running does not: one trip in 3,000 runs of a falling loss with exponential
-        noise as large as its level, the worst case in ``tests/test_guard.py``). Only for a loss positive
-        throughout, as ``above_first``."""
+        0.05, momentum 0.9, which plain Lightning trains with) jumped from 0.8 to 2.7-7.7 within a few steps of
+        asynchrony and stayed at 1.6-2.5, while its moving average reached 1.2-2.1x its best; it ended at
+        0.74-0.93 accuracy against plain's 0.92-0.96. Healthy training does not undo half its progress (one batch
+        may; the median of five on four steps running does not: one trip in 3,000 runs of a falling loss with
+        exponential noise as large as its level, the worst case in ``tests/test_guard.py``). Only for a loss
+        positive throughout, as ``above_first``."""
         lowest, start = self.lowest_recent, self.start_median
         assert self.smoothed is not None
         relapsing = (
