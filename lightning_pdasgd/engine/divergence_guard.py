@@ -71,6 +71,7 @@ class LossWatch:
         smoothing_steps: int = DEFAULT_SMOOTHING_STEPS,
         warmup_steps: int = DEFAULT_WARMUP_STEPS,
         reclaim: float = DEFAULT_RECLAIM,
+        relapse: bool = True,
     ) -> None:
         if not factor > 1.0:
             raise ValueError(f"the guard's `factor` must be > 1, got {factor!r}.")
@@ -85,8 +86,9 @@ class LossWatch:
         self._all_positive = True  # every loss since the start was > 0: ``first`` is a scale
         self._recent: deque[float] = deque(maxlen=EARLY_RECENT_STEPS)
         # the relapse rule measures progress from where the run started: only a run that started untrained has a
-        # start far above its noise (a resumed run's noise alone undoes "half" of its progress in half the cases)
-        self.relapse_armed = True
+        # start far above its noise (a resumed run's noise alone undoes "half" of its progress in half the cases);
+        # once disarmed, it stays so and costs nothing
+        self.relapse_armed = relapse
         self.reset()
 
     def rebase(self) -> None:
@@ -147,8 +149,7 @@ class LossWatch:
         lowest, start = self.lowest_recent, self.start_median
         assert self.smoothed is not None
         relapsing = (
-            self.relapse_armed
-            and self._all_positive
+            self._all_positive
             and lowest <= RELAPSE_PROGRESS * start
             and recent_median >= lowest + RELAPSE_UNDONE * (start - lowest)
             and self.smoothed >= lowest + RELAPSE_SMOOTHED_UNDONE * (start - lowest)
@@ -178,7 +179,7 @@ class LossWatch:
         if self.above_first:
             return Trip(f"the smoothed loss rose above {self.factor:g}x the run's first losses", self.first,
                         self.smoothed, "first loss", needs_gradients=False)
-        full = len(self._recent) == EARLY_RECENT_STEPS
+        full = self.relapse_armed and len(self._recent) == EARLY_RECENT_STEPS
         recent_median = sorted(self._recent)[EARLY_RECENT_STEPS // 2] if full else None
         if recent_median is not None and self.seen >= self._warmup:
             if self._relapsed(recent_median):
@@ -262,7 +263,7 @@ class DivergenceGuard:
         self.watch = watch if watch is not None else LossWatch()
         # the mean gradient norm of the backwards: near a minimum the loss grows like its square, hence the root;
         # gradients often grow during healthy training, so only the loss is held to where the run started
-        self.gradients = LossWatch(math.sqrt(self.watch.factor), reclaim=0.0)
+        self.gradients = LossWatch(math.sqrt(self.watch.factor), reclaim=0.0, relapse=False)  # `rising` alone
         self._gradient_totals = (0.0, 0)
         self._gradient_norm: Optional[float] = None  # the mean norm of the latest backwards (repeated until new ones)
         self.reader = LossReader()
