@@ -158,9 +158,16 @@ def test_lightning_fit_survives_losing_the_lowest_replica_and_a_replacement_join
     assert records[0]["first_epoch"] >= 1 and records[0]["first_step"] > 0 and records[0]["trained"] > 0
     # three asynchronous replicas on this 2-core CI machine: one epoch's reading varies (0.84-0.96 measured)
     assert max(records[1]["val_accuracy"][-2:]) > 0.9, records
-    # the lowest live replica wrote the checkpoints, every epoch's; the last one resumes in a plain fit
+    # the lowest live replica wrote the checkpoints, every epoch's, at the job's count then: a batch the victim held
+    # when the survivors had taken the epoch's last ones is trained first in the next epoch (the engine warns), so
+    # that epoch's checkpoint counts it there
+    carried = dict.fromkeys(range(epochs), 0)
+    for path in tmp_path.glob("lightning*.log"):
+        for count, epoch in re.findall(r"(\d+) batch\(es\) of epoch (\d+) were left", path.read_text()):
+            carried[int(epoch)] = max(carried[int(epoch)], int(count))
     saved = sorted(path.name for path in (tmp_path / "checkpoints").glob("epoch=*.ckpt"))
-    assert saved == [f"epoch={epoch}-step={(epoch + 1) * epoch_batches}.ckpt" for epoch in range(epochs)], saved
+    expected = [f"epoch={epoch}-step={(epoch + 1) * epoch_batches - carried[epoch]}.ckpt" for epoch in range(epochs)]
+    assert saved == expected, (saved, carried)
     last = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["global_step"] == epochs * epoch_batches
