@@ -166,6 +166,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                                        **spec.get("strategy_kwargs", {}))
     else:
         strategy = "ddp" if kind == "ddp" else "auto"
+    if spec.get("pretrain_epochs"):  # a fine-tune: plain Lightning trains the model first, at `pretrain_lr`
+        model.workload = dataclasses.replace(workload, lr=spec["pretrain_lr"])
+        pl.Trainer(accelerator="cpu", max_epochs=spec["pretrain_epochs"], num_sanity_val_steps=0, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   limit_val_batches=0).fit(model, datamodule=data)
+        model.workload = workload  # the fine-tune's own optimizer (fresh state) and learning rate
     trainer = pl.Trainer(accelerator="cpu", devices=spec.get("devices", 1), strategy=strategy,
                          max_epochs=spec["epochs"], callbacks=[clock], num_sanity_val_steps=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -267,7 +273,7 @@ def _cells(grid: str) -> list[dict[str, Any]]:
     from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION
 
     pair = (("plain", 1, 0), ("pdasgd", 1, 2))
-    if grid in ("paired", "warmup", "zoo", "shared"):
+    if grid in ("paired", "warmup", "zoo", "shared", "finetune"):
         default = DEFAULT_STALENESS_COMPENSATION
     if grid == "shared":  # a held-out model near the asynchronous stability edge: the guard's relapse rule
         add("digits-mlp-shared", 4, 0.05, 0.9, (default,), pair, seeds_=tuple(range(8)))
@@ -292,6 +298,11 @@ def _cells(grid: str) -> list[dict[str, Any]]:
             add("digits-mlp-small", 3, 0.01, 0.0, (default,), pair, optimizer=optimizer, seeds_=five)
         add("lstm-order", 3, 0.01, 0.0, (default,), pair, optimizer="adam", seeds_=five)
         return cells
+    if grid == "finetune":  # the guard on a fit that starts from trained weights: 10 plain epochs at lr 0.1 first
+        for lr in (0.01, 0.1):
+            add("digits-mlp-small", 4, lr, 0.9, (default,), pair, seeds_=tuple(range(6)))
+            add("digits-cnn", 3, lr, 0.9, (default,), pair, seeds_=tuple(range(6)))
+        return [{**cell, "pretrain_epochs": 10, "pretrain_lr": 0.1} for cell in cells]
     if grid == "warmup":  # issue #20: the synchronous warm-up (the default) against none, 8 paired seeds
         eight = tuple(range(8))
         add("vgg-bn-digits", 4, 0.05, 0.9, (default,), pair, seeds_=eight)
@@ -362,7 +373,7 @@ def _multi_cells() -> list[dict[str, Any]]:
 def _key(cell: dict[str, Any]) -> str:
     return json.dumps({k: cell[k] for k in sorted(cell) if k in (
         "workload", "epochs", "lr", "momentum", "seed", "optimizer", "kind", "devices", "threads", "compensation",
-        "lazy_reads", "guard", "label", "strategy_kwargs")},
+        "lazy_reads", "guard", "label", "strategy_kwargs", "pretrain_epochs", "pretrain_lr")},
         sort_keys=True)
 
 
@@ -626,7 +637,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--grid", default="quick",
                         choices=("quick", "full", "multi", "deep", "deep-guard", "paired", "guard", "warmup", "zoo",
-                                 "shared"))
+                                 "shared", "finetune"))
     parser.add_argument("--out", default="/tmp/conv")
     parser.add_argument("--seeds", type=int, help="every row on seeds 0..N-1 instead of its own")
     parser.add_argument("--workloads", help="only the rows of these workloads (comma-separated names)")
@@ -639,7 +650,7 @@ def main() -> None:
     out = Path(args.out)
     if args.report:
         rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
-        if args.grid in ("paired", "warmup", "zoo", "shared"):
+        if args.grid in ("paired", "warmup", "zoo", "shared", "finetune"):
             command = f"nice -n 5 python -m benchmarks.convergence --grid {args.grid} --out {out}"
             write_paired_report(rows, out, command)
         elif args.grid in ("full", "multi"):
@@ -659,7 +670,7 @@ def main() -> None:
     run_grid(cells, out)
     rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
     command = " ".join(["python -m benchmarks.convergence", *sys.argv[1:]])
-    if args.grid in ("paired", "warmup", "zoo", "shared"):
+    if args.grid in ("paired", "warmup", "zoo", "shared", "finetune"):
         write_paired_report(rows, out, command)
     else:
         write_report(rows, out, command, FINDINGS if args.grid in ("full", "multi") else "")

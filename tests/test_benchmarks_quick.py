@@ -216,6 +216,24 @@ def test_seeds_and_workloads_select_rows_of_the_grid_and_keep_every_seed_paired(
         _selected(_cells("paired"), None, "cnn32,resnet50")
 
 
+def test_a_fine_tune_cell_starts_from_weights_plain_lightning_trained() -> None:
+    """``--grid finetune``: plain Lightning trains the model first (``pretrain_epochs`` at ``pretrain_lr``), then the
+    cell's own fit starts from those weights with a fresh optimizer at the cell's learning rate."""
+    from benchmarks.convergence import _cells, run_one
+    from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION
+
+    cells = _cells("finetune")
+    assert all(cell["pretrain_epochs"] == 10 and cell["pretrain_lr"] == 0.1 for cell in cells)
+    assert {cell["kind"] for cell in cells} == {"plain", "pdasgd"} and {cell["lr"] for cell in cells} == {0.01, 0.1}
+    assert {cell["compensation"] for cell in cells} == {"-", DEFAULT_STALENESS_COMPENSATION}
+    base = dict(workload="digits-mlp-small", epochs=1, lr=0.001, momentum=0.9, seed=0, optimizer="sgd",
+                kind="pdasgd", threads=2, compensation=DEFAULT_STALENESS_COMPENSATION)
+    fresh = run_one(base)
+    tuned = run_one({**base, "pretrain_epochs": 3, "pretrain_lr": 0.1})
+    assert tuned["accuracies"][0] > fresh["accuracies"][0] + 0.3, (fresh["accuracies"], tuned["accuracies"])
+    assert tuned["guard_trips"] == 0
+
+
 def test_convergence_cell_trains_the_lstm_example_and_the_paired_report_lists_it(tmp_path: Path) -> None:
     """One epoch of the LSTM example, plain and PD-ASGD with a strategy setting passed through, into the paired
     report: the grid's own path for a module that brings its own optimizer and data."""
