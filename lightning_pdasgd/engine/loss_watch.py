@@ -202,7 +202,8 @@ class LossWatch:
         self._all_positive = self._all_positive and loss > 0
         if self._noise_multiple and self._previous is not None and self._previous > 0 and loss > 0:
             step = abs(math.log(loss / self._previous))
-            self._latest_log_steps.append(step)
+            if self.relapse_armed:  # only the relapse rule reads the latest steps (it is never armed again)
+                self._latest_log_steps.append(step)
             if self._calibrating:
                 self._log_steps.append(step)
         self._previous = loss
