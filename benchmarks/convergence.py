@@ -288,6 +288,7 @@ def _cells(grid: str) -> list[dict[str, Any]]:
         five = (0, 1, 2, 3, 4)
         for lr in (0.05, 0.1):  # 4 epochs on the deep CNNs: plain's seeds still disagree by 15 points after 2
             add("resnet18-digits", 4, lr, 0.9, (default,), pair, optimizer="nesterov", seeds_=five)
+        add("resnet18-digits", 4, 0.05, 0.9, (default,), pair, seeds_=five)  # heavy-ball: the delay-sensitive form
         for optimizer in ("sgd", "nesterov"):
             add("vgg-bn-digits", 4, 0.05, 0.9, (default,), pair, optimizer=optimizer, seeds_=five)
         add("digits-cnn", 3, 0.1, 0.9, (default,), pair, seeds_=five)
