@@ -72,13 +72,16 @@ class _Gate(torch.autograd.Function):
 class ThreeLayers(L.LightningModule):
     """64-32-32-10, one bucket per layer; the ReLU after the first layer gates the interleaving."""
 
-    def __init__(self, progress: _Progress) -> None:
+    def __init__(self, progress: _Progress, compiled: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
         self.progress = progress
         self.net[1].register_forward_pre_hook(self._between_first_and_second)
+        if compiled:  # the engine's pre-hooks run inside the compiled code (aot_eager: dynamo and AOTAutograd)
+            self.net = torch.compile(self.net, backend="aot_eager")
 
+    @torch.compiler.disable  # waits on events: runs eagerly at every call, also inside the compiled net
     def _between_first_and_second(self, module: nn.Module, args: Any) -> None:
         step = self.trainer.global_step
         if step == 0:
@@ -124,10 +127,11 @@ def _simulate(first_layer_delay: int, other_delay: int) -> list[torch.Tensor]:
     return live
 
 
-@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "at-start"])
-def test_each_layer_is_read_when_the_forward_reaches_it(lazy: bool) -> None:
+@pytest.mark.parametrize(("lazy", "compiled"), [(True, False), (False, False), (True, True)],
+                         ids=["lazy", "at-start", "lazy-torch-compiled"])
+def test_each_layer_is_read_when_the_forward_reaches_it(lazy: bool, compiled: bool) -> None:
     progress = _Progress()
-    model = ThreeLayers(progress)
+    model = ThreeLayers(progress, compiled)
     strategy = PDASGDStrategy(backward_threads=1, max_in_flight=2, bucket_numel=0, lazy_reads=lazy,
                               staleness_compensation="none", divergence_guard=False, synchronous_warmup=0)
     trainer = L.Trainer(strategy=strategy, **trainer_kwargs(max_epochs=1))

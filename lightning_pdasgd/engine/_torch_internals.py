@@ -176,3 +176,24 @@ def unhooked_step(optimizer_class: type) -> Callable[[Optimizer], object] | None
     while hasattr(step, "__wrapped__"):
         step = step.__wrapped__
     return step  # type: ignore[no-any-return]
+
+
+# ----------------------------------------------------------------------------------------------- dynamo's sessions
+# ``torch.compiler._compile_session_context`` holds ``torch.compiler.is_compiling()`` True for the whole process while
+# dynamo compiles a frame (``torch._dynamo.convert_frame`` enters it by attribute, so a wrapper placed here is what
+# it enters). Absent in other torch versions: then nothing is wrapped.
+
+
+def wrap_compile_sessions(gate: Callable[[], Any]) -> None:
+    """Enter ``gate()`` around every compile session (idempotent)."""
+    session = getattr(torch.compiler, "_compile_session_context", None)
+    if session is None or getattr(session, "_pdasgd_gated", False):
+        return
+
+    @contextmanager
+    def gated_session() -> Iterator[None]:
+        with gate(), session():
+            yield
+
+    gated_session._pdasgd_gated = True  # type: ignore[attr-defined]
+    torch.compiler._compile_session_context = gated_session

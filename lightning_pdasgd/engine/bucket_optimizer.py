@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as functional_sgd  # public: what `SGD.step` calls
 
-from lightning_pdasgd.engine import _torch_internals
+from lightning_pdasgd.engine import _torch_internals, compile_gate
+from lightning_pdasgd.engine.compile_gate import GATE
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket
 
 
@@ -101,6 +102,7 @@ class BucketOptimizer:
         self._unhooked_step = _torch_internals.unhooked_step(type(self._optimizer))  # SGD, Adam, AdamW
         self._is_sgd = type(self._optimizer) is torch.optim.SGD  # torch's own, not a subclass
         self._stepped_states: list[dict[str, Any]] = []  # the state of each parameter at the last step
+        compile_gate.install()
 
     @property
     def supports_found_inf(self) -> bool:
@@ -140,14 +142,19 @@ class BucketOptimizer:
         The state is re-linked on every step because ``Optimizer.load_state_dict`` replaces the user's state
         objects; an optimizer that keeps no state leaves no entry, as its whole-model step would. torch's SGD goes
         through its functional form (``_sgd_step``); fused SGD, Adam and AdamW through the body of their ``step``.
+        Never while torch.compile compiles on another thread (``compile_gate.py``).
         """
+        with GATE.step():
+            self._step(grads, hyperparameters, targets)
+
+    def _step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any], targets: list[Tensor]) -> None:
         if self._is_sgd and not hyperparameters.get("fused") and not hyperparameters.get("differentiable"):
             self._sgd_step(grads, hyperparameters, targets)
             return
         parts = self._fused_sgd_parts(grads, hyperparameters)
         if parts is not None:
             for part in parts:
-                self.step(part, hyperparameters, targets)
+                self._step(part, hyperparameters, targets)
             return
         optimizer = self._optimizer
         group = optimizer.param_groups[0]

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.jit import ScriptModule
 from torch.overrides import TorchFunctionMode
@@ -152,6 +153,7 @@ class _ReachedHook:
     def __init__(self, reads: LazyReads, indices: tuple[int, ...]) -> None:
         self._reads, self._indices = reads, indices
 
+    @torch.compiler.disable  # a compiled submodule calls it eagerly: the read is a runtime decision, not graph code
     def __call__(self, module: nn.Module, args: Any) -> None:
         self._reads._reached(self._indices, module, args)
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -172,6 +173,7 @@ class _CallEnded:
     def __init__(self, recomputation: Recomputation) -> None:
         self._recomputation = recomputation
 
+    @torch.compiler.disable  # a compiled submodule calls it eagerly, as the pre-hook (``lazy_reads.py``)
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         self._recomputation.exit(module)
 
