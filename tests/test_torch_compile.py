@@ -84,26 +84,17 @@ def _enter_on_a_thread(context: Callable[[], AbstractContextManager[None]]) -> t
     return inside, leave
 
 
-def test_a_compile_waits_for_the_steps_in_progress_on_other_threads() -> None:
+@pytest.mark.parametrize("first", ["step", "compiling"])
+def test_a_step_and_a_compile_on_different_threads_wait_for_each_other(first: str) -> None:
     gate = CompileGate()
-    in_step, end_step = _enter_on_a_thread(gate.step)
-    assert in_step.wait(WAIT_S)
-    compiling, end_compile = _enter_on_a_thread(gate.compiling)
-    assert not compiling.wait(NOT_YET_S), "a compile began during another thread's step"
-    end_step.set()
-    assert compiling.wait(WAIT_S)
-    end_compile.set()
-
-
-def test_a_step_waits_for_a_compile_on_another_thread() -> None:
-    gate = CompileGate()
-    compiling, end_compile = _enter_on_a_thread(gate.compiling)
-    assert compiling.wait(WAIT_S)
-    in_step, end_step = _enter_on_a_thread(gate.step)
-    assert not in_step.wait(NOT_YET_S), "a step ran during another thread's compile"
-    end_compile.set()
-    assert in_step.wait(WAIT_S)
-    end_step.set()
+    second = "compiling" if first == "step" else "step"
+    inside_first, leave_first = _enter_on_a_thread(getattr(gate, first))
+    assert inside_first.wait(WAIT_S)
+    inside_second, leave_second = _enter_on_a_thread(getattr(gate, second))
+    assert not inside_second.wait(NOT_YET_S), f"a {second} began inside another thread's {first}"
+    leave_first.set()
+    assert inside_second.wait(WAIT_S)
+    leave_second.set()
 
 
 def test_one_thread_may_step_and_compile_inside_each_other() -> None:
