@@ -144,8 +144,11 @@ class BucketOptimizer:
         through its functional form (``_sgd_step``); fused SGD, Adam and AdamW through the body of their ``step``.
         Never while torch.compile compiles on another thread (``compile_gate.py``).
         """
-        with GATE.step():
+        GATE.step_started()
+        try:
             self._step(grads, hyperparameters, targets)
+        finally:
+            GATE.step_ended()
 
     def _step(self, grads: list[Tensor | None], hyperparameters: dict[str, Any], targets: list[Tensor]) -> None:
         if self._is_sgd and not hyperparameters.get("fused") and not hyperparameters.get("differentiable"):
