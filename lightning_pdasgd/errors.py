@@ -8,7 +8,8 @@ from __future__ import annotations
 
 
 class EngineTimeoutError(TimeoutError):
-    """A wait of the engine exceeded ``wait_timeout``; the message names the wait."""
+    """A wait of the engine exceeded ``wait_timeout`` (or, for an update waiting for torch.compile on another
+    thread, ``compile_gate.COMPILE_WAIT_S``); the message names the wait."""
 
 
 class NonFiniteError(FloatingPointError):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from lightning_pdasgd.engine import _torch_internals
+from lightning_pdasgd.errors import EngineTimeoutError
 
 # the longest a step waits for a compile on another thread (inductor can take minutes on a large model), and a
 # compile for the steps in progress (milliseconds); past it the compile goes on as torch's own would
@@ -41,7 +42,7 @@ class CompileGate:
             if self._compiling is not None and self._compiling != me:
                 free = self._changed.wait_for(lambda: self._compiling in (None, me), timeout=COMPILE_WAIT_S)
                 if not free:
-                    raise RuntimeError(
+                    raise EngineTimeoutError(
                         f"PD-ASGD: an update waited {COMPILE_WAIT_S:g} s for torch.compile on another thread to finish"
                         " compiling; compile the model before the fit, or pass `max_in_flight=1`."
                     )
