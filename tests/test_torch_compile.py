@@ -11,8 +11,8 @@ meet the engine's hooks and threads, without generating C++.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import pytest
@@ -71,6 +71,16 @@ WAIT_S = 30.0
 NOT_YET_S = 0.3  # how long a blocked thread is given to (wrongly) get through
 
 
+@contextmanager
+def _stepping(gate: CompileGate) -> Iterator[None]:
+    """One update's part of the gate, as ``BucketOptimizer.step`` takes it."""
+    gate.step_started()
+    try:
+        yield
+    finally:
+        gate.step_ended()
+
+
 def _enter_on_a_thread(context: Callable[[], AbstractContextManager[None]]) -> tuple[threading.Event, threading.Event]:
     """Run ``with context():`` on a new thread: the first event is set inside, the thread leaves on the second."""
     inside, leave = threading.Event(), threading.Event()
@@ -88,9 +98,10 @@ def _enter_on_a_thread(context: Callable[[], AbstractContextManager[None]]) -> t
 def test_a_step_and_a_compile_on_different_threads_wait_for_each_other(first: str) -> None:
     gate = CompileGate()
     second = "compiling" if first == "step" else "step"
-    inside_first, leave_first = _enter_on_a_thread(getattr(gate, first))
+    contexts = {"step": lambda: _stepping(gate), "compiling": gate.compiling}
+    inside_first, leave_first = _enter_on_a_thread(contexts[first])
     assert inside_first.wait(WAIT_S)
-    inside_second, leave_second = _enter_on_a_thread(getattr(gate, second))
+    inside_second, leave_second = _enter_on_a_thread(contexts[second])
     assert not inside_second.wait(NOT_YET_S), f"a {second} began inside another thread's {first}"
     leave_first.set()
     assert inside_second.wait(WAIT_S)
@@ -100,8 +111,8 @@ def test_a_step_and_a_compile_on_different_threads_wait_for_each_other(first: st
 def test_one_thread_may_step_and_compile_inside_each_other() -> None:
     """A compiled optimizer compiles inside the step; a step inside a compile session is the same thread's."""
     gate = CompileGate()
-    with gate.step(), gate.compiling(), gate.compiling(), gate.step():
+    with _stepping(gate), gate.compiling(), gate.compiling(), _stepping(gate):
         pass
-    with gate.compiling(), gate.step():
+    with gate.compiling(), _stepping(gate):
         pass
     assert gate.sessions == 2

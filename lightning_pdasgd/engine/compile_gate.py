@@ -58,15 +58,6 @@ class CompileGate:
                 self._changed.notify_all()
 
     @contextmanager
-    def step(self) -> Iterator[None]:
-        """``step_started`` and ``step_ended`` around a block."""
-        self.step_started()
-        try:
-            yield
-        finally:
-            self.step_ended()
-
-    @contextmanager
     def compiling(self) -> Iterator[None]:
         """Around one compile session (dynamo's, on any thread)."""
         me = threading.get_ident()
