@@ -174,7 +174,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         model.workload = workload  # the fine-tune's own optimizer (fresh state) and learning rate
     trainer = pl.Trainer(accelerator="cpu", devices=spec.get("devices", 1), strategy=strategy,
                          max_epochs=spec["epochs"], callbacks=[clock], num_sanity_val_steps=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         gradient_clip_val=spec.get("gradient_clip_val"))
     threads = torch.get_num_threads()
     started = time.perf_counter()
     diverged = False
@@ -273,7 +274,7 @@ def _cells(grid: str) -> list[dict[str, Any]]:
     from lightning_pdasgd.engine.compensation import DEFAULT_STALENESS_COMPENSATION
 
     pair = (("plain", 1, 0), ("pdasgd", 1, 2))
-    if grid in ("paired", "warmup", "zoo", "shared", "finetune"):
+    if grid in ("paired", "warmup", "zoo", "shared", "finetune", "clipping"):
         default = DEFAULT_STALENESS_COMPENSATION
     if grid == "shared":  # a held-out model near the asynchronous stability edge: the guard's relapse rule
         add("digits-mlp-shared", 4, 0.05, 0.9, (default,), pair, seeds_=tuple(range(8)))
@@ -304,6 +305,14 @@ def _cells(grid: str) -> list[dict[str, Any]]:
             add("digits-mlp-small", 4, lr, 0.9, (default,), pair, seeds_=tuple(range(6)))
             add("digits-cnn", 3, lr, 0.9, (default,), pair, seeds_=tuple(range(6)))
         return [{**cell, "pretrain_epochs": 10, "pretrain_lr": 0.1} for cell in cells]
+    if grid == "clipping":  # clipping by norm under asynchrony: per bucket (now) against held to the backward's end
+        add("digits-cnn", 3, 0.1, 0.9, (default,), pair, seeds_=(0, 1, 2, 3, 4))
+        add("digits-cnn", 3, 0.3, 0.9, (default,), pair, seeds_=(0, 1, 2, 3, 4))
+        add("resnet18-digits", 4, 0.05, 0.9, (default,), pair, seeds_=(0, 1, 2))
+        add("lstm-order", 3, 0.01, 0.0, (default,), pair, optimizer="adam", seeds_=(0, 1, 2))
+        held = [{**cell, "kind": "dasgd", "label": "held to the backward's end"} for cell in cells
+                if cell["kind"] == "pdasgd"]  # `layerwise=False`: what clipping by norm did in earlier releases
+        return [{**cell, "gradient_clip_val": 1.0} for cell in cells + held]
     if grid == "warmup":  # issue #20: the synchronous warm-up (the default) against none, 8 paired seeds
         eight = tuple(range(8))
         add("vgg-bn-digits", 4, 0.05, 0.9, (default,), pair, seeds_=eight)
@@ -374,7 +383,7 @@ def _multi_cells() -> list[dict[str, Any]]:
 def _key(cell: dict[str, Any]) -> str:
     return json.dumps({k: cell[k] for k in sorted(cell) if k in (
         "workload", "epochs", "lr", "momentum", "seed", "optimizer", "kind", "devices", "threads", "compensation",
-        "lazy_reads", "guard", "label", "strategy_kwargs", "pretrain_epochs", "pretrain_lr")},
+        "lazy_reads", "guard", "label", "strategy_kwargs", "pretrain_epochs", "pretrain_lr", "gradient_clip_val")},
         sort_keys=True)
 
 
@@ -638,7 +647,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--grid", default="quick",
                         choices=("quick", "full", "multi", "deep", "deep-guard", "paired", "guard", "warmup", "zoo",
-                                 "shared", "finetune"))
+                                 "shared", "finetune", "clipping"))
     parser.add_argument("--out", default="/tmp/conv")
     parser.add_argument("--seeds", type=int, help="every row on seeds 0..N-1 instead of its own")
     parser.add_argument("--workloads", help="only the rows of these workloads (comma-separated names)")
@@ -651,7 +660,7 @@ def main() -> None:
     out = Path(args.out)
     if args.report:
         rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
-        if args.grid in ("paired", "warmup", "zoo", "shared", "finetune"):
+        if args.grid in ("paired", "warmup", "zoo", "shared", "finetune", "clipping"):
             command = f"nice -n 5 python -m benchmarks.convergence --grid {args.grid} --out {out}"
             write_paired_report(rows, out, command)
         elif args.grid in ("full", "multi"):
@@ -671,7 +680,7 @@ def main() -> None:
     run_grid(cells, out)
     rows = [json.loads(line) for line in (out / "convergence.jsonl").read_text().splitlines()]
     command = " ".join(["python -m benchmarks.convergence", *sys.argv[1:]])
-    if args.grid in ("paired", "warmup", "zoo", "shared", "finetune"):
+    if args.grid in ("paired", "warmup", "zoo", "shared", "finetune", "clipping"):
         write_paired_report(rows, out, command)
     else:
         write_report(rows, out, command, FINDINGS if args.grid in ("full", "multi") else "")

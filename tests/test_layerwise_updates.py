@@ -229,7 +229,8 @@ def test_clip_value_bounds_each_element_of_an_update() -> None:
 
 def test_clip_norm_is_a_plain_step_after_clip_grad_norm() -> None:
     """``clip_norm`` scales one backward's gradients by ``min(1, c / (norm + 1e-6))`` as ``clip_grad_norm_`` does;
-    the updater then applies a backward's buckets together (not layer-wise). Bitwise equal to ``clip_grad_norm_``
+    at one loss in flight (the updater's default without a session) it applies a backward's buckets together at its
+    end. Bitwise equal to ``clip_grad_norm_``
     over the gradients in the updater's bucket order; over the module's order (what Lightning passes) the total
     norm is summed in another order, so equal up to its last bit."""
     max_norm = 0.05
@@ -241,7 +242,6 @@ def test_clip_norm_is_a_plain_step_after_clip_grad_norm() -> None:
         OPTIMIZERS["adam"], clip=lambda params: torch.nn.utils.clip_grad_norm_(in_bucket_order(params), max_norm),
         clip_norm=max_norm,
     )
-    assert not updater.layerwise
     names = [name for name, _ in model.named_parameters()]
     assert [name for bucket in updater.buckets for name in bucket.names] == in_bucket_order(names)
     _assert_bitwise_equal(model, reference)

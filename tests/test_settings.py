@@ -109,7 +109,8 @@ def test_gradient_clip_by_norm_matches_plain_with_one_in_flight(algorithm: str |
 
 
 def test_gradient_clip_by_norm_trains_with_default_settings() -> None:
-    """Several losses in flight: each backward is clipped by its own norm and applied whole."""
+    """Several losses in flight: each bucket is clipped when it is stepped, by its backward's total norm as known
+    then (``tests/test_norm_clipping.py`` checks the arithmetic)."""
     L.seed_everything(0)
     model = DigitsClassifier()
     strategy = PDASGDStrategy()

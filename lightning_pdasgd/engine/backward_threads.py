@@ -98,6 +98,10 @@ class BackwardEngine:
         self.start()
 
     @property
+    def max_in_flight(self) -> int:
+        return self._max_in_flight
+
+    @property
     def running(self) -> bool:
         return bool(self._threads)
 

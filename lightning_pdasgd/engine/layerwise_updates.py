@@ -7,10 +7,10 @@ at its end, under one model-wide lock.
 
 Clipping by norm (``Trainer(gradient_clip_val=..., gradient_clip_algorithm="norm")``, Lightning's default
 algorithm) scales one backward's gradients by ``min(1, max_norm / (total_norm + 1e-6))``, as
-``torch.nn.utils.clip_grad_norm_`` does in a plain step. The total norm of a backward is known only when its last
-gradient is, so a backward's buckets are then held until its end and applied together (as with
-``layerwise=False``): exact at ``max_in_flight=1``; with more in flight the layer-wise freshness is given up.
-Clipping by value needs no total and is applied per bucket.
+``torch.nn.utils.clip_grad_norm_`` does in a plain step. At one loss in flight a backward's buckets are held until
+its end and clipped together (exact); with more in flight each bucket is clipped when it is stepped, by the total
+known then (``norm_clipping.py``), so the updates stay layer-wise. Clipping by value needs no total and is applied
+per bucket.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from lightning_pdasgd.engine.bucket_optimizer import BucketOptimizer
 from lightning_pdasgd.engine.compensation import StalenessCompensation
 from lightning_pdasgd.engine.lazy_reads import LazyReads
 from lightning_pdasgd.engine.nonfinite import NonFinitePolicy
+from lightning_pdasgd.engine.norm_clipping import BucketwiseNormClip, ClipProgress, squared_norm
 from lightning_pdasgd.engine.parameter_buckets import make_buckets
 from lightning_pdasgd.engine.weight_stash import StashBuffers, StashPool, WeightStash
 
@@ -56,11 +57,14 @@ class LayerwiseUpdater:
         compensation: StalenessCompensation | None = None,
         lazy_reads: bool = True,
         wait_timeout: float = 600.0,
+        one_loss_in_flight: Callable[[], bool] | None = None,
     ) -> None:
         self.optimizer = optimizer
-        self.layerwise = layerwise and clip_norm is None  # a norm needs the whole backward's gradients
+        self.layerwise = layerwise
         self.clip_value = clip_value
         self.clip_norm = clip_norm
+        # clipping by norm waits for a backward's end while this says one loss is in flight (None: always)
+        self._one_loss_in_flight = one_loss_in_flight or (lambda: True)
         self.windows = GradientWindows() if accumulate else None  # Trainer(accumulate_grad_batches=...)
         self.log_grad_norm = log_grad_norm
         self.grad_norms = grad_norms or log_grad_norm  # gradient norms per backward (metric, divergence guard)
@@ -70,6 +74,9 @@ class LayerwiseUpdater:
         self.buckets = make_buckets(module, optimizer, bucket_numel, detached, shared)
         self._bucket_sizes = [len(bucket) for bucket in self.buckets]  # read by every gradient hook
         self._optimizers = [BucketOptimizer(optimizer, bucket) for bucket in self.buckets]
+        self._bucketwise_clip = (
+            BucketwiseNormClip(clip_norm, len(self.buckets)) if clip_norm is not None and layerwise else None
+        )
         self._pool = StashPool(self.buckets, self._on_gradient if self.layerwise else None, self.compensation)
         self.reads = LazyReads(module, self.buckets, self._pool, lazy_reads, wait_timeout)
         self.nonfinite = NonFinitePolicy(nonfinite, self.buckets[0].device)
@@ -137,6 +144,8 @@ class LayerwiseUpdater:
         buffers.arrived[bucket_index] += 1
         stash = buffers.current
         if stash is not None and buffers.arrived[bucket_index] == self._bucket_sizes[bucket_index]:
+            if self._bucketwise_clip is not None and self._clip_progress(stash).together:
+                return  # clipped with the backward's other gradients at its end (`finish`)
             started = perf_counter()  # `_timed` written out: this runs once per bucket and backward
             try:
                 self._bucket_gradients_ready(stash, bucket_index)
@@ -147,7 +156,7 @@ class LayerwiseUpdater:
         """After the backward: apply what is left (every bucket for ``layerwise=False``; with ``layerwise=True``
         only buckets some of whose parameters got no gradient in this backward, and with accumulation every bucket
         that has not contributed to its window yet)."""
-        if not self.layerwise:
+        if not self.layerwise or (self._bucketwise_clip is not None and self._clip_progress(stash).together):
             with self._model_lock:
                 ready = []
                 for index in range(len(self.buckets)):
@@ -161,6 +170,15 @@ class LayerwiseUpdater:
         for index, bucket in enumerate(self.buckets):
             if arrived[index] < len(bucket) and (arrived[index] > 0 or self.windows is not None):
                 self._timed(stash, self._bucket_gradients_ready, stash, index)
+            elif arrived[index] == 0 and self._bucketwise_clip is not None:
+                self._bucketwise_clip.forget(index)
+
+    def _clip_progress(self, stash: WeightStash) -> ClipProgress:
+        """How ``stash``'s backward is clipped by norm, decided at its first complete bucket (the in-flight bound
+        changes only while the engine is drained, so never during a backward)."""
+        if stash.clip is None:
+            stash.clip = ClipProgress(together=self._one_loss_in_flight())
+        return stash.clip
 
     def close_window_without(self, stash: WeightStash) -> None:
         """Accumulation: the loss that closes the window was dropped (never handed to a backward); step the
@@ -190,7 +208,8 @@ class LayerwiseUpdater:
         """``stash``'s backward has accumulated its last gradient of bucket ``index`` (or has ended)."""
         summed = self._accumulate(stash, index, self._take_gradients(stash, index))
         if summed is not None:
-            self._step_bucket(stash, summed, backward_done_with_bucket=True)
+            clip = self._clip_progress(stash) if self._bucketwise_clip is not None else None
+            self._step_bucket(stash, summed, backward_done_with_bucket=True, clip=clip)
 
     def _step_together(self, stash: WeightStash, ready: list[ReadySum]) -> None:
         """Whole-backward updates (the caller holds the model lock): clipped by their total norm, then stepped."""
@@ -231,8 +250,14 @@ class LayerwiseUpdater:
         finally:
             stash.record.update_seconds += perf_counter() - started
 
-    def _step_bucket(self, stash: WeightStash, summed: ReadySum, backward_done_with_bucket: bool = False) -> None:
+    def _step_bucket(
+        self, stash: WeightStash, summed: ReadySum, backward_done_with_bucket: bool = False,
+        clip: ClipProgress | None = None,
+    ) -> None:
         """Step one bucket's live parameters with gradients computed at the weights its forwards read.
+
+        ``clip``: the backward's clipping by norm, applied to this bucket alone (``norm_clipping.py``); ``None``
+        where there is none, or where the backward's gradients were clipped together already.
 
         ``backward_done_with_bucket``: ``stash``'s backward no longer uses the bucket's weights, so the storage it
         read is released to the update (``ParameterBucket.update``), which then writes in place where no other
@@ -252,15 +277,17 @@ class LayerwiseUpdater:
             present = [grad for grad in grads if grad is not None]
         else:
             present, squares, skipped = self.nonfinite.screen_on_host(
-                grads, bucket.names, stash.step, stash.rank, self.grad_norms
+                grads, bucket.names, stash.step, stash.rank, self.grad_norms or clip is not None
             )
             stash.record.skipped += skipped  # "skip": those parameters keep their values, the others are updated
             if not present:
                 return
-            if self.clip_norm is None:  # else the unclipped total was recorded before the scaling
+            if self.clip_norm is None or clip is not None:  # else the unclipped total was recorded before the scaling
                 stash.record.grad_sq_sum += squares
             if self.clip_value is not None:
                 _torch_internals.foreach_clamp_(present, self.clip_value)
+            if clip is not None:
+                self._clip_bucketwise(clip, index, present, squares)
         assert stash.hyperparameters is not None, "a stash is applied only after its hand-off"
         hyperparameters = stash.hyperparameters[bucket.group_index]
         optimizer = self._optimizers[index]
@@ -273,8 +300,10 @@ class LayerwiseUpdater:
                 used = self.nonfinite.screen_on_device(present, grads, optimizer)
                 if self.clip_value is not None:
                     _torch_internals.foreach_clamp_(used, self.clip_value)
-                if self.log_grad_norm and self.clip_norm is None:
+                if self.log_grad_norm and (self.clip_norm is None or clip is not None):
                     stash.record.grad_sq_sum += _torch_internals.sum_of_squares(used)
+                if clip is not None and used:
+                    self._clip_bucketwise(clip, index, used, squared_norm(used))
             # staleness compensation sees the bucket's staleness, may change the gradients in place and may
             # override hyperparameters for this step only (the next step starts from the snapshot again)
             applied = [target for target, grad in zip(targets, grads) if grad is not None]
@@ -290,6 +319,10 @@ class LayerwiseUpdater:
             finished_read, stash.reads[index] = stash.reads[index], None
         staleness = bucket.update(summed.read_version, step, finished_read)
         self._count_update(stash, index, staleness, len(present))
+
+    def _clip_bucketwise(self, clip: ClipProgress, index: int, grads: list[Tensor], squares: float | Tensor) -> None:
+        assert self._bucketwise_clip is not None
+        self._bucketwise_clip.clip_(clip, index, grads, squares)
 
     def _count_update(self, stash: WeightStash, index: int, staleness: int, parameters: int) -> None:
         record = stash.record

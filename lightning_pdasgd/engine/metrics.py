@@ -295,9 +295,11 @@ def batch_size_of(args: tuple[Any, ...]) -> int:
 
 
 def _update_kind(updater: LayerwiseUpdater) -> str:
+    if updater.clip_norm is None:
+        return "layer-wise updates" if updater.layerwise else "whole-model updates"
     if updater.layerwise:
-        return "layer-wise"
-    return "whole-backward, clipped by norm" if updater.clip_norm is not None else "whole-model"
+        return "layer-wise updates, clipped by norm per bucket"
+    return "whole-backward updates, clipped by norm"
 
 
 def describe_session(session: FitSession, world_size: int) -> str:
@@ -323,5 +325,5 @@ def describe_session(session: FitSession, world_size: int) -> str:
         f"PD-ASGD: 1 forward : {backward_threads} backward threads{ranks},"
         f" max_in_flight={max_in_flight}, {intra_op} intra-op thread(s) per engine thread,"
         f" {len(session.updater.buckets)} update buckets"
-        f" ({_update_kind(session.updater)} updates){tuning}"
+        f" ({_update_kind(session.updater)}){tuning}"
     )

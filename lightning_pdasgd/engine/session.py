@@ -61,8 +61,7 @@ class FitSession(GuardRecovery):
 
     def __init__(
         self, config: PDASGDConfig, module: nn.Module, optimizer: Optimizer, device: torch.device,
-        clip_value: float | None = None,
-        clip_norm: float | None = None,
+        clip_value: float | None = None, clip_norm: float | None = None,
         accumulate: bool = False,
         synchronous_reason: str | None = None,
     ) -> None:
@@ -86,6 +85,7 @@ class FitSession(GuardRecovery):
             compensation=self._compensation,
             lazy_reads=config.lazy_reads,
             wait_timeout=config.wait_timeout,
+            one_loss_in_flight=lambda: self._engine.max_in_flight <= 1,
         )
         self._updater = self._build_updater(optimizer)
         self._threads = EngineThreads(

@@ -30,6 +30,7 @@ from lightning_pdasgd.engine import _torch_internals, cuda_streams
 from lightning_pdasgd.engine.accumulation import AccumulationWindow
 from lightning_pdasgd.engine.compensation import StalenessCompensation
 from lightning_pdasgd.engine.metrics import BackwardRecord
+from lightning_pdasgd.engine.norm_clipping import ClipProgress
 from lightning_pdasgd.engine.parameter_buckets import ParameterBucket, WeightVersion
 
 GradientHook = Callable[["StashBuffers", int, int], None]
@@ -67,6 +68,7 @@ class WeightStash:
     rank: int = 0
     number: int | None = None  # the batch's place in forward order (``completion.py``)
     window: AccumulationWindow | None = None  # with gradient accumulation: the window its backward adds to
+    clip: ClipProgress | None = None  # clipping by norm: how its backward clips, decided at its first bucket
 
     @property
     def tensors(self) -> dict[str, Tensor]:
