@@ -54,7 +54,7 @@ class FitSession(GuardRecovery):
         optimizer: the user's (only) optimizer.
         device: this rank's device.
         clip_value: ``gradient_clip_val`` with the ``"value"`` algorithm, applied per parameter.
-        clip_norm: ``gradient_clip_val`` with the ``"norm"`` algorithm, applied per backward (``layerwise_updates``).
+        clip_norm: ``gradient_clip_val`` with the ``"norm"`` algorithm: per bucket, or per backward at one in flight.
         accumulate: the fit accumulates gradients (``accumulation.py``).
         synchronous_reason: why this fit runs Lightning's own step whatever the settings (``None``: they decide).
     """
