@@ -111,19 +111,26 @@ def test_at_one_loss_in_flight_the_backward_is_clipped_together_at_its_end() -> 
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
 
 
-def test_the_device_form_clips_as_the_host_form() -> None:
-    """The CUDA form (squares as device scalars, nothing read on the host), run on CPU tensors, scales as the host
-    form does, backward after backward."""
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+])
+def test_the_device_form_clips_as_the_host_form(device: str) -> None:
+    """The CUDA form (squares as device scalars, nothing read on the host) scales as the host form does, backward
+    after backward, also after a backward in which one bucket got no gradient (``forget``)."""
     generator = torch.Generator().manual_seed(2)
     on_host, on_device = BucketwiseNormClip(MAX_NORM, 3), BucketwiseNormClip(MAX_NORM, 3)
-    for _ in range(3):
+    for number in range(4):
         host_progress, device_progress = ClipProgress(together=False), ClipProgress(together=False)
         for index in range(3):
             grads = [torch.randn(5, generator=generator) * (index + 1)]
-            host, device = [grad.clone() for grad in grads], [grad.clone() for grad in grads]
+            if number == 2 and index == 2:
+                on_host.forget(index)  # this backward gave bucket 2 no gradient
+                on_device.forget(index)
+                continue
+            host, on_gpu = [grad.clone() for grad in grads], [grad.to(device, copy=True) for grad in grads]
             on_host.clip_(host_progress, index, host, _torch_internals.sum_of_squares(host))
-            on_device.clip_(device_progress, index, device, squared_norm(device))
-            torch.testing.assert_close(device, host)
+            on_device.clip_(device_progress, index, on_gpu, squared_norm(on_gpu))
+            torch.testing.assert_close(on_gpu[0].cpu(), host[0])
             assert not torch.equal(host[0], grads[0])  # the bound was reached
 
 
