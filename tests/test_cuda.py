@@ -160,10 +160,11 @@ class SyncGuard(Callback):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _guarded_fit(strategy: Any) -> BaseException | None:
+def _guarded_fit(strategy: Any, **trainer_kwargs: Any) -> BaseException | None:
     L.seed_everything(0)
     model = Classifier("sgd_momentum")
-    trainer = L.Trainer(strategy=strategy, max_epochs=1, callbacks=[SyncGuard(10, 30)], **gpu_trainer())
+    trainer = L.Trainer(strategy=strategy, max_epochs=1, callbacks=[SyncGuard(10, 30)], **gpu_trainer(),
+                        **trainer_kwargs)
     try:
         trainer.fit(model, _synthetic(device="cuda"))  # data already on the GPU: no host-to-device copy
     except RuntimeError as error:
@@ -182,6 +183,16 @@ def test_no_host_sync_in_steady_state_steps(threads: int) -> None:
         pytest.skip(f"plain Lightning itself synchronises in a steady-state step here: {plain_error}")
     error = _guarded_fit(PDASGDStrategy(backward_threads=threads, max_in_flight=threads + 1, metrics="off"))
     assert error is None, f"PD-ASGD synchronised with the GPU in a steady-state step: {error!r}"
+
+
+def test_no_host_sync_when_clipping_by_norm_per_bucket() -> None:
+    """Clipping by norm with several losses in flight (each bucket by the total known then, ``norm_clipping.py``)
+    keeps every norm on the device."""
+    plain_error = _guarded_fit("auto", gradient_clip_val=1.0)
+    if plain_error is not None:
+        pytest.skip(f"plain Lightning itself synchronises when clipping here: {plain_error}")
+    error = _guarded_fit(PDASGDStrategy(backward_threads=2, max_in_flight=3, metrics="off"), gradient_clip_val=1.0)
+    assert error is None, f"PD-ASGD synchronised with the GPU while clipping by norm: {error!r}"
 
 
 # ----------------------------------------------------------------------------------------------- non-finite
