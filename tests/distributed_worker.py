@@ -460,6 +460,26 @@ def checkpointed(out: Path, log: BatchLog) -> CaseResult:
     return trainer, dict(accuracy=_accuracy(model), state=_state(model), optimizer=trainer.optimizers[0].state_dict())
 
 
+@case("clipped")
+def clipped(out: Path, log: BatchLog) -> CaseResult:
+    """The digits MLP with ``gradient_clip_val`` (by norm), default settings, two ranks: each rank clips its own
+    backwards bucket by bucket (``engine/norm_clipping.py``) while the exchange merges the replicas."""
+    seen: dict[str, Any] = {}
+
+    class EngineAtTheEnd(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            strategy = trainer.strategy
+            seen.update(clip_norm=strategy.updater.clip_norm, layerwise=strategy.updater.layerwise,
+                        in_flight=strategy.engine.max_in_flight)
+
+    L.seed_everything(0)
+    model = DigitsClassifier(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    trainer = _trainer(max_epochs=3, callbacks=[log, EngineAtTheEnd()], gradient_clip_val=0.5)
+    trainer.fit(model, DigitsData(batch_size=32))
+    return trainer, dict(accuracy=_accuracy(model), state=_state(model), optimizer=trainer.optimizers[0].state_dict(),
+                         **seen)
+
+
 @case("synchronous")
 def synchronous(out: Path, log: BatchLog, batches: str, *options: str) -> CaseResult:
     """Lightning's own step (``max_in_flight=1``) on each rank while the exchange merges in the background. Checks,

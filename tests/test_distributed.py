@@ -96,6 +96,18 @@ def test_two_ranks_train_a_checkpointed_model(tmp_path: Path) -> None:
     assert_identical_replicas(first, second)
 
 
+def test_two_ranks_clip_by_norm_and_learn(tmp_path: Path) -> None:
+    """``gradient_clip_val`` with several devices and losses in flight: each rank clips its buckets by the total
+    known when each is stepped; the replicas learn and end identical."""
+    out = tmp_path / "clipped"
+    _ok(_launch("clipped", out))
+    first, second = _results(out, "clipped")
+    for rank in (first, second):  # the engine clipped, layer-wise, with several losses in flight
+        assert (rank["clip_norm"], rank["layerwise"]) == (0.5, True) and rank["in_flight"] > 1, rank
+    assert first["accuracy"] >= 0.8, first["accuracy"]
+    assert_identical_replicas(first, second)
+
+
 @pytest.mark.parametrize("merge", ["mean", "sum"])
 def test_no_update_lost_across_ranks(tmp_path: Path, merge: str) -> None:
     """loss linear in the weights + SGD: the final weights are the start minus lr times *all* ranks' gradients
